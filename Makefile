@@ -1,0 +1,23 @@
+# compaware's everyday commands. `make help` lists them.
+PYTHON ?= python
+
+.PHONY: help install train test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## install compaware (editable) with its test tools into the active Python
+	$(PYTHON) -m pip install -e ".[test]"
+
+train:  ## one default run: LeNet-5, low-rank regularizer, SVD, on the embedded digits
+	compaware train
+
+test:  ## the test suite (a few minutes on 2 CPU cores)
+	$(PYTHON) -m pytest
+
+lint:  ## static checks
+	$(PYTHON) -m ruff check compaware tests
+
+clean:  ## remove run outputs and caches
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

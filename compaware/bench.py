@@ -1,0 +1,97 @@
+"""What a model costs: parameters, MACs, bytes on disk and measured latency.
+
+MACs come from ``torch.utils.flop_counter`` (FLOPs / 2: it counts 2 per
+multiply-accumulate of convs, linears and matmuls), latency from
+``torch.utils.benchmark`` (median over blocked runs, thread count recorded). The
+counters read shapes, not values: zeroed weights cost the same until the layer is
+physically smaller, which is why compaware compresses for real.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from compaware.config import BenchConfig
+from compaware.export import export_model
+from compaware.layers import weight_layers
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on a single input of ``input_shape`` (C, H, W)."""
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
+               threads: int) -> float:
+    """Median wall time of one forward pass of ``batch`` in milliseconds (eval mode).
+
+    ``torch.utils.benchmark`` warms up, synchronises CUDA and reports the median of
+    blocked runs, which is robust to the noise of a shared machine.
+    """
+    # Imported here: importing torch.utils.benchmark loads cpp_extension, which warns about
+    # CUDA_HOME on machines with a CUDA toolkit but no GPU.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.benchmark as benchmark
+
+    model.eval()
+    timer = benchmark.Timer(stmt="model(batch)", globals={"model": model, "batch": batch},
+                            num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Each conv/linear layer's weight shape: the structure a compressor changed."""
+    return {name: list(m.weight.shape) for name, m in weight_layers(model)}
+
+
+def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch_size: int,
+                    device: torch.device, min_run_time: float, threads: int) -> dict:
+    """``{batch_1: {name: ms}, batch_N: {name: ms}}`` for each model, measured side by side
+    in one process on ``device``."""
+    results: dict = {"threads": threads, "batch_size": batch_size, "device": str(device)}
+    for key, size in (("batch_1", 1), ("batch_N", batch_size)):
+        batch = torch.randn(size, *input_shape, device=device)
+        results[key] = {name: latency_ms(copy.deepcopy(model).to(device), batch, min_run_time,
+                                         threads)
+                        for name, model in models.items()}
+    return results
+
+
+def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: BenchConfig,
+            run_dir: Path) -> dict:
+    """Parameters, MACs, bytes of the standalone file ``model_<name>.pt2`` (written to
+    ``run_dir``), layer shapes and latency of each model, as the results.json sections."""
+    costs: dict = {key: {} for key in ("params", "macs", "bytes", "structure")}
+    for name, model in models.items():
+        costs["params"][name] = count_params(model)
+        costs["macs"][name] = count_macs(model, input_shape)
+        costs["bytes"][name] = export_model(model, torch.zeros(2, *input_shape),
+                                            run_dir / f"model_{name}.pt2")
+        costs["structure"][name] = layer_shapes(model)
+    threads = cfg.threads or torch.get_num_threads()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    costs["latency_ms"] = {"cpu": None, "cuda": None}
+    if cfg.latency:
+        for device in devices:
+            costs["latency_ms"][device.type] = compare_latency(
+                models, input_shape, cfg.batch_size, device, cfg.min_run_time, threads)
+    return costs

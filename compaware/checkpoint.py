@@ -1,0 +1,85 @@
+"""Checkpoints that survive interruption and refuse to run code.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed
+over the old file: a reader sees the old checkpoint or the new one, never half of
+one. Reads use ``torch.load(weights_only=True)``, which unpickles only tensors and
+plain containers, so a checkpoint cannot execute code; anything unreadable becomes
+a :class:`UserError` saying which file and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compaware.config import UserError
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically."""
+    _write_atomically(Path(path), lambda f: torch.save(state, f))
+
+
+def save_json(data: dict, path: str | os.PathLike) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    _write_atomically(Path(path), lambda f: json.dump(data, f, indent=2), mode="w")
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A checkpoint written by :func:`save`, loaded without executing any code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for bad files; all mean "unreadable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"checkpoint {path} cannot be loaded: it is truncated, corrupted, or holds objects "
+            f"other than tensors and plain data, which compaware refuses to unpickle "
+            f"(weights_only=True). Reason: {reason[:300]}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a compaware "
+                        f"checkpoint dictionary.")
+    return state
+
+
+def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
+    """Load dense weights for ``init_from``: a checkpoint file, or a run directory (its
+    final training checkpoint). Shapes must match the configured model."""
+    source = Path(source)
+    path = source / "checkpoints" / "train.pt" if source.is_dir() else source
+    state = load(path)
+    weights = state.get("model", state)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:4])
+        raise UserError(f"init_from={source}: its weights do not fit the configured model "
+                        f"(is model= the one that run trained?). {detail[:500]}") from None

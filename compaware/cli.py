@@ -1,0 +1,38 @@
+"""``compaware <command> [args]``: the console script.
+
+``compaware train [overrides]`` is the Hydra app of :mod:`compaware.train`, exactly as
+``python -m compaware.train [overrides]``: Hydra's ``--help``, ``--cfg job``, ``-m`` and
+overrides all work after ``train``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: compaware <command> [args]
+
+commands:
+  train [overrides]   train, compress, fine-tune and benchmark one model (a Hydra app:
+                      `compaware train --help` lists the config groups; -m sweeps)
+
+examples:
+  compaware train
+  compaware train regularizer=lowrank regularizer.lam=0.5 compress.energy=0.9
+  compaware train -m regularizer=none,lowrank"""
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if args else 2)
+    command = args[0]
+    if command == "train":
+        from compaware.train import main as train_main
+
+        sys.argv = [f"{sys.argv[0]} train", *args[1:]]
+        train_main()
+    else:
+        print(f"compaware: unknown command {command!r}; commands: train.\n\n{USAGE}",
+              file=sys.stderr)
+        sys.exit(2)

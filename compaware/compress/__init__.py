@@ -1,0 +1,9 @@
+"""Compressors: model in, new smaller model out (:class:`Compressor`).
+
+Each ``conf/compress/<name>.yaml`` names its class in ``_target_``.
+"""
+
+from compaware.compress.base import Compressor, Report
+from compaware.compress.svd import SVD
+
+__all__ = ["SVD", "Compressor", "Report"]

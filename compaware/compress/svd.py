@@ -1,0 +1,91 @@
+"""Low-rank compression by truncated SVD (Alvarez & Salzmann 2017, PAPERS.md section B).
+
+A conv W (out, in, kh, kw), seen as out × (in·kh·kw) = U Σ Vᵀ, truncated to rank r,
+becomes two convs: r filters of in×kh×kw (√Σ Vᵀ, with the original stride, padding and
+dilation), then a 1×1 conv r → out (U √Σ, with the bias). A linear becomes two linears.
+A layer is factorized only where that is cheaper: r·(out + in·kh·kw) < out·in·kh·kw,
+which is the same inequality for parameters and for MACs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from compaware.compress.base import Compressor, Report
+from compaware.config import check_range
+from compaware.layers import LayerSelection, is_grouped, weight_matrix
+
+
+def choose_rank(singular_values: Tensor, energy: float, threshold: float,
+                max_rank: int | None) -> int:
+    """The rank to keep: no singular value at or below ``threshold``·σ_max (those are the
+    zeros a nuclear-norm prox left), the smallest rank keeping ``energy`` of Σσ², and at
+    most ``max_rank``; never below 1."""
+    s = singular_values
+    rank = int((s > threshold * s.max()).sum())
+    if energy < 1.0:
+        kept = torch.cumsum(s**2, 0) / (s**2).sum()
+        rank = min(rank, int((kept < energy).sum()) + 1)
+    if max_rank is not None:
+        rank = min(rank, max_rank)
+    return max(rank, 1)
+
+
+def factorize(layer: nn.Module, u: Tensor, s: Tensor, vh: Tensor, rank: int) -> nn.Sequential:
+    """``layer`` as two layers of rank ``rank`` built from its SVD factors."""
+    root = s[:rank].sqrt()
+    first_w = root[:, None] * vh[:rank]  # rank × (in·kh·kw)
+    second_w = u[:, :rank] * root  # out × rank
+    has_bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        first = nn.Linear(layer.in_features, rank, bias=False)
+        second = nn.Linear(rank, layer.out_features, bias=has_bias)
+    else:
+        conv = type(layer)  # Conv1d or Conv2d
+        first = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, bias=False, padding_mode=layer.padding_mode)
+        second = conv(rank, layer.out_channels, 1, bias=has_bias)
+    pair = nn.Sequential(first, second).to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        pair[0].weight.copy_(first_w.reshape(pair[0].weight.shape))
+        pair[1].weight.copy_(second_w.reshape(pair[1].weight.shape))
+        if has_bias:
+            pair[1].bias.copy_(layer.bias)
+    return pair
+
+
+class SVD(Compressor):
+    """``compress=svd``: factorize every selected conv/linear where it gets cheaper.
+
+    Rank per layer: see :func:`choose_rank` (``energy``, ``threshold``, ``rank``).
+    Grouped and depthwise convs are skipped and reported as such.
+    """
+
+    def __init__(self, energy: float = 1.0, rank: int | None = None, threshold: float = 1e-5,
+                 layers: str = "all", skip_first: bool = False, skip_last: bool = False) -> None:
+        check_range("compress.energy", energy, 0, 1, low_open=True)
+        if rank is not None:
+            check_range("compress.rank", rank, 1, integer=True)
+        check_range("compress.threshold", threshold, 0, 1)
+        self.energy, self.rank, self.threshold = float(energy), rank, float(threshold)
+        self.select = LayerSelection("compress", layers, skip_first, skip_last)
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        report: Report = {}
+        for name, layer in self.select(model):
+            if is_grouped(layer):
+                report[name] = {"factorized": False, "reason": "grouped conv"}
+                continue
+            w = weight_matrix(layer).float()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            rank = choose_rank(s, self.energy, self.threshold, self.rank)
+            out_dim, in_dim = w.shape
+            cheaper = rank * (out_dim + in_dim) < out_dim * in_dim
+            report[name] = {"rank": rank, "full_rank": len(s), "factorized": cheaper}
+            if cheaper:
+                model.set_submodule(name, factorize(layer, u, s, vh, rank))
+            else:
+                report[name]["reason"] = "not cheaper at this rank"
+        return model, report

@@ -1,0 +1,223 @@
+"""The config schema of a run, and the checks that turn bad input into clear messages.
+
+Hydra composes ``conf/config.yaml`` on top of :class:`RunConfig` (registered in the
+ConfigStore as ``run_schema``), so the nodes the runner reads itself (``data``,
+``schedule``, ``bench``, ``paths`` and the top-level keys) are typed: a wrong type or
+an unknown key stops at start with OmegaConf's message naming the key. ``model``,
+``regularizer`` and ``compress`` are instantiated from ``_target_``; the target's
+signature is their schema and :func:`instantiate` reports a bad key with the allowed
+ones. Range checks the types cannot express live in :func:`validate` and in the
+constructors of the regularizers and compressors (through :func:`check_range` and
+:func:`check_choice`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException, InstantiationException
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# The config tree at the repository's top level (the package is installed editable).
+# An absolute path, because Hydra reads a relative one as a Python package when the app
+# runs from an installed console script.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class UserError(CompactHydraException):
+    """A mistake the user can fix (bad option, missing file, corrupt checkpoint).
+
+    Hydra prints these as their message alone, without a traceback; the message
+    names the option and what it accepts.
+    """
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+class OptimizerName(StrEnum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class LrSchedule(StrEnum):
+    constant = "constant"
+    step = "step"
+    cosine = "cosine"
+
+
+@dataclass
+class DataConfig:
+    """Which dataset and how much of it. ``channels``/``num_classes`` are facts of real
+    datasets (checked against the files) and free choices only for ``synthetic``."""
+
+    name: str = "digits"
+    root: str | None = None  # None: the dataset's default search path (see compaware/data.py)
+    limit: int | None = None  # use only the first N training samples
+    image_size: int = 28
+    channels: int = 1
+    num_classes: int = 10
+    download: bool = False  # let torchvision download where a network exists
+    num_workers: int = 0
+    train_size: int = 2048  # synthetic only
+    test_size: int = 512  # synthetic only
+    noise: float = 1.0  # synthetic only: std of the noise around each class prototype
+
+
+@dataclass
+class ScheduleConfig:
+    """Optimisation of both stages: training (``epochs``, ``lr``) and fine-tuning."""
+
+    epochs: int = 10
+    finetune_epochs: int = 3
+    lr: float = 0.05
+    finetune_lr: float | None = None  # None: lr × 0.1
+    batch_size: int = 64
+    optimizer: OptimizerName = OptimizerName.sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: LrSchedule = LrSchedule.cosine
+    lr_milestones: list[int] = field(default_factory=list)  # epochs, for lr_schedule=step
+    lr_gamma: float = 0.1  # factor at each milestone, for lr_schedule=step
+    max_steps_per_epoch: int | None = None  # cut epochs short (debug, smoke tests)
+
+
+@dataclass
+class BenchConfig:
+    """What the benchmark stage measures."""
+
+    latency: bool = True
+    batch_size: int = 32  # the "batch_N" of latency_ms
+    min_run_time: float = 0.3  # seconds per measurement (torch.utils.benchmark)
+    threads: int | None = None  # None: torch's default for this machine
+
+
+@dataclass
+class PathsConfig:
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING
+    regularizer: Any = MISSING
+    compress: Any = MISSING
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    resume: bool = False
+    init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
+    device: Device = Device.cpu
+
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def check_range(option: str, value: Any, low: float | None = None,
+                high: float | None = None, *, low_open: bool = False,
+                integer: bool = False) -> None:
+    """Raise a :class:`UserError` unless ``value`` is a number in [low, high] (or (low, high])."""
+    kind = "an integer" if integer else "a number"
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or (integer and not float(value).is_integer()):
+        raise UserError(f"{option}={value!r} is not {kind}; {option} takes {kind}"
+                        f"{_describe_range(low, high, low_open)}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        raise UserError(f"{option}={value} is out of range; {option} takes {kind}"
+                        f"{_describe_range(low, high, low_open)}.")
+
+
+def _describe_range(low: float | None, high: float | None, low_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    return f" <= {high}" if high is not None else ""
+
+
+def check_choice(option: str, value: Any, allowed: list[str] | tuple[str, ...]) -> None:
+    """Raise a :class:`UserError` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{option}={value!r} is not a valid choice; {option} takes one of: "
+                        f"{', '.join(allowed)}.{hint}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks on the typed nodes, run before anything is built or written."""
+    s, d, b = cfg.schedule, cfg.data, cfg.bench
+    check_range("schedule.epochs", s.epochs, 0, integer=True)
+    check_range("schedule.finetune_epochs", s.finetune_epochs, 0, integer=True)
+    check_range("schedule.lr", s.lr, 0, low_open=True)
+    if s.finetune_lr is not None:
+        check_range("schedule.finetune_lr", s.finetune_lr, 0, low_open=True)
+    check_range("schedule.batch_size", s.batch_size, 1, integer=True)
+    check_range("schedule.momentum", s.momentum, 0, 1)
+    check_range("schedule.weight_decay", s.weight_decay, 0)
+    check_range("schedule.lr_gamma", s.lr_gamma, 0, 1, low_open=True)
+    for milestone in s.lr_milestones:
+        check_range("schedule.lr_milestones", milestone, 1, integer=True)
+    if s.max_steps_per_epoch is not None:
+        check_range("schedule.max_steps_per_epoch", s.max_steps_per_epoch, 1, integer=True)
+    if d.limit is not None:
+        check_range("data.limit", d.limit, 1, integer=True)
+    check_range("data.image_size", d.image_size, 8, integer=True)
+    check_range("data.channels", d.channels, 1, integer=True)
+    check_range("data.num_classes", d.num_classes, 2, integer=True)
+    check_range("data.num_workers", d.num_workers, 0, integer=True)
+    check_range("data.train_size", d.train_size, 1, integer=True)
+    check_range("data.test_size", d.test_size, 1, integer=True)
+    check_range("data.noise", d.noise, 0)
+    check_range("bench.batch_size", b.batch_size, 1, integer=True)
+    check_range("bench.min_run_time", b.min_run_time, 0, low_open=True)
+    if b.threads is not None:
+        check_range("bench.threads", b.threads, 1, integer=True)
+    if cfg.resume and cfg.init_from:
+        raise UserError("resume=true and init_from are exclusive: resume continues the run in "
+                        "hydra.run.dir from its own checkpoint, init_from starts a new run from "
+                        "another run's weights. Drop one of them.")
+
+
+def instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with the target's signature as the schema.
+
+    A key the target does not accept, or a value its constructor rejects, becomes a
+    :class:`UserError` naming ``option`` (the config group) and the accepted keys.
+    """
+    target = node.get("_target_")
+    try:
+        cls = hydra.utils.get_object(target)
+    except Exception as e:
+        raise UserError(f"{option}._target_={target!r} cannot be imported: {e}") from None
+    accepted = [p for p in inspect.signature(cls).parameters if p not in kwargs and p != "self"]
+    unknown = [k for k in node if k != "_target_" and k not in accepted]
+    if unknown and not any(p.kind is p.VAR_KEYWORD
+                           for p in inspect.signature(cls).parameters.values()):
+        raise UserError(f"{option} has no option {', '.join(unknown)}; {option} "
+                        f"({target}) accepts: {', '.join(accepted) or 'no options'}.")
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"{option} could not be built from {target}: {cause or e}") from None
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain JSON-able data (enums as their names)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -1,0 +1,237 @@
+"""Datasets and loaders. Small datasets live in memory as tensors; large ones stream.
+
+``data.name`` picks a loader from :data:`LOADERS`. Each returns the train and test
+sets and the facts the model needs (:class:`DataInfo`). A dataset that is not on disk
+stops with a message saying where we looked and how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torchvision import transforms
+
+from compaware.config import DataConfig, UserError, check_choice
+
+# Debian's dataset-fashion-mnist package installs the IDX files here.
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    train_size: int
+
+
+@dataclass
+class Data:
+    train: Dataset
+    test: Dataset
+    info: DataInfo
+
+
+def build_data(cfg: DataConfig) -> Data:
+    """The train and test sets ``cfg`` asks for (``data.limit``: the first N training samples)."""
+    check_choice("data.name", cfg.name, sorted(LOADERS))
+    train, test, channels, num_classes = LOADERS[cfg.name](cfg)
+    if cfg.name != "synthetic" and (channels, num_classes) != (cfg.channels, cfg.num_classes):
+        raise UserError(
+            f"data={cfg.name} has {channels} channel(s) and {num_classes} classes, but the config "
+            f"says data.channels={cfg.channels}, data.num_classes={cfg.num_classes}. These are "
+            f"facts of the dataset; set them only for data=synthetic.")
+    if cfg.limit is not None:
+        train = Subset(train, range(min(cfg.limit, len(train))))
+    info = DataInfo(cfg.name, channels, cfg.image_size, num_classes, len(train))
+    return Data(train, test, info)
+
+
+def train_loader(data: Data, batch_size: int, seed: int, epoch: int,
+                 num_workers: int = 0) -> DataLoader:
+    """The training batches of one epoch, shuffled by a generator seeded from (seed, epoch).
+
+    The order depends only on the epoch, never on what ran before, so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(data.train, batch_size=batch_size, num_workers=num_workers,
+                      sampler=RandomSampler(data.train, generator=generator))
+
+
+def test_loader(data: Data, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(data.test, batch_size=batch_size, num_workers=num_workers)
+
+
+Split = tuple[Dataset, Dataset, int, int]  # train, test, channels, classes
+
+
+def _standardized(train_x: torch.Tensor, test_x: torch.Tensor, train_y, test_y,
+                  num_classes: int) -> Split:
+    """In-memory tensor datasets, standardised with the training set's mean and std."""
+    mean, std = train_x.mean(), train_x.std()
+    train = TensorDataset((train_x - mean) / std, torch.as_tensor(train_y, dtype=torch.long))
+    test = TensorDataset((test_x - mean) / std, torch.as_tensor(test_y, dtype=torch.long))
+    return train, test, train_x.shape[1], num_classes
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def load_digits(cfg: DataConfig) -> Split:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, no download), upscaled.
+
+    A fixed seeded split keeps 360 images for testing.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test_idx, train_idx = order[:360], order[360:]
+    images = _resized(images, cfg.image_size)
+    return _standardized(images[train_idx], images[test_idx], labels[train_idx],
+                         labels[test_idx], 10)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _find_idx(folders: list[Path]) -> list[Path] | None:
+    for folder in folders:
+        found = []
+        for stem in IDX_FILES:
+            candidates = [folder / f"{stem}.gz", folder / stem]
+            found.append(next((p for p in candidates if p.is_file()), None))
+        if all(found):
+            return found
+    return None
+
+
+def _idx_dataset(cfg: DataConfig, torchvision_name: str, default_roots: list[str],
+                 how_to_get: str) -> Split:
+    """MNIST-format data from the first folder that holds all four IDX files.
+
+    torchvision's MNIST classes expect their own folder layout with unpacked files; the
+    format is simple enough to read directly, which lets us use Debian's ``.gz`` files
+    where they are.
+    """
+    roots = [cfg.root] if cfg.root else default_roots
+    if cfg.download:
+        getattr(torchvision.datasets, torchvision_name)(roots[0], download=True)
+    folders = [Path(r) / sub for r in roots for sub in ("", f"{torchvision_name}/raw")]
+    files = _find_idx(folders)
+    if files is None:
+        looked = ", ".join(str(f) for f in folders)
+        raise UserError(
+            f"data={cfg.name}: the IDX files ({', '.join(s + '.gz' for s in IDX_FILES)}) "
+            f"were not found; looked in {looked}. {how_to_get} Or point data.root at a "
+            f"folder holding them, or set data.download=true where a network exists.")
+    train_x, train_y, test_x, test_y = (_read_idx(p) for p in files)
+
+    def as_images(pixels: np.ndarray) -> torch.Tensor:
+        images = torch.tensor(pixels, dtype=torch.float32).unsqueeze(1) / 255.0
+        return _resized(images, cfg.image_size)
+
+    return _standardized(as_images(train_x), as_images(test_x), train_y, test_y, 10)
+
+
+def load_fashion_mnist(cfg: DataConfig) -> Split:
+    return _idx_dataset(cfg, "FashionMNIST", [DEBIAN_FASHION_MNIST, "data/fashion_mnist"],
+                        "On Debian: apt-get install dataset-fashion-mnist.")
+
+
+def load_mnist(cfg: DataConfig) -> Split:
+    return _idx_dataset(cfg, "MNIST", ["data/mnist"],
+                        "Get them from https://yann.lecun.com/exdb/mnist/.")
+
+
+def _require_dir(cfg: DataConfig, path: Path, what: str, hint: str = "") -> None:
+    if not path.is_dir():
+        raise UserError(f"data={cfg.name}: {what} not found at {path}. Set data.root to the "
+                        f"folder that holds it{hint}.")
+
+
+def load_cifar10(cfg: DataConfig) -> Split:
+    """CIFAR-10's standard python batches (``cifar-10-batches-py``) through torchvision,
+    with the usual random crop and flip for training."""
+    root = Path(cfg.root or "data/cifar10")
+    if not cfg.download:
+        _require_dir(cfg, root / "cifar-10-batches-py", "cifar-10-batches-py",
+                     ", or set data.download=true where a network exists")
+    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    resize = [transforms.Resize(cfg.image_size)] if cfg.image_size != 32 else []
+    train_tf = transforms.Compose(resize + [transforms.RandomCrop(cfg.image_size, padding=4),
+                                            transforms.RandomHorizontalFlip(),
+                                            transforms.ToTensor(), normalize])
+    test_tf = transforms.Compose(resize + [transforms.ToTensor(), normalize])
+    cifar = torchvision.datasets.CIFAR10
+    return (cifar(str(root), train=True, transform=train_tf, download=cfg.download),
+            cifar(str(root), train=False, transform=test_tf, download=cfg.download), 3, 10)
+
+
+def load_imagenet(cfg: DataConfig) -> Split:
+    """An ImageFolder tree ``<root>/train/<class>/…`` and ``<root>/val/<class>/…`` with the
+    standard ImageNet transforms (random resized crop + flip; resize + center crop)."""
+    root = Path(cfg.root or "data/imagenet")
+    for split in ("train", "val"):
+        _require_dir(cfg, root / split, f"the ImageFolder tree '{split}/<class>/<image>'")
+    normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    size = cfg.image_size
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                   normalize])
+    test_tf = transforms.Compose([transforms.Resize(size * 256 // 224),
+                                  transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf)
+    return train, test, 3, len(train.classes)
+
+
+def load_synthetic(cfg: DataConfig) -> Split:
+    """Random images of the configured shape: a fixed prototype per class plus Gaussian
+    noise (``data.noise``), so the task is learnable but not trivial. Seeded, no files."""
+    g = torch.Generator().manual_seed(1234)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    prototypes = torch.randn(cfg.num_classes, *shape, generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(cfg.num_classes, (n,), generator=g)
+        return prototypes[labels] + cfg.noise * torch.randn(n, *shape, generator=g), labels
+
+    (train_x, train_y), (test_x, test_y) = sample(cfg.train_size), sample(cfg.test_size)
+    return _standardized(train_x, test_x, train_y, test_y, cfg.num_classes)
+
+
+LOADERS: dict[str, Callable[[DataConfig], Split]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "imagenet": load_imagenet,
+    "synthetic": load_synthetic,
+}

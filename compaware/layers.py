@@ -1,0 +1,57 @@
+"""Which layers a regularizer or compressor acts on, chosen by type and config.
+
+Regularizers and compressors share this one rule, so ``regularizer.layers=conv`` and
+``compress.layers=conv`` select the same modules, and no method ever names layers
+by hand.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from compaware.config import check_choice
+
+LAYER_KINDS = ("all", "conv", "linear")
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every conv and linear layer of ``model``, in module order (the order of the forward
+    pass for the models we build)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
+
+
+class LayerSelection:
+    """``layers: all|conv|linear`` plus ``skip_first``/``skip_last`` (first and last weight
+    layer of the model, the ones papers often leave alone)."""
+
+    def __init__(self, option: str, layers: str = "all", skip_first: bool = False,
+                 skip_last: bool = False) -> None:
+        check_choice(f"{option}.layers", layers, LAYER_KINDS)
+        self.kind, self.skip_first, self.skip_last = layers, skip_first, skip_last
+
+    def __call__(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        chosen = weight_layers(model)
+        if self.skip_last:
+            chosen = chosen[:-1]
+        if self.skip_first:
+            chosen = chosen[1:]
+        if self.kind == "conv":
+            return [(n, m) for n, m in chosen if not isinstance(m, nn.Linear)]
+        if self.kind == "linear":
+            return [(n, m) for n, m in chosen if isinstance(m, nn.Linear)]
+        return chosen
+
+
+def weight_matrix(layer: nn.Module) -> Tensor:
+    """The layer's weight as a matrix, out × (in·kh·kw): a view, so writing it writes the layer.
+
+    This is the reshape of Alvarez & Salzmann 2017 under which a rank-r factorization is
+    r filters of in×kh×kw followed by a 1×1 conv r→out.
+    """
+    return layer.weight.view(layer.weight.shape[0], -1)
+
+
+def is_grouped(layer: nn.Module) -> bool:
+    """Grouped and depthwise convs: their weight matrix is not the layer's linear map."""
+    return getattr(layer, "groups", 1) > 1

@@ -1,0 +1,46 @@
+"""The LeNets of the papers, exactly as PAPERS.md section G gives them.
+
+Plain ``nn.Sequential`` with named layers: nothing but standard modules, so they
+trace, export and prune without special cases, and stats read ``conv1``, ``fc1``…
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+
+class LeNet300(nn.Sequential):
+    """LeNet-300-100: 784 → 300 → 100 → 10 with ReLU (266,610 parameters on 28×28×1)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        super().__init__(OrderedDict([
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(in_channels * image_size * image_size, 300)),
+            ("relu1", nn.ReLU()),
+            ("fc2", nn.Linear(300, 100)),
+            ("relu2", nn.ReLU()),
+            ("fc3", nn.Linear(100, num_classes)),
+        ]))
+
+
+class LeNet5(nn.Sequential):
+    """LeNet-5-Caffe: conv 20@5×5 → maxpool 2 → conv 50@5×5 → maxpool 2 → fc 500 → ReLU → fc 10.
+
+    As in Caffe's definition there is no ReLU after the convs. 431,080 parameters on
+    28×28×1; other input sizes change only fc1's width.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+        side = ((image_size - 4) // 2 - 4) // 2
+        super().__init__(OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 20, 5)),
+            ("pool1", nn.MaxPool2d(2)),
+            ("conv2", nn.Conv2d(20, 50, 5)),
+            ("pool2", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(50 * side * side, 500)),
+            ("relu", nn.ReLU()),
+            ("fc2", nn.Linear(500, num_classes)),
+        ]))

@@ -1,0 +1,11 @@
+"""Compression-aware regularizers behind one interface (:class:`Regularizer`).
+
+Each ``conf/regularizer/<name>.yaml`` names its class in ``_target_``; the class's
+constructor signature is the schema of that config node.
+"""
+
+from compaware.regularizers.base import ProximalRegularizer, Regularizer
+from compaware.regularizers.lowrank import LowRank
+from compaware.regularizers.penalties import L1, L2
+
+__all__ = ["L1", "L2", "LowRank", "ProximalRegularizer", "Regularizer"]

@@ -1,0 +1,87 @@
+"""The one interface every regularizer implements, with no-op defaults.
+
+Where each hook runs (see ``compaware/loop.py``)::
+
+    loss = cross_entropy + regularizer.penalty(model)    # every step, differentiable
+    loss.backward(); optimizer.step()
+    regularizer.prox(model, step)                         # after the step if every=step,
+                                                          # at the end of the epoch if every=epoch
+    regularizer.stats(model)                              # end of epoch, logged to TensorBoard
+
+``prox`` mutates the parameters in place under ``no_grad``; nothing else touches the
+model. A regularizer with learnable state (soft weight-sharing) returns it from
+``state_dict`` and its parameters from ``param_groups``, so it is optimised and
+checkpointed with the run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from compaware.config import check_choice, check_range
+from compaware.layers import LayerSelection
+
+EVERY = ("epoch", "step")
+PROX_STEPS = ("lr", "lr_x_steps")
+
+
+class Regularizer:
+    """No penalty, no prox: plain training (``regularizer=none``).
+
+    ``lam`` is the strength; ``layers``/``skip_first``/``skip_last`` choose the layers
+    (:class:`compaware.layers.LayerSelection`).
+    """
+
+    every: str | None = None  # when prox runs: "epoch", "step", or never
+
+    def __init__(self, lam: float = 0.0, layers: str = "all", skip_first: bool = False,
+                 skip_last: bool = False) -> None:
+        check_range("regularizer.lam", lam, 0)
+        self.lam = float(lam)
+        self.select = LayerSelection("regularizer", layers, skip_first, skip_last)
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """Differentiable term added to the loss at every step (zero here)."""
+        return torch.zeros((), device=next(model.parameters()).device)
+
+    def prox(self, model: nn.Module, step: float) -> None:
+        """Proximal operator with step size ``step``, applied in place (nothing here)."""
+
+    def prox_step(self, lr: float, steps: int) -> float:
+        """The step size of the prox after ``steps`` SGD steps at learning rate ``lr``."""
+        return lr
+
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        """Scalars to log at the end of each epoch (``reg/<key>``)."""
+        return {}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Extra optimizer parameter groups for learnable regularizer state."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ProximalRegularizer(Regularizer):
+    """A regularizer optimised by proximal steps, at ``every: epoch|step``.
+
+    ``prox_step`` chooses the step size t of the prox: ``lr`` (t = current learning rate,
+    the papers' reading) or ``lr_x_steps`` (t = lr × SGD steps since the last prox, so a
+    per-epoch prox shrinks as much as per-step proxes would over the epoch). PAPERS.md
+    lists this as uncertain, hence the choice.
+    """
+
+    def __init__(self, lam: float, every: str = "epoch", prox_step: str = "lr",
+                 layers: str = "all", skip_first: bool = False, skip_last: bool = False) -> None:
+        super().__init__(lam, layers, skip_first, skip_last)
+        check_choice("regularizer.every", every, EVERY)
+        check_choice("regularizer.prox_step", prox_step, PROX_STEPS)
+        self.every, self.prox_step_rule = every, prox_step
+
+    def prox_step(self, lr: float, steps: int) -> float:
+        return lr * steps if self.prox_step_rule == "lr_x_steps" else lr

@@ -1,0 +1,57 @@
+"""Nuclear-norm regularization (Alvarez & Salzmann 2017, PAPERS.md section B).
+
+r(Θ) = lam · Σ_l ‖W_l‖_*, with each conv weight seen as out × (in·kh·kw). It is
+optimised by its proximal operator, singular-value soft-thresholding:
+W = U Σ Vᵀ  →  U max(Σ − t·lam, 0) Vᵀ, which sets small singular values exactly to zero,
+so that ``compress=svd`` can then drop them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from compaware.layers import is_grouped, weight_matrix
+from compaware.regularizers.base import ProximalRegularizer
+
+RANK_TOLERANCE = 1e-5  # σ ≤ tolerance · σ_max counts as zero (float32 round-off after a prox)
+
+
+def shrink_singular_values(matrix: Tensor, threshold: float) -> Tensor:
+    """prox of threshold·‖·‖_*: soft-threshold the singular values of ``matrix``."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u * (s - threshold).clamp_min(0)) @ vh
+
+
+def numerical_rank(matrix: Tensor, tolerance: float = RANK_TOLERANCE) -> int:
+    s = torch.linalg.svdvals(matrix)
+    return int((s > tolerance * s.max()).sum()) if s.max() > 0 else 0
+
+
+class LowRank(ProximalRegularizer):
+    """Nuclear norm on the selected layers, by proximal steps (``regularizer=lowrank``).
+
+    Grouped and depthwise convs are left out: their weight matrix is not the map an SVD
+    factorization would replace.
+    """
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.select(model) if not is_grouped(m)]
+
+    @torch.no_grad()
+    def prox(self, model: nn.Module, step: float) -> None:
+        for _, layer in self.layers(model):
+            w = weight_matrix(layer)
+            w.copy_(shrink_singular_values(w.float(), step * self.lam).to(w.dtype))
+
+    @torch.no_grad()
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        nuclear = 0.0
+        for name, layer in self.layers(model):
+            w = weight_matrix(layer).float()
+            stats[f"rank/{name}"] = numerical_rank(w)
+            nuclear += float(torch.linalg.matrix_norm(w, ord="nuc"))
+        stats["nuclear_norm"] = nuclear
+        stats["objective"] = self.lam * nuclear
+        return stats

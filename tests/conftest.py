@@ -1,0 +1,38 @@
+"""Shared fixtures: compose the real config tree (as `compaware train` would) into tmp dirs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from compaware.config import CONF_DIR
+
+REPO = Path(CONF_DIR).parent
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg(*overrides, fast=True)``: the composed config, writing under ``tmp_path``."""
+
+    def make(*overrides: str, fast: bool = True, run_dir: Path | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=[
+                *(["debug=fast"] if fast else []),
+                f"paths.run_dir={run_dir or tmp_path / 'run'}",
+                *overrides])
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the console script (`compaware ...`) as a user would."""
+    exe = Path(sys.executable).with_name("compaware")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          timeout=timeout)

@@ -1,0 +1,71 @@
+"""The console script as a user meets it: Hydra's features, and bad input without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+
+def test_compaware_train_runs_and_prints_the_summary(tmp_path):
+    out = run_cli("train", "debug=fast", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert "parameters" in out.stdout and "MACs" in out.stdout and "accuracy" in out.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+    assert (tmp_path / "train.log").exists()
+
+
+def test_python_dash_m_is_the_same_app():
+    out = subprocess.run([sys.executable, "-m", "compaware.train", "--cfg", "job",
+                          "regularizer.lam=0.25"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "lam: 0.25" in out.stdout and "_target_: compaware.regularizers.LowRank" in out.stdout
+
+
+def test_help_lists_the_config_groups():
+    out = run_cli("train", "--help")
+    assert out.returncode == 0
+    for group in ("data:", "model:", "regularizer:", "compress:", "schedule:", "bench:"):
+        assert group in out.stdout
+
+
+def test_multirun_writes_one_result_per_job(tmp_path):
+    out = run_cli("train", "-m", "debug=fast", "bench.latency=false",
+                  "regularizer=none,lowrank", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    targets = {json.loads((tmp_path / str(i) / "results.json").read_text())["config"]
+               ["regularizer"]["_target_"] for i in (0, 1)}
+    assert targets == {"compaware.regularizers.Regularizer", "compaware.regularizers.LowRank"}
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["schedule.epochs=abc"], ["schedule.epochs", "abc"]),
+    (["regularizer.lam=-1"], ["regularizer.lam", ">= 0"]),
+    (["model=resnet5"], ["model", "lenet5", "torchvision"]),
+    (["data=nope"], ["data", "digits", "fashion_mnist"]),
+    (["device=gpu"], ["device", "cpu", "cuda", "auto"]),
+    (["compress.energy=2"], ["compress.energy", "(0, 1]"]),
+    (["regularizer.every=sometimes"], ["regularizer.every", "epoch", "step"]),
+    (["+regularizer.alpha=0.5"], ["regularizer", "alpha", "lam"]),
+    (["schedule.lr=0"], ["schedule.lr", "> 0"]),
+    (["model=torchvision", "model.name=resnet"], ["model.name", "resnet18"]),
+    (["data=mnist", "data.root=/nonexistent"], ["data=mnist", "/nonexistent", "data.root"]),
+])
+def test_bad_input_stops_with_a_message_not_a_traceback(tmp_path, args, expected):
+    out = run_cli("train", *args, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    for text in expected:
+        assert text in out.stderr, (text, out.stderr)
+
+
+def test_bare_command_shows_usage():
+    out = run_cli()
+    assert out.returncode == 2 and "compaware train" in out.stdout
+    assert run_cli("frobnicate").returncode == 2

@@ -1,0 +1,104 @@
+"""The regularizer interface: closed-form proxes, penalties, layer selection, and that the
+nuclear norm really lowers the rank during training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compaware.config import DataConfig, ScheduleConfig, UserError
+from compaware.data import build_data
+from compaware.layers import LayerSelection
+from compaware.loop import Stage, fit
+from compaware.models.lenet import LeNet5
+from compaware.regularizers import L1, L2, LowRank, Regularizer
+from compaware.regularizers.lowrank import numerical_rank, shrink_singular_values
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (5, 5)])
+def test_nuclear_prox_matches_closed_form(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    threshold = 0.8
+    u, s, vh = np.linalg.svd(w.numpy(), full_matrices=False)
+    expected = (u * np.maximum(s - threshold, 0)) @ vh
+    result = shrink_singular_values(w, threshold)
+    np.testing.assert_allclose(result.numpy(), expected, atol=1e-10)
+    # and it is the minimiser of ½‖X − W‖² + t‖X‖_*: a random perturbation never does better
+    objective = lambda x: 0.5 * (x - w).pow(2).sum() + threshold * torch.linalg.matrix_norm(  # noqa: E731
+        x, "nuc")
+    for _ in range(20):
+        other = result + 0.01 * torch.randn(*shape, generator=g, dtype=torch.float64)
+        assert objective(result) <= objective(other)
+
+
+def test_prox_zeroes_small_singular_values_of_a_conv_in_place():
+    conv = nn.Conv2d(4, 8, 3)
+    before = numerical_rank(conv.weight.detach().view(8, -1))
+    s = torch.linalg.svdvals(conv.weight.detach().view(8, -1))
+    reg = LowRank(lam=1.0)
+    reg.prox(nn.Sequential(conv, nn.Flatten(), nn.Linear(8, 2)), step=float(s[3]))
+    after = numerical_rank(conv.weight.detach().view(8, -1))
+    assert before == 8 and after == 3  # σ_1..σ_3 survive a threshold of σ_4
+
+
+def test_penalties_by_hand():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0], [0.0, 3.0]]))
+        model[1].weight.copy_(torch.tensor([[-1.0, 1.0]]))
+    assert L1(lam=0.5).penalty(model).item() == pytest.approx(0.5 * 8)
+    assert L2(lam=0.5).penalty(model).item() == pytest.approx(0.25 * 16)
+    assert L1(lam=0.5, skip_last=True).penalty(model).item() == pytest.approx(0.5 * 6)
+    assert Regularizer().penalty(model).item() == 0.0
+
+
+def test_layer_selection():
+    model = LeNet5()
+    names = lambda **kw: [n for n, _ in LayerSelection("x", **kw)(model)]  # noqa: E731
+    assert names() == ["conv1", "conv2", "fc1", "fc2"]
+    assert names(layers="conv") == ["conv1", "conv2"]
+    assert names(layers="linear", skip_last=True) == ["fc1"]
+    assert names(skip_first=True, skip_last=True) == ["conv2", "fc1"]
+
+
+@pytest.mark.parametrize(("kwargs", "option"), [
+    ({"lam": -1}, "regularizer.lam"),
+    ({"lam": "abc"}, "regularizer.lam"),
+    ({"lam": 1, "every": "sometimes"}, "regularizer.every"),
+    ({"lam": 1, "prox_step": "big"}, "regularizer.prox_step"),
+    ({"lam": 1, "layers": "convs"}, "regularizer.layers"),
+])
+def test_bad_options_name_themselves(kwargs, option):
+    with pytest.raises(UserError, match=option):
+        LowRank(**kwargs)
+
+
+def test_per_step_prox_uses_lr_and_per_epoch_can_scale_by_steps():
+    assert LowRank(lam=1, prox_step="lr").prox_step(0.1, 50) == pytest.approx(0.1)
+    assert LowRank(lam=1, prox_step="lr_x_steps").prox_step(0.1, 50) == pytest.approx(5.0)
+
+
+def _ranks_after_training(regularizer: Regularizer, tmp_path) -> dict[str, int]:
+    torch.manual_seed(0)
+    data = build_data(DataConfig(limit=512))
+    model = LeNet5()
+    schedule = ScheduleConfig(epochs=3, lr=0.05)
+    from torch.utils.tensorboard import SummaryWriter
+
+    fit(model, data, Stage("train", 3, 0.05, regularizer), schedule, seed=0,
+        device=torch.device("cpu"), checkpoint_path=tmp_path / "ckpt.pt",
+        writer=SummaryWriter(str(tmp_path / "tb")), resume=False, meta={})
+    return {k: v for k, v in LowRank(lam=0).stats(model).items() if k.startswith("rank/")}
+
+
+@pytest.mark.parametrize("every", ["epoch", "step"])
+def test_training_with_the_nuclear_norm_lowers_rank(tmp_path, every):
+    plain = _ranks_after_training(Regularizer(), tmp_path / "none")
+    lam = 8.0 if every == "epoch" else 1.0
+    lowrank = _ranks_after_training(LowRank(lam=lam, every=every), tmp_path / every)
+    assert plain["rank/fc1"] == 500
+    assert all(0 < lowrank[k] <= plain[k] for k in plain)
+    assert lowrank["rank/fc1"] < plain["rank/fc1"] / 2

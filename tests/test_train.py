@@ -1,0 +1,127 @@
+"""The run end to end, in process: results.json, every config option composes, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compaware import checkpoint, loop
+from compaware.config import CONF_DIR, UserError, instantiate
+from compaware.data import DataInfo
+from compaware.models import build_model
+from compaware.train import train
+
+CONF = Path(CONF_DIR)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "regularizer", "compress", "schedule",
+                                   "bench", "debug"])
+def test_every_option_composes_and_builds(make_cfg, group):
+    info = DataInfo("synthetic", 1, 32, 10, 100)
+    for option in _options(group):
+        cfg = make_cfg(f"{group}={option}")
+        if group in ("model", "regularizer", "compress"):
+            node = cfg[group]
+            built = build_model(node, info) if group == "model" else instantiate(node, group)
+            assert built is not None
+
+
+def test_default_run_writes_every_result(make_cfg, tmp_path):
+    results = train(make_cfg("compress.rank=2"))
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["accuracy"] == results["accuracy"]
+    for section in ("accuracy", "params", "macs", "bytes"):
+        assert set(on_disk[section]) >= {"dense", "compressed"}
+    assert set(on_disk["accuracy"]) == {"dense", "compressed", "finetuned"}
+    assert on_disk["params"]["compressed"] < on_disk["params"]["dense"]
+    assert on_disk["macs"]["compressed"] < on_disk["macs"]["dense"]
+    assert on_disk["bytes"]["compressed"] < on_disk["bytes"]["dense"]
+    assert on_disk["bytes"]["dense"] == (tmp_path / "run" / "model_dense.pt2").stat().st_size
+    cpu = on_disk["latency_ms"]["cpu"]
+    assert cpu["threads"] >= 1
+    for batch in ("batch_1", "batch_N"):
+        assert cpu[batch]["dense"] > 0 and cpu[batch]["compressed"] > 0
+    if not torch.cuda.is_available():
+        assert on_disk["latency_ms"]["cuda"] is None
+    assert set(on_disk["seconds"]) == {"train", "compress", "finetune", "bench"}
+    assert on_disk["config"]["regularizer"]["_target_"].endswith("LowRank")
+    assert on_disk["compression"]["fc1"]["rank"] == 2
+    assert any(event.name.startswith("events") for event in (tmp_path / "run" / "tb").iterdir())
+
+
+def test_finetune_epochs_zero_skips_finetuning(make_cfg):
+    results = train(make_cfg("schedule.finetune_epochs=0", "bench.latency=false"))
+    assert results["accuracy"]["finetuned"] is None
+    assert results["latency_ms"] == {"cpu": None, "cuda": None}
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_ends_with_the_same_weights(make_cfg, tmp_path,
+                                                                  monkeypatch):
+    args = ("schedule.epochs=3", "schedule.finetune_epochs=2", "schedule.max_steps_per_epoch=6",
+            "bench.latency=false")
+    reference = train(make_cfg(*args, run_dir=tmp_path / "a"))
+
+    real_save, saves = checkpoint.save, []
+
+    def save_then_stop(state, path):  # the process dies right after epoch 2's checkpoint
+        real_save(state, path)
+        saves.append(path)
+        if len(saves) == 2:
+            raise _Interrupted
+
+    monkeypatch.setattr(loop.checkpoint, "save", save_then_stop)
+    with pytest.raises(_Interrupted):
+        train(make_cfg(*args, run_dir=tmp_path / "b"))
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "b" / "checkpoints" / "train.pt")["epoch"] == 2
+    resumed = train(make_cfg(*args, "resume=true", run_dir=tmp_path / "b"))
+
+    for stage in ("train", "finetune"):
+        a = checkpoint.load(tmp_path / "a" / "checkpoints" / f"{stage}.pt")["model"]
+        b = checkpoint.load(tmp_path / "b" / "checkpoints" / f"{stage}.pt")["model"]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    assert resumed["accuracy"] == reference["accuracy"]
+
+
+def test_a_used_run_dir_is_never_overwritten(make_cfg):
+    train(make_cfg("bench.latency=false"))
+    with pytest.raises(UserError, match="resume=true"):
+        train(make_cfg("bench.latency=false"))
+
+
+def test_resume_refuses_a_different_experiment(make_cfg):
+    train(make_cfg("bench.latency=false"))
+    with pytest.raises(UserError, match="model"):
+        train(make_cfg("bench.latency=false", "resume=true", "model=lenet300"))
+
+
+def test_resume_without_a_checkpoint_says_where_to_point(make_cfg):
+    with pytest.raises(UserError, match="hydra.run.dir"):
+        train(make_cfg("resume=true"))
+
+
+def test_divergence_stops_with_a_clear_message(make_cfg):
+    with pytest.raises(UserError, match="diverged"):
+        train(make_cfg("schedule.lr=1e6", "regularizer=none", "schedule.max_steps_per_epoch=50",
+                       "data.limit=null"))
+
+
+def test_init_from_starts_from_another_runs_weights(make_cfg, tmp_path):
+    train(make_cfg("bench.latency=false", run_dir=tmp_path / "pre"))
+    cfg = make_cfg("bench.latency=false", "schedule.epochs=0", "schedule.finetune_epochs=0",
+                   "compress=none", f"init_from={tmp_path / 'pre'}", run_dir=tmp_path / "post")
+    results = train(cfg)
+    pre = json.loads((tmp_path / "pre" / "results.json").read_text())
+    assert results["accuracy"]["dense"] == pre["accuracy"]["dense"]
