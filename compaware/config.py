@@ -76,8 +76,11 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Optimisation of both stages: training (``epochs``, ``lr``) and fine-tuning."""
+    """Optimisation of the stages: optional plain pre-training, training with the
+    regularizer (``epochs``, ``lr``) and fine-tuning of the compressed model."""
 
+    pretrain_epochs: int = 0  # plain training (no regularizer) before the regularized stage
+    pretrain_lr: float | None = None  # None: lr
     epochs: int = 10
     finetune_epochs: int = 3
     lr: float = 0.05
@@ -160,6 +163,9 @@ def check_choice(option: str, value: Any, allowed: list[str] | tuple[str, ...]) 
 def validate(cfg: DictConfig) -> None:
     """Range checks on the typed nodes, run before anything is built or written."""
     s, d, b = cfg.schedule, cfg.data, cfg.bench
+    check_range("schedule.pretrain_epochs", s.pretrain_epochs, 0, integer=True)
+    if s.pretrain_lr is not None:
+        check_range("schedule.pretrain_lr", s.pretrain_lr, 0, low_open=True)
     check_range("schedule.epochs", s.epochs, 0, integer=True)
     check_range("schedule.finetune_epochs", s.finetune_epochs, 0, integer=True)
     check_range("schedule.lr", s.lr, 0, low_open=True)

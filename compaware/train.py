@@ -64,11 +64,16 @@ def train(cfg: DictConfig) -> dict:
              cfg.model._target_, info.name, info.train_size, cfg.regularizer._target_,
              cfg.compress._target_, device)
 
-    # 1. Train with the compression-aware regularizer (penalty and proximal steps).
+    # 1. Train: optionally plain pre-training first (the papers that retrain a trained
+    #    network), then with the compression-aware regularizer (penalty and proximal steps).
     with timed(seconds, "train"):
+        fit(model, data, Stage("pretrain", s.pretrain_epochs, s.pretrain_lr or s.lr,
+                               Regularizer()), s,
+            checkpoint_path=run_dir / "checkpoints" / "pretrain.pt", **common)
+        pretrained = evaluate(model, data, device) if s.pretrain_epochs else None
         fit(model, data, Stage("train", s.epochs, s.lr, regularizer), s,
             checkpoint_path=run_dir / "checkpoints" / "train.pt", **common)
-    accuracy = {"dense": evaluate(model, data, device)}
+    accuracy = {"pretrained": pretrained, "dense": evaluate(model, data, device)}
 
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     with timed(seconds, "compress"):
@@ -99,16 +104,16 @@ def train(cfg: DictConfig) -> dict:
 
 def check_run_dir(run_dir: Path, resume: bool, identity: dict) -> None:
     """Never overwrite another run; on resume, refuse a run that would be a different one."""
-    train_ckpt = run_dir / "checkpoints" / "train.pt"
+    saved = sorted((run_dir / "checkpoints").glob("*.pt"))
     if not resume:
-        if train_ckpt.exists() or (run_dir / "results.json").exists():
+        if saved or (run_dir / "results.json").exists():
             raise UserError(f"{run_dir} already holds a run. Pass resume=true to continue it, "
                             f"or choose a new directory (hydra.run.dir).")
         return
-    if not train_ckpt.exists():
-        raise UserError(f"resume=true but {run_dir} has no checkpoint (checkpoints/train.pt). "
+    if not saved:
+        raise UserError(f"resume=true but {run_dir} has no checkpoint (checkpoints/*.pt). "
                         f"Set hydra.run.dir to the directory of the interrupted run.")
-    now, before = _flatten(identity), _flatten(checkpoint.load(train_ckpt).get("identity", {}))
+    now, before = _flatten(identity), _flatten(checkpoint.load(saved[0]).get("identity", {}))
     changed = [k for k in now.keys() | before.keys() if now.get(k) != before.get(k)]
     if changed:
         raise UserError(f"resume=true but the config differs from the interrupted run in "

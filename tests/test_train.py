@@ -39,7 +39,8 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
     assert on_disk["accuracy"] == results["accuracy"]
     for section in ("accuracy", "params", "macs", "bytes"):
         assert set(on_disk[section]) >= {"dense", "compressed"}
-    assert set(on_disk["accuracy"]) == {"dense", "compressed", "finetuned"}
+    assert set(on_disk["accuracy"]) == {"pretrained", "dense", "compressed", "finetuned"}
+    assert on_disk["accuracy"]["pretrained"] is None  # schedule.pretrain_epochs=0
     assert on_disk["params"]["compressed"] < on_disk["params"]["dense"]
     assert on_disk["macs"]["compressed"] < on_disk["macs"]["dense"]
     assert on_disk["bytes"]["compressed"] < on_disk["bytes"]["dense"]
@@ -68,8 +69,8 @@ class _Interrupted(Exception):
 
 def test_resume_after_an_interruption_ends_with_the_same_weights(make_cfg, tmp_path,
                                                                   monkeypatch):
-    args = ("schedule.epochs=3", "schedule.finetune_epochs=2", "schedule.max_steps_per_epoch=6",
-            "bench.latency=false")
+    args = ("schedule.pretrain_epochs=1", "schedule.epochs=3", "schedule.finetune_epochs=2",
+            "schedule.max_steps_per_epoch=6", "bench.latency=false")
     reference = train(make_cfg(*args, run_dir=tmp_path / "a"))
 
     real_save, saves = checkpoint.save, []
@@ -77,7 +78,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(make_cfg, tmp_p
     def save_then_stop(state, path):  # the process dies right after epoch 2's checkpoint
         real_save(state, path)
         saves.append(path)
-        if len(saves) == 2:
+        if len(saves) == 3:  # pretrain epoch 1, train epochs 1 and 2
             raise _Interrupted
 
     monkeypatch.setattr(loop.checkpoint, "save", save_then_stop)
@@ -87,7 +88,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(make_cfg, tmp_p
     assert checkpoint.load(tmp_path / "b" / "checkpoints" / "train.pt")["epoch"] == 2
     resumed = train(make_cfg(*args, "resume=true", run_dir=tmp_path / "b"))
 
-    for stage in ("train", "finetune"):
+    for stage in ("pretrain", "train", "finetune"):
         a = checkpoint.load(tmp_path / "a" / "checkpoints" / f"{stage}.pt")["model"]
         b = checkpoint.load(tmp_path / "b" / "checkpoints" / f"{stage}.pt")["model"]
         assert a.keys() == b.keys()
