@@ -20,34 +20,57 @@ import torch
 
 from compaware.config import UserError
 
+_UMASK = os.umask(0o022)  # read the process's umask (only os.umask can) and put it back
+os.umask(_UMASK)
 
-def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Any], None],
+                     mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    A write that fails (full disk, read-only folder) leaves the previous file as it was
+    and becomes a :class:`UserError` saying so.
+    """
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # from a process killed mid-write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write as a RuntimeError whose context is the OSError.
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(e, OSError | RuntimeError) and isinstance(cause, OSError):
+            raise UserError(
+                f"cannot write {path}: {cause.strerror or cause} (is the disk full or the "
+                f"folder read-only?). The previous {path.name}, if any, is unchanged; free "
+                f"space or fix the permissions, then continue the run with resume=true and "
+                f"the same hydra.run.dir.") from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
     """``torch.save`` ``state`` to ``path`` atomically."""
-    _write_atomically(Path(path), lambda f: torch.save(state, f))
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def save_json(data: dict, path: str | os.PathLike) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
-    _write_atomically(Path(path), lambda f: json.dump(data, f, indent=2), mode="w")
+    write_atomically(path, lambda f: json.dump(data, f, indent=2), mode="w")
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -28,10 +28,10 @@ def main() -> None:
         sys.exit(0 if args else 2)
     command = args[0]
     if command == "train":
-        from compaware.train import main as train_main
+        from compaware.train import run_app
 
         sys.argv = [f"{sys.argv[0]} train", *args[1:]]
-        train_main()
+        run_app()
     else:
         print(f"compaware: unknown command {command!r}; commands: train.\n\n{USAGE}",
               file=sys.stderr)

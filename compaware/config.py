@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -56,6 +57,23 @@ class LrSchedule(StrEnum):
     cosine = "cosine"
 
 
+class OnNan(StrEnum):
+    """What a non-finite loss does (see compaware/loop.py): stop the run, skip the batch, or
+    restore the epoch's starting state and retry it with half the learning rate."""
+
+    stop = "stop"
+    skip_batch = "skip_batch"
+    restore = "restore"
+
+
+class Amp(StrEnum):
+    """Mixed precision of the forward pass (torch.autocast); fp16 also scales the loss."""
+
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 @dataclass
 class DataConfig:
     """Which dataset and how much of it. ``channels``/``num_classes`` are facts of real
@@ -93,6 +111,9 @@ class ScheduleConfig:
     lr_milestones: list[int] = field(default_factory=list)  # epochs, for lr_schedule=step
     lr_gamma: float = 0.1  # factor at each milestone, for lr_schedule=step
     max_steps_per_epoch: int | None = None  # cut epochs short (debug, smoke tests)
+    on_nan: OnNan = OnNan.stop  # reaction to a NaN/Inf loss: stop | skip_batch | restore
+    amp: Amp = Amp.none  # mixed precision: none | bf16 | fp16
+    channels_last: bool = False  # NHWC inputs/activations (weights stay NCHW for the proxes)
 
 
 @dataclass
@@ -215,6 +236,7 @@ def instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:
                            for p in inspect.signature(cls).parameters.values()):
         raise UserError(f"{option} has no option {', '.join(unknown)}; {option} "
                         f"({target}) accepts: {', '.join(accepted) or 'no options'}.")
+    _check_booleans(node, cls, option)
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -222,6 +244,19 @@ def instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         raise UserError(f"{option} could not be built from {target}: {cause or e}") from None
+
+
+def _check_booleans(node: DictConfig, target: Any, option: str) -> None:
+    """A value for a ``bool`` parameter must be true or false: Python would take any
+    non-empty string (``skip_last=no``) for true."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # annotations that do not resolve: nothing to check against
+        return
+    for key, value in node.items():
+        if hints.get(key) is bool and not isinstance(value, bool):
+            raise UserError(f"{option}.{key}={value!r} is not a boolean; {option}.{key} takes "
+                            f"true or false.")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import transforms
 
+from compaware import distributed
 from compaware.config import DataConfig, UserError, check_choice
 
 # Debian's dataset-fashion-mnist package installs the IDX files here.
@@ -56,20 +57,32 @@ def build_data(cfg: DataConfig) -> Data:
     return Data(train, test, info)
 
 
-def train_loader(data: Data, batch_size: int, seed: int, epoch: int,
-                 num_workers: int = 0) -> DataLoader:
-    """The training batches of one epoch, shuffled by a generator seeded from (seed, epoch).
+def train_loader(data: Data, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
+                 skip: int = 0) -> DataLoader:
+    """This rank's training batches of one epoch, shuffled by a generator seeded from
+    (seed, epoch), without the first ``skip`` batches (already seen before a preemption).
 
     The order depends only on the epoch, never on what ran before, so a resumed run
-    sees exactly the batches an uninterrupted one would.
+    sees exactly the batches an uninterrupted one would. ``batch_size`` is the global
+    batch: with N processes each rank takes every N-th sample of the same permutation, so
+    the ranks' batches together are the batch one process would take.
     """
+    sampler = DistributedSampler(data.train, num_replicas=distributed.world_size(),
+                                 rank=distributed.rank(), seed=seed * 100_003)
+    sampler.set_epoch(epoch)  # the permutation of seed·100003 + epoch
+    rank_batch = batch_size // distributed.world_size()  # divisible: distributed.setup
+    indices = list(sampler)[skip * rank_batch:]
+    # Its own generator (worker seeds) leaves the global RNG to the model: resuming mid-epoch
+    # restores that RNG, and creating the loader must not move it.
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(data.train, batch_size=batch_size, num_workers=num_workers,
-                      sampler=RandomSampler(data.train, generator=generator))
+    return DataLoader(data.train, batch_size=rank_batch, num_workers=num_workers,
+                      sampler=indices, generator=generator)
 
 
 def test_loader(data: Data, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(data.test, batch_size=batch_size, num_workers=num_workers)
+    """This rank's share of the test set (all of it in one process), in order."""
+    shard = Subset(data.test, range(distributed.rank(), len(data.test), distributed.world_size()))
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
 
 
 Split = tuple[Dataset, Dataset, int, int]  # train, test, channels, classes

@@ -1,23 +1,28 @@
-"""The training loop, shared by both stages: training with the regularizer and
-fine-tuning the compressed model without it.
+"""The training loop, shared by every stage: plain pre-training, training with the
+regularizer and fine-tuning the compressed model without it.
 
 One epoch::
 
-    for x, y in batches:                      # order seeded by (seed, epoch)
-        loss = CE(model(x), y) + regularizer.penalty(model)
-        loss.backward(); optimizer.step()
+    for x, y in batches:                      # order seeded by (seed, epoch), shared by the ranks
+        loss = CE(model(x), y) + regularizer.penalty(model)        # under autocast (schedule.amp)
+        if loss is not finite: schedule.on_nan decides: stop | skip_batch | restore
+        loss.backward(); optimizer.step()     # with N ranks, DDP averages the gradients
         if regularizer.every == "step": regularizer.prox(model, lr)
+        if a preemption signal came: checkpoint this step and stop (compaware/preemption.py)
     if regularizer.every == "epoch": regularizer.prox(model, t)   # t from lr (and steps)
-    scheduler.step(); evaluate; log; checkpoint (atomic)
+    scheduler.step(); evaluate; log; checkpoint (atomic, rank 0 only)
 
 Everything an epoch depends on is either in the checkpoint or derived from
-(seed, epoch), so ``resume=true`` continues to the same final weights.
+(seed, epoch), so ``resume=true`` continues to the same final weights: from the end of
+the last epoch, or, after a preemption, from the step where it stopped (that
+checkpoint also holds the step, the epoch's running sums and the RNG state).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,12 +31,15 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from compaware import checkpoint
-from compaware.config import LrSchedule, OptimizerName, ScheduleConfig, UserError
+from compaware import checkpoint, distributed, preemption
+from compaware.config import Amp, LrSchedule, OnNan, OptimizerName, ScheduleConfig, UserError
 from compaware.data import Data, test_loader, train_loader
 from compaware.regularizers import Regularizer
 
 log = logging.getLogger(__name__)
+
+MAX_RESTORES = 3  # on_nan=restore: retries of one epoch, each at half the lr, before giving up
+MAX_SKIPPED = 10  # on_nan=skip_batch: this many non-finite losses in a row mean broken weights
 
 
 @dataclass
@@ -46,6 +54,62 @@ class Stage:
     @property
     def prefix(self) -> str:
         return "" if self.name == "train" else f"{self.name}/"
+
+
+@dataclass
+class Training:
+    """What a stage optimises and everything a checkpoint must hold to continue it."""
+
+    model: nn.Module  # the module itself: weights, checkpoints, regularizer
+    net: nn.Module  # what the forward pass goes through: the model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # loss scaling for schedule.amp=fp16 (disabled otherwise)
+    regularizer: Regularizer
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "regularizer": self.regularizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # absent or empty when saved without fp16
+            self.scaler.load_state_dict(state["scaler"])
+        self.regularizer.load_state_dict(state["regularizer"])
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate, now and for the rest of the schedule."""
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+
+@dataclass
+class Progress:
+    """How far the current epoch got: the batches it consumed and its running sums."""
+
+    batches: int = 0  # of this epoch's seeded order, including skipped ones
+    skipped: int = 0  # non-finite losses skipped (schedule.on_nan=skip_batch)
+    in_a_row: int = 0  # of those, the latest consecutive ones
+    loss: float = 0.0
+    loss_reg: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.batches - self.skipped
+
+
+class NonFinite(Exception):
+    """A NaN/Inf loss (or a prox on non-finite weights) at ``step``: schedule.on_nan decides."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(what)
+        self.step, self.what = step, what
 
 
 def make_optimizer(model: nn.Module, regularizer: Regularizer, schedule: ScheduleConfig,
@@ -68,55 +132,93 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig,
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
-                    regularizer: Regularizer, device: torch.device, max_steps: int | None,
-                    writer: SummaryWriter, tag: str, first_step: int, desc: str) -> dict:
-    """One pass over ``batches``; returns mean loss, mean regularizer term, accuracy, steps."""
-    model.train()
-    total = {"loss": 0.0, "loss_reg": 0.0, "correct": 0, "seen": 0, "steps": 0}
-    steps = len(batches) if max_steps is None else min(len(batches), max_steps)
-    bar = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+def autocast(amp: Amp, device: torch.device) -> torch.autocast:
+    """The mixed precision of the forward pass (a no-op for ``schedule.amp=none``)."""
+    dtype = {Amp.bf16: torch.bfloat16, Amp.fp16: torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, device: torch.device,
+                    steps: int, progress: Progress, writer: SummaryWriter, tag: str,
+                    first_step: int, desc: str) -> bool:
+    """Continue the epoch from ``progress`` (updated in place) up to ``steps`` batches.
+
+    Returns True when a preemption signal stopped it at a step boundary. A non-finite loss
+    raises :class:`NonFinite`, unless ``schedule.on_nan=skip_batch`` skips the batch.
+    """
+    training.net.train()
+    model, optimizer, regularizer = training.model, training.optimizer, training.regularizer
+    bar = tqdm(batches, total=steps, initial=progress.batches, desc=desc, leave=False,
+               disable=None if distributed.is_main() else True)
     for x, y in bar:
-        if total["steps"] == steps:
+        if progress.batches == steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_ce = F.cross_entropy(logits, y)
+        if schedule.channels_last and x.dim() == 4:  # activations follow the input's layout;
+            x = x.contiguous(memory_format=torch.channels_last)  # weights stay NCHW (proxes)
+        with autocast(schedule.amp, device):
+            logits = training.net(x)
+        loss_ce = F.cross_entropy(logits.float(), y)
         loss_reg = regularizer.penalty(model)
         loss = loss_ce + loss_reg
-        if not torch.isfinite(loss):
-            raise UserError(f"{desc}: the loss became {loss.item()} at step "
-                            f"{total['steps'] + 1} (training diverged). Lower schedule.lr or "
-                            f"regularizer.lam; the last good checkpoint is the previous epoch's.")
+        progress.batches += 1
+        if distributed.any_rank(not torch.isfinite(loss)):  # every rank takes the same branch
+            if schedule.on_nan != OnNan.skip_batch or progress.in_a_row + 1 >= MAX_SKIPPED:
+                raise NonFinite(progress.batches, f"the loss became {loss.item()}")
+            progress.skipped, progress.in_a_row = progress.skipped + 1, progress.in_a_row + 1
+            log.warning("%s: skipped batch %d, its loss is %s (schedule.on_nan=skip_batch)",
+                        desc, progress.batches, loss.item())
+            continue
+        progress.in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training.scaler.scale(loss).backward()
+        training.scaler.step(optimizer)
+        training.scaler.update()
         if regularizer.every == "step":
-            regularizer.prox(model, regularizer.prox_step(optimizer.param_groups[0]["lr"], 1))
+            _prox(training, regularizer.prox_step(optimizer.param_groups[0]["lr"], 1),
+                  progress.batches)
 
-        step = first_step + total["steps"]
+        step = first_step + progress.batches - 1
         writer.add_scalar(f"{tag}train/loss", loss.item(), step)
         writer.add_scalar(f"{tag}train/loss_reg", loss_reg.item(), step)
-        total["loss"] += loss.item()
-        total["loss_reg"] += loss_reg.item()
-        total["correct"] += int((logits.argmax(1) == y).sum())
-        total["seen"] += len(y)
-        total["steps"] += 1
+        progress.loss += loss.item()
+        progress.loss_reg += loss_reg.item()
+        progress.correct += int((logits.argmax(1) == y).sum())
+        progress.seen += len(y)
         bar.set_postfix(loss=f"{loss.item():.3f}",
-                        acc=f"{100 * total['correct'] / total['seen']:.1f}")
-    n = max(total["steps"], 1)
-    return {"loss": total["loss"] / n, "loss_reg": total["loss_reg"] / n,
-            "acc": 100 * total["correct"] / max(total["seen"], 1), "steps": total["steps"]}
+                        acc=f"{100 * progress.correct / progress.seen:.1f}")
+        if distributed.any_rank(preemption.requested() is not None):
+            return True
+    return False
+
+
+def _prox(training: Training, step_size: float, step: int) -> None:
+    try:
+        training.regularizer.prox(training.model, step_size)
+    except torch.linalg.LinAlgError:  # an SVD of weights that are no longer finite
+        raise NonFinite(step, "the proximal step met non-finite weights") from None
+
+
+SUMS = ("loss", "loss_reg", "correct", "seen")  # Progress fields that add up over the ranks
+
+
+def epoch_metrics(progress: Progress) -> dict:
+    """Mean loss, mean regularizer term and accuracy of the epoch, over all ranks."""
+    loss, loss_reg, correct, seen, steps = distributed.sum_across_ranks(
+        *(getattr(progress, key) for key in SUMS), progress.steps)
+    return {"loss": loss / max(steps, 1), "loss_reg": loss_reg / max(steps, 1),
+            "acc": 100 * correct / max(seen, 1)}
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Data, device: torch.device, batch_size: int = 256) -> float:
-    """Top-1 accuracy (%) on the test set."""
+    """Top-1 accuracy (%) on the test set (each rank counts its share)."""
     model.eval()
     correct = seen = 0
     for x, y in test_loader(data, batch_size):
         correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
         seen += len(y)
+    correct, seen = distributed.sum_across_ranks(correct, seen)
     return 100 * correct / seen
 
 
@@ -125,36 +227,65 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         meta: dict, num_workers: int = 0) -> None:
     """Run ``stage`` to its last epoch, checkpointing (with ``meta``) after every epoch.
 
-    With ``resume`` and an existing checkpoint, model, optimizer, scheduler and
-    regularizer state are restored and training continues after the saved epoch.
+    With ``resume`` and an existing checkpoint, everything in :class:`Training` is
+    restored and training goes on after the saved epoch, or at the saved step. A
+    preemption signal ends the stage with a step checkpoint and
+    :class:`~compaware.preemption.Preempted`.
     """
     optimizer = make_optimizer(model, stage.regularizer, schedule, stage.lr)
-    scheduler = make_scheduler(optimizer, schedule, stage.epochs)
-    start = 0
+    training = Training(model, model, optimizer, make_scheduler(optimizer, schedule, stage.epochs),
+                        torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
+                        stage.regularizer)
+    start, progress, rng = 0, Progress(), None
     if resume and checkpoint_path.exists():
         state = checkpoint.load(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stage.regularizer.load_state_dict(state["regularizer"])
-        start = state["epoch"]
-        log.info("%s: resuming after epoch %d from %s", stage.name, start, checkpoint_path)
+        training.load_state_dict(state)
+        start, rng = state["epoch"], state.get("rng")
+        progress = _progress_of_this_rank(state.get("progress"))
+        log.info("%s: resuming %s from %s", stage.name,
+                 f"epoch {start + 1} at batch {progress.batches}" if progress.batches
+                 else f"after epoch {start}", checkpoint_path)
+    training.net = distributed.wrap(model, device)
 
     steps_per_epoch = len(train_loader(data, schedule.batch_size, seed, 0))
     if schedule.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, schedule.max_steps_per_epoch)
     for epoch in range(start, stage.epochs):
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout and friends, reproducible on resume
-        lr = optimizer.param_groups[0]["lr"]
-        batches = train_loader(data, schedule.batch_size, seed, epoch, num_workers)
-        metrics = train_one_epoch(model, batches, optimizer, stage.regularizer, device,
-                                  schedule.max_steps_per_epoch, writer, stage.prefix,
-                                  epoch * steps_per_epoch,
-                                  f"{stage.name} {epoch + 1}/{stage.epochs}")
-        if stage.regularizer.every == "epoch":
-            stage.regularizer.prox(model, stage.regularizer.prox_step(lr, metrics["steps"]))
-        scheduler.step()
+        desc = f"{stage.name} {epoch + 1}/{stage.epochs}"
+        restart = ((copy.deepcopy(training.state_dict()), replace(progress), rng)
+                   if schedule.on_nan == OnNan.restore else None)  # the epoch's start, in memory
+        for restores in range(MAX_RESTORES + 1):
+            torch.manual_seed(seed * 100_003 + epoch)  # dropout and friends, reproducible on resume
+            if rng is not None:
+                _set_rng_state(rng)  # a preempted epoch: the RNG where it stopped
+            lr = optimizer.param_groups[0]["lr"]
+            batches = train_loader(data, schedule.batch_size, seed, epoch, num_workers,
+                                   skip=progress.batches)
+            try:
+                if train_one_epoch(training, batches, schedule, device, steps_per_epoch, progress,
+                                   writer, stage.prefix, epoch * steps_per_epoch, desc):
+                    _save(training, checkpoint_path, epoch, meta, progress)
+                    signum = preemption.requested()
+                    raise preemption.Preempted(signum, f"{desc}: preempted by signal {signum} "
+                                               f"after batch {progress.batches}; checkpoint "
+                                               f"{checkpoint_path} written. Run the same command "
+                                               f"in the same run directory to continue.")
+                if stage.regularizer.every == "epoch":
+                    _prox(training, stage.regularizer.prox_step(lr, progress.steps),
+                          progress.batches)
+                break
+            except NonFinite as error:
+                if restart is None or restores == MAX_RESTORES:
+                    raise _diverged(error, desc, checkpoint_path, schedule) from None
+                training.load_state_dict(copy.deepcopy(restart[0]))
+                progress, rng = replace(restart[1]), restart[2]
+                training.scale_lr(0.5 ** (restores + 1))
+                log.warning("%s: %s at batch %d; back to the epoch's start, retrying at lr %.4g "
+                            "(schedule.on_nan=restore, %d/%d)", desc, error.what, error.step,
+                            optimizer.param_groups[0]["lr"], restores + 1, MAX_RESTORES)
+        training.scheduler.step()
         val_acc = evaluate(model, data, device)
+        metrics = epoch_metrics(progress)
         stats = stage.regularizer.stats(model)
 
         step = (epoch + 1) * steps_per_epoch
@@ -164,12 +295,56 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         for key, value in stats.items():
             writer.add_scalar(f"{stage.prefix}reg/{key}", value, step)
         writer.flush()
-        log.info("%s epoch %d/%d: loss %.4f (reg %.4f), train acc %.2f, val acc %.2f, lr %.4g%s",
+        skipped = f", {progress.skipped} batches skipped" if progress.skipped else ""
+        log.info("%s epoch %d/%d: loss %.4f (reg %.4f), train acc %.2f, val acc %.2f, lr %.4g%s%s",
                  stage.name, epoch + 1, stage.epochs, metrics["loss"], metrics["loss_reg"],
-                 metrics["acc"], val_acc, lr, _summarize(stats))
-        checkpoint.save({"epoch": epoch + 1, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "regularizer": stage.regularizer.state_dict(), **meta}, checkpoint_path)
+                 metrics["acc"], val_acc, lr, skipped, _summarize(stats))
+        _save(training, checkpoint_path, epoch + 1, meta)
+        progress, rng = Progress(), None
+
+
+def _save(training: Training, path: Path, epoch: int, meta: dict,
+          progress: Progress | None = None) -> None:
+    """The stage's checkpoint (rank 0 writes it): after ``epoch`` epochs, plus, when the
+    epoch stopped half-way, its ``progress`` (running sums of all ranks) and RNG state."""
+    state = {"epoch": epoch, **training.state_dict(), **meta}
+    if progress is not None:
+        sums = dict(zip(SUMS, distributed.sum_across_ranks(*(getattr(progress, k) for k in SUMS)),
+                        strict=True))
+        state |= {"progress": asdict(replace(progress, **sums)), "rng": _rng_state()}
+    if distributed.is_main():
+        checkpoint.save(state, path)
+
+
+def _progress_of_this_rank(saved: dict | None) -> Progress:
+    """A preempted epoch's progress; its running sums (of all ranks) go to rank 0 alone."""
+    if not saved:
+        return Progress()
+    progress = Progress(**saved)
+    if not distributed.is_main():
+        progress = replace(progress, loss=0.0, loss_reg=0.0, correct=0, seen=0)
+    return progress
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _diverged(error: NonFinite, desc: str, checkpoint_path: Path,
+              schedule: ScheduleConfig) -> UserError:
+    last = (f"the last good checkpoint, {checkpoint_path}, is intact" if checkpoint_path.exists()
+            else f"this stage has no checkpoint yet ({checkpoint_path} is written after its "
+                 f"first epoch)")
+    return UserError(f"{desc}: {error.what} at step {error.step} (training diverged); {last}. "
+                     f"Lower schedule.lr or regularizer.lam, or choose the reaction with "
+                     f"schedule.on_nan (stop, skip_batch, restore; this run: {schedule.on_nan}).")
 
 
 def _summarize(stats: dict[str, float]) -> str:

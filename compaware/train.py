@@ -7,12 +7,18 @@ Each stage reads its own config group and hands the next a model. Training and
 fine-tuning checkpoint every epoch, so ``resume=true`` (with ``hydra.run.dir`` set to
 the interrupted run) picks up where it stopped: compression is deterministic, so the
 compressed architecture is rebuilt from the final dense weights and fine-tuning
-continues from its own checkpoint.
+continues from its own checkpoint. A preemption signal stops the run at the next step
+with a checkpoint, and the requeued job resumes by itself (compaware/preemption.py).
+
+Under torchrun (or a SLURM job with several tasks) every rank runs this same function:
+training is data-parallel (compaware/distributed.py), then rank 0 alone compresses,
+fine-tunes and benchmarks.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware import bench, checkpoint
+from compaware import bench, checkpoint, distributed, preemption, rundir
 from compaware.config import CONF_DIR, Device, UserError, instantiate, to_container, validate
 from compaware.data import build_data
 from compaware.loop import Stage, evaluate, fit
@@ -37,27 +43,28 @@ RUN_IDENTITY = ("data", "model", "regularizer", "compress", "seed")
 
 
 def train(cfg: DictConfig) -> dict:
-    """The whole run; returns the results written to ``<run_dir>/results.json``."""
+    """The whole run; returns the results written to ``<run_dir>/results.json`` (by rank 0:
+    the other ranks of a distributed run return ``{}`` once training is done)."""
     validate(cfg)
-    run_dir = Path(cfg.paths.run_dir)
+    regularizer = instantiate(cfg.regularizer, "regularizer")
+    compressor = instantiate(cfg.compress, "compress")
+    device = distributed.setup(pick_device(cfg.device), cfg.schedule.batch_size)  # N processes
+    run_dir = Path(distributed.broadcast(cfg.paths.run_dir))  # rank 0's, on every rank
     config = to_container(cfg)
     identity = {key: config[key] for key in RUN_IDENTITY}
-    check_run_dir(run_dir, cfg.resume, identity)
-    device = pick_device(cfg.device)
+    resume = rundir.check(run_dir, cfg.resume, identity)  # also true for a preempted run
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     data = build_data(cfg.data)
     model = build_model(cfg.model, data.info).to(device)
-    regularizer = instantiate(cfg.regularizer, "regularizer")
-    compressor = instantiate(cfg.compress, "compress")
     if cfg.init_from:
         checkpoint.load_weights(model, cfg.init_from)
     info = data.info
     input_shape = (info.channels, info.image_size, info.image_size)
     s = cfg.schedule
-    writer = SummaryWriter(str(run_dir / "tb"))
-    common = {"seed": cfg.seed, "device": device, "writer": writer, "resume": cfg.resume,
+    writer = SummaryWriter(str(run_dir / "tb")) if distributed.is_main() else distributed.NoWriter()
+    common = {"seed": cfg.seed, "device": device, "writer": writer, "resume": resume,
               "meta": {"identity": identity}, "num_workers": cfg.data.num_workers}
     seconds: dict[str, float] = {}
     log.info("%s on %s (%d training samples), regularizer %s, compress %s, device %s",
@@ -74,6 +81,10 @@ def train(cfg: DictConfig) -> dict:
         fit(model, data, Stage("train", s.epochs, s.lr, regularizer), s,
             checkpoint_path=run_dir / "checkpoints" / "train.pt", **common)
     accuracy = {"pretrained": pretrained, "dense": evaluate(model, data, device)}
+    # Compression, fine-tuning and the benchmark run once, on rank 0; other ranks stop here.
+    if not distributed.leave():
+        writer.close()
+        return {}
 
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     with timed(seconds, "compress"):
@@ -102,35 +113,6 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
-def check_run_dir(run_dir: Path, resume: bool, identity: dict) -> None:
-    """Never overwrite another run; on resume, refuse a run that would be a different one."""
-    saved = sorted((run_dir / "checkpoints").glob("*.pt"))
-    if not resume:
-        if saved or (run_dir / "results.json").exists():
-            raise UserError(f"{run_dir} already holds a run. Pass resume=true to continue it, "
-                            f"or choose a new directory (hydra.run.dir).")
-        return
-    if not saved:
-        raise UserError(f"resume=true but {run_dir} has no checkpoint (checkpoints/*.pt). "
-                        f"Set hydra.run.dir to the directory of the interrupted run.")
-    now, before = _flatten(identity), _flatten(checkpoint.load(saved[0]).get("identity", {}))
-    changed = [k for k in now.keys() | before.keys() if now.get(k) != before.get(k)]
-    if changed:
-        raise UserError(f"resume=true but the config differs from the interrupted run in "
-                        f"{', '.join(sorted(changed))}: resuming would mix two experiments. "
-                        f"Use the original values or start a new run.")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def pick_device(choice: Device) -> torch.device:
     if choice == Device.cuda and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available here. device takes one "
@@ -148,11 +130,38 @@ def timed(seconds: dict[str, float], key: str):
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """The Hydra app. Returns the final accuracy, which sweepers can optimise."""
-    accuracy = train(cfg)["accuracy"]
+def main(cfg: DictConfig) -> float | None:
+    """The Hydra app. Returns the final accuracy, which sweepers can optimise.
+
+    A run that fails leaves ``results.json`` with status ``failed`` and the error, so a
+    sweep keeps a trace of it. SIGTERM/SIGUSR1/SIGUSR2 stop the run at the next step
+    boundary with a checkpoint and status ``preempted``; the same command in the same run
+    directory (a requeued job) then resumes it (compaware/preemption.py).
+    """
+    run_dir = Path(cfg.paths.run_dir)
+    try:
+        with preemption.stop_at_next_step():
+            results = train(cfg)
+    except preemption.Preempted as stop:
+        rundir.record_preemption(run_dir, cfg, str(stop))
+        log.warning("%s", stop)
+        stop.pass_on()  # to a handler that was there before, e.g. submitit's requeue
+        return None
+    except Exception as error:
+        rundir.record_failure(run_dir, cfg, error)
+        raise
+    if not results:  # ranks > 0 of a distributed run
+        return None
+    accuracy = results["accuracy"]
     return accuracy["finetuned"] if accuracy["finetuned"] is not None else accuracy["compressed"]
 
 
-if __name__ == "__main__":
+def run_app() -> None:
+    """``compaware train`` and ``python -m compaware.train``. Under torchrun, ranks > 0 add
+    overrides that leave the run directory and Hydra's files to rank 0."""
+    sys.argv += distributed.hydra_overrides()
     main()
+
+
+if __name__ == "__main__":
+    run_app()

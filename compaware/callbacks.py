@@ -1,0 +1,34 @@
+"""Hydra callbacks: checks that must happen before Hydra itself writes anything."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class CheckOutputDir(Callback):
+    """Stop with a message naming the option when the output directory cannot be written
+    (Hydra's own attempt to create it would end in a traceback).
+
+    Hydra turns a callback's exceptions into warnings and goes on; ``SystemExit`` is how a
+    callback stops the run (Python prints its message to stderr and exits with status 1).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _check_writable(path: Path, option: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SystemExit(f"{option}={path} cannot be written: {e.strerror or e}. Choose a "
+                         f"directory you can write to ({option}=...).") from None

@@ -1,0 +1,63 @@
+"""Preemption: a signal asks the run to stop at the next step boundary, with a checkpoint.
+
+Clusters announce the end of a job with a signal: SLURM sends SIGTERM on preemption
+or cancellation and SIGUSR1/SIGUSR2 ahead of the time limit (``sbatch --signal``;
+submitit uses USR2), torchrun forwards SIGTERM to its workers. Inside
+:func:`stop_at_next_step` these signals only raise a flag. The training loop looks at
+it between two steps, where model, optimizer and data order agree, writes a step
+checkpoint and raises :class:`Preempted`; the app records the run as ``preempted``
+and exits cleanly. A rerun in the same run directory (a requeued job) resumes at
+that step by itself. A handler that was installed before ours, like submitit's,
+which requeues the job, is called once the checkpoint is written
+(:meth:`Preempted.pass_on`).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+_received: list[int] = []
+_previous: dict[int, object] = {}
+
+
+class Preempted(Exception):
+    """Raised at a step boundary after a preemption signal, once the checkpoint is written."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    def pass_on(self) -> None:
+        """Call the handler the signal had before ours (submitit's requeues the job)."""
+        previous = _previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)
+
+
+@contextmanager
+def stop_at_next_step() -> Iterator[None]:
+    """While inside, :data:`SIGNALS` set the flag that :func:`requested` reads."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python delivers signals to the main thread only
+        return
+    _received.clear()
+    _previous.update({sig: signal.signal(sig, _remember) for sig in SIGNALS})
+    try:
+        yield
+    finally:
+        for sig in SIGNALS:  # None: a handler not set from Python, i.e. the default
+            signal.signal(sig, _previous[sig] if _previous[sig] is not None else signal.SIG_DFL)
+
+
+def requested() -> int | None:
+    """The first preemption signal received, if any."""
+    return _received[0] if _received else None
+
+
+def _remember(signum: int, frame: object) -> None:
+    _received.append(signum)

@@ -1,0 +1,130 @@
+"""The run directory: one run per directory, and a record of how each run ended.
+
+A run claims its directory with a lock that the kernel releases when the process ends,
+however it ends (even SIGKILL), so two processes can never write into one directory
+(two runs started in the same microsecond, a resume while the run still goes on).
+``results.json`` records how the run ended: ``completed`` (written by the run),
+``failed`` (with the error, so a sweep keeps a trace of its failed jobs) or
+``preempted`` (a rerun in the same directory then resumes by itself, which is what a
+requeued SLURM job does).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from compaware import checkpoint, distributed
+from compaware.config import UserError, to_container
+
+log = logging.getLogger(__name__)
+
+_held: dict[Path, int] = {}  # the directories this process has claimed, with their lock file
+
+
+class RunDirInUse(UserError):
+    """The directory belongs to another run: nothing may be written into it."""
+
+
+def claim(run_dir: Path) -> None:
+    """Make ``run_dir`` this process's own for as long as it lives (``<run_dir>/.lock``)."""
+    run_dir = run_dir.resolve()
+    if run_dir in _held:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write into the run directory {run_dir}: {e.strerror or e}. "
+                        f"Choose a writable directory with hydra.run.dir (or "
+                        f"hydra.sweep.dir for -m).") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirInUse(f"{run_dir} is in use by another compaware process: two runs never "
+                          f"share a directory. Choose another hydra.run.dir, or wait for that "
+                          f"run to end.") from None
+    _held[run_dir] = fd
+
+
+def check(run_dir: Path, resume: bool, identity: dict) -> bool:
+    """Claim ``run_dir`` (rank 0) and refuse to overwrite another run or to resume a different
+    one. Returns whether to resume: ``resume=true``, or a run that was preempted."""
+    if distributed.is_main():
+        claim(run_dir)
+    saved = sorted((run_dir / "checkpoints").glob("*.pt"))
+    if not resume and saved and status(run_dir) == "preempted":
+        log.info("%s was preempted: resuming it from its checkpoint", run_dir)
+        resume = True
+    if not resume:
+        if holds_a_run(run_dir):
+            raise RunDirInUse(f"{run_dir} already holds a run. Pass resume=true to continue it, "
+                              f"or choose a new directory (hydra.run.dir).")
+        return False
+    if not saved:
+        raise UserError(f"resume=true but {run_dir} has no checkpoint (checkpoints/*.pt). "
+                        f"Set hydra.run.dir to the directory of the interrupted run.")
+    now, before = _flatten(identity), _flatten(checkpoint.load(saved[0]).get("identity", {}))
+    changed = [k for k in now.keys() | before.keys() if now.get(k) != before.get(k)]
+    if changed:
+        raise RunDirInUse(f"resume=true but the config differs from the interrupted run in "
+                          f"{', '.join(sorted(changed))}: resuming would mix two experiments. "
+                          f"Use the original values or start a new run.")
+    return True
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / "results.json").exists() or any((run_dir / "checkpoints").glob("*.pt"))
+
+
+def status(run_dir: Path) -> str | None:
+    """The ``status`` in ``<run_dir>/results.json``, or None when there is none."""
+    path = run_dir / "results.json"
+    try:
+        return json.loads(path.read_text()).get("status") if path.exists() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
+    """``results.json`` with status ``failed`` and the error, so that a sweep keeps a trace
+    of a failed job; nothing when the directory belongs to another run."""
+    if not isinstance(error, RunDirInUse):
+        _record(run_dir, cfg, "failed", str(error))
+
+
+def record_preemption(run_dir: Path, cfg: DictConfig, message: str) -> None:
+    """``results.json`` with status ``preempted``: a rerun in ``run_dir`` resumes by itself."""
+    _record(run_dir, cfg, "preempted", message)
+
+
+def _record(run_dir: Path, cfg: DictConfig, ending: str, message: str) -> None:
+    if not distributed.is_main() or status(run_dir) == "completed":
+        return
+    if run_dir.resolve() not in _held and holds_a_run(run_dir):
+        return  # stopped before claiming a directory that holds another run: leave it alone
+    try:
+        config = to_container(cfg)
+    except Exception:  # a config that does not even resolve: the message says why
+        config = {}
+    try:
+        checkpoint.save_json({"status": ending, "error": message, "config": config},
+                             run_dir / "results.json")
+    except UserError as e:  # an unwritable directory: the original error matters more
+        log.warning("could not record how the run ended: %s", e)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
