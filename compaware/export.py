@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compaware.checkpoint import write_atomically
+
 
 def export_model(model: nn.Module, example: torch.Tensor, path: str | Path) -> int:
     """Write ``model`` (in eval mode, batch size dynamic) to ``path``; return its size in bytes."""
@@ -22,9 +24,7 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str | Path) -> i
     batch = torch.export.Dim.DYNAMIC
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     path = Path(path)
-    tmp = path.with_name(f".tmp.{path.name}")  # torch.export wants the .pt2 suffix
-    torch.export.save(program, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda f: torch.export.save(program, f))
     return path.stat().st_size
 
 

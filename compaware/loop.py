@@ -295,7 +295,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         for key, value in stats.items():
             writer.add_scalar(f"{stage.prefix}reg/{key}", value, step)
         writer.flush()
-        skipped = f", {progress.skipped} batches skipped" if progress.skipped else ""
+        skipped = f", non-finite batches skipped: {progress.skipped}" if progress.skipped else ""
         log.info("%s epoch %d/%d: loss %.4f (reg %.4f), train acc %.2f, val acc %.2f, lr %.4g%s%s",
                  stage.name, epoch + 1, stage.epochs, metrics["loss"], metrics["loss_reg"],
                  metrics["acc"], val_acc, lr, skipped, _summarize(stats))
