@@ -97,7 +97,10 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
     final training checkpoint). Shapes must match the configured model."""
     source = Path(source)
     path = source / "checkpoints" / "train.pt" if source.is_dir() else source
-    state = load(path)
+    try:
+        state = load(path)
+    except UserError as e:
+        raise UserError(f"init_from={source}: {e}") from None
     weights = state.get("model", state)
     try:
         model.load_state_dict(weights)

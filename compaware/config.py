@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,7 @@ def check_choice(option: str, value: Any, allowed: list[str] | tuple[str, ...]) 
 
 def validate(cfg: DictConfig) -> None:
     """Range checks on the typed nodes, run before anything is built or written."""
+    _check_no_added_keys(cfg)
     s, d, b = cfg.schedule, cfg.data, cfg.bench
     check_range("schedule.pretrain_epochs", s.pretrain_epochs, 0, integer=True)
     if s.pretrain_lr is not None:
@@ -217,6 +218,21 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("resume=true and init_from are exclusive: resume continues the run in "
                         "hydra.run.dir from its own checkpoint, init_from starts a new run from "
                         "another run's weights. Drop one of them.")
+
+
+def _check_no_added_keys(cfg: DictConfig) -> None:
+    """The schema refuses an unknown key, but Hydra's ``+key=value`` adds it anyway: a typo
+    (``+schedule.warmup=3``) would be silently ignored."""
+    hints = typing.get_type_hints(RunConfig)
+    nodes = [("", cfg, RunConfig)] + [(f"{f.name}.", cfg[f.name], hints[f.name])
+                                       for f in fields(RunConfig) if is_dataclass(hints[f.name])]
+    for prefix, node, schema in nodes:
+        known = [f.name for f in fields(schema)]
+        added = [key for key in node if key not in known]
+        if added:
+            where = prefix.rstrip(".") or "the top level"
+            raise UserError(f"{prefix}{added[0]} is not an option; {where} takes: "
+                            f"{', '.join(known)}.")
 
 
 def instantiate(node: DictConfig, option: str, **kwargs: Any) -> Any:

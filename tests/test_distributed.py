@@ -1,0 +1,68 @@
+"""Beyond one process: DistributedDataParallel under torchrun (2 gloo processes on this CPU)
+and Hydra's submitit launcher."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compaware.train import train
+from tests.conftest import REPO
+
+# Per-step proxes (many chances for the ranks to drift apart), no fine-tuning: what DDP does.
+ARGS = ("data.limit=768", "schedule.max_steps_per_epoch=null", "schedule.epochs=2",
+        "schedule.finetune_epochs=0", "regularizer.every=step", "regularizer.lam=0.5",
+        "bench.latency=false")
+COMPAWARE = Path(sys.executable).with_name("compaware")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(make_cfg, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(REPO / "tests" / "ddp_probe.py"), "debug=fast", *ARGS]
+    out = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
+                         env=ONE_THREAD)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    for rank in (0, 1):  # 12 steps per epoch, 2 epochs
+        assert f"rank {rank}: weights identical on every rank after each of 24 " in out.stdout
+
+    run_dirs = list(work.glob("outputs/*/*"))  # all ranks agreed on one directory
+    assert len(run_dirs) == 1 and sorted(p.name for p in work.iterdir()) == ["outputs"]
+    run_dir = run_dirs[0]
+    assert len(list((run_dir / "tb").iterdir())) == 1  # only rank 0 writes events
+    assert "rank 0 of 2" in (run_dir / "train.log").read_text()
+    ddp = json.loads((run_dir / "results.json").read_text())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(make_cfg(*ARGS))
+    finally:
+        torch.set_num_threads(threads)
+    print(f"dense accuracy: 2 processes × batch 32 {ddp['accuracy']['dense']:.2f} %, "
+          f"1 process × batch 64 {single['accuracy']['dense']:.2f} %")
+    assert abs(ddp["accuracy"]["dense"] - single["accuracy"]["dense"]) <= 1.0
+    assert ddp["params"]["dense"] == single["params"]["dense"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="hydra-submitit-launcher is not installed (pip install '.[slurm]')")
+def test_submitit_local_runs_a_two_job_sweep(tmp_path):
+    command = [str(COMPAWARE), "train", "-m", "hydra/launcher=submitit_local", "debug=fast",
+               "bench.latency=false", "regularizer=none,lowrank", f"hydra.sweep.dir={tmp_path}"]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr
+    for job in (0, 1):
+        assert json.loads((tmp_path / str(job) / "results.json").read_text())["status"] == \
+            "completed"
