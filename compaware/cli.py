@@ -1,4 +1,4 @@
-"""``compaware <command> [args]``: the console script.
+"""``compaware <command> [args]``: the console script (``train`` and ``report``).
 
 ``compaware train [overrides]`` is the Hydra app of :mod:`compaware.train`, exactly as
 ``python -m compaware.train [overrides]``: Hydra's ``--help``, ``--cfg job``, ``-m`` and
@@ -14,11 +14,14 @@ USAGE = """usage: compaware <command> [args]
 commands:
   train [overrides]   train, compress, fine-tune and benchmark one model (a Hydra app:
                       `compaware train --help` lists the config groups; -m sweeps)
+  report DIR... [--out OUT]
+                      tables (Markdown, CSV) and Pareto plots from run and sweep directories
 
 examples:
   compaware train
   compaware train regularizer=lowrank regularizer.lam=0.5 compress.energy=0.9
-  compaware train -m regularizer=none,lowrank"""
+  compaware train -m regularizer=none,lowrank
+  compaware report outputs/multirun/2026-11-21/10-00-00-000000 --out docs"""
 
 
 def main() -> None:
@@ -32,7 +35,11 @@ def main() -> None:
 
         sys.argv = [f"{sys.argv[0]} train", *args[1:]]
         run_app()
+    elif command == "report":
+        from compaware.report import main as report_main
+
+        sys.exit(report_main(args[1:]))
     else:
-        print(f"compaware: unknown command {command!r}; commands: train.\n\n{USAGE}",
+        print(f"compaware: unknown command {command!r}; commands: train, report.\n\n{USAGE}",
               file=sys.stderr)
         sys.exit(2)

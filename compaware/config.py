@@ -127,6 +127,16 @@ class BenchConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """The value ``train()`` returns for sweepers (Optuna) to maximise: the final accuracy
+    (%) plus ``weight`` × log2(dense / compressed ``ratio``), so each halving of the model
+    is worth ``weight`` accuracy points. weight 0: accuracy alone."""
+
+    ratio: str = "params"  # params | macs | bytes
+    weight: float = 0.0
+
+
+@dataclass
 class PathsConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
 
@@ -140,6 +150,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = 0
     resume: bool = False
     init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
@@ -214,6 +225,8 @@ def validate(cfg: DictConfig) -> None:
     check_range("bench.min_run_time", b.min_run_time, 0, low_open=True)
     if b.threads is not None:
         check_range("bench.threads", b.threads, 1, integer=True)
+    check_choice("objective.ratio", cfg.objective.ratio, ("params", "macs", "bytes"))
+    check_range("objective.weight", cfg.objective.weight, 0)
     if cfg.resume and cfg.init_from:
         raise UserError("resume=true and init_from are exclusive: resume continues the run in "
                         "hydra.run.dir from its own checkpoint, init_from starts a new run from "

@@ -18,6 +18,7 @@ fine-tunes and benchmarks.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -25,11 +26,20 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from compaware import bench, checkpoint, distributed, preemption, rundir
-from compaware.config import CONF_DIR, Device, UserError, instantiate, to_container, validate
+from compaware.config import (
+    CONF_DIR,
+    Device,
+    ObjectiveConfig,
+    UserError,
+    instantiate,
+    to_container,
+    validate,
+)
 from compaware.data import build_data
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
@@ -107,7 +117,8 @@ def train(cfg: DictConfig) -> dict:
 
     results = {"accuracy": accuracy, **costs, "compression": report,
                "regularizer": regularizer.stats(model), "seconds": seconds,
-               "status": "completed", "config": config}
+               "status": "completed", "choices": config_choices(), "config": config}
+    results["objective"] = objective(results, cfg.objective)
     checkpoint.save_json(results, run_dir / "results.json")
     print(format_summary(results))
     return results
@@ -122,6 +133,23 @@ def pick_device(choice: Device) -> torch.device:
     return torch.device(choice.value)
 
 
+def objective(results: dict, spec: ObjectiveConfig) -> float:
+    """Final accuracy + weight × log2(compression ratio): what sweepers maximise."""
+    accuracy = results["accuracy"]
+    final = accuracy["finetuned"] if accuracy["finetuned"] is not None else accuracy["compressed"]
+    section = results[spec.ratio]
+    return final + spec.weight * math.log2(section["dense"] / section["compressed"])
+
+
+def config_choices() -> dict[str, str]:
+    """The option picked in each config group (``regularizer: lowrank``), for labels in
+    reports; empty when the config was composed without Hydra's app (tests, scripts)."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {group: str(choices[group]) for group in choices if not group.startswith("hydra")}
+
+
 @contextmanager
 def timed(seconds: dict[str, float], key: str):
     start = time.perf_counter()
@@ -131,7 +159,7 @@ def timed(seconds: dict[str, float], key: str):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """The Hydra app. Returns the final accuracy, which sweepers can optimise.
+    """The Hydra app. Returns the run's objective (``objective.*``) for sweepers.
 
     A run that fails leaves ``results.json`` with status ``failed`` and the error, so a
     sweep keeps a trace of it. SIGTERM/SIGUSR1/SIGUSR2 stop the run at the next step
@@ -150,10 +178,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as error:
         rundir.record_failure(run_dir, cfg, error)
         raise
-    if not results:  # ranks > 0 of a distributed run
-        return None
-    accuracy = results["accuracy"]
-    return accuracy["finetuned"] if accuracy["finetuned"] is not None else accuracy["compressed"]
+    return results.get("objective")  # None on ranks > 0 of a distributed run
 
 
 def run_app() -> None:
