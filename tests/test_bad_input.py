@@ -97,6 +97,9 @@ EXPLICIT = [
     (["schedule.amp=fp8"], ["schedule.amp", "bf16", "fp16"]),
     (["device=gpu"], ["device", "cpu", "cuda", "auto"]),
     # out of range
+    (["regularizer.lam=-1"], ["regularizer.lam", ">= 0"]),
+    (["compress.energy=2"], ["compress.energy", "(0, 1]"]),
+    (["regularizer.every=sometimes"], ["regularizer.every", "epoch", "step"]),
     (["schedule.epochs=-1"], ["schedule.epochs", ">= 0"]),
     (["schedule.pretrain_epochs=-2"], ["schedule.pretrain_epochs"]),
     (["schedule.lr=0"], ["schedule.lr", "> 0"]),

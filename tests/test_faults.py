@@ -24,6 +24,7 @@ import torch
 from compaware import checkpoint, rundir
 from compaware.config import UserError
 from compaware.regularizers import Regularizer
+from compaware.report import find_runs
 from compaware.train import main, train
 from tests.conftest import REPO
 
@@ -368,3 +369,6 @@ def test_a_failed_sweep_job_leaves_a_record_and_the_others_their_results(tmp_pat
     assert [job["status"] for job in jobs] == ["completed", "failed", "completed"]
     assert "regularizer.lam=-1" in jobs[1]["error"]
     assert jobs[1]["config"]["regularizer"]["lam"] == -1
+    listed = {run.path.name: (run.status, run.error) for run in find_runs([tmp_path])}
+    assert listed["1"][0] == "failed" and "regularizer.lam" in listed["1"][1]
+    assert listed["0"][0] == listed["2"][0] == "completed"
