@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -28,6 +29,17 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
                 *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: runs compared bit for bit with subprocesses must use
+    the same count as they do, and on a machine shared by many processes, OpenMP threads
+    that wait for each other make an SVD take seconds instead of a tenth of one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(*args: str, cwd: Path | None = None,

@@ -29,6 +29,7 @@ from tests.conftest import REPO
 from tests.test_checkpoint import _RunsCode
 
 CONF = Path(CONF_DIR)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Options of a regularizer or compressor that legitimately take any value of their type
 # ("group.name"); every other numeric, text or boolean option must reject a wrong one.

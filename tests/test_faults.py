@@ -35,16 +35,7 @@ FORKS.set_forkserver_preload(["compaware.train", "tests.test_faults"])
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here and in the children: runs compared bit for bit must use the
-    same count, and on a machine shared by many processes, OpenMP threads that wait for each
-    other make an SVD take seconds instead of a tenth of one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # and the children call set_num_threads(1)
 
 # Every stage, short: pre-training (1 epoch), training (2), compression to rank 4, fine-tuning
 # (2), export; debug=fast makes an epoch 4 steps.
