@@ -163,8 +163,11 @@ def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, devic
         loss = loss_ce + loss_reg
         progress.batches += 1
         if distributed.any_rank(not torch.isfinite(loss)):  # every rank takes the same branch
-            if schedule.on_nan != OnNan.skip_batch or progress.in_a_row + 1 >= MAX_SKIPPED:
+            if schedule.on_nan != OnNan.skip_batch:
                 raise NonFinite(progress.batches, f"the loss became {loss.item()}")
+            if progress.in_a_row + 1 == MAX_SKIPPED:
+                raise NonFinite(progress.batches, f"the loss was not finite for {MAX_SKIPPED} "
+                                                  f"batches in a row")
             progress.skipped, progress.in_a_row = progress.skipped + 1, progress.in_a_row + 1
             log.warning("%s: skipped batch %d, its loss is %s (schedule.on_nan=skip_batch)",
                         desc, progress.batches, loss.item())
@@ -265,11 +268,9 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                 if train_one_epoch(training, batches, schedule, device, steps_per_epoch, progress,
                                    writer, stage.prefix, epoch * steps_per_epoch, desc):
                     _save(training, checkpoint_path, epoch, meta, progress)
-                    signum = preemption.requested()
-                    raise preemption.Preempted(signum, f"{desc}: preempted by signal {signum} "
-                                               f"after batch {progress.batches}; checkpoint "
-                                               f"{checkpoint_path} written. Run the same command "
-                                               f"in the same run directory to continue.")
+                    raise preemption.Preempted(preemption.requested(),
+                                               f"{desc}, after batch {progress.batches}",
+                                               checkpoint_path)
                 if stage.regularizer.every == "epoch":
                     _prox(training, stage.regularizer.prox_step(lr, progress.steps),
                           progress.batches)
@@ -327,14 +328,16 @@ def _progress_of_this_rank(saved: dict | None) -> Progress:
 
 
 def _rng_state() -> dict:
+    """The RNG states that dropout and augmentation draw from: the CPU's and this rank's GPU
+    (every rank seeds and draws alike, so rank 0's state is every rank's)."""
     return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _diverged(error: NonFinite, desc: str, checkpoint_path: Path,

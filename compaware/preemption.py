@@ -18,6 +18,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -28,8 +29,10 @@ _previous: dict[int, object] = {}
 class Preempted(Exception):
     """Raised at a step boundary after a preemption signal, once the checkpoint is written."""
 
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, signum: int | None, where: str, checkpoint: Path) -> None:
+        by = signal.Signals(signum).name if signum else "a signal to another rank"
+        super().__init__(f"{where}: preempted by {by}; checkpoint {checkpoint} written. The "
+                         f"same command in the same run directory continues the run.")
         self.signum = signum
 
     def pass_on(self) -> None:

@@ -104,7 +104,7 @@ def test_a_job_preempted_under_submitit_is_requeued_and_resumes(make_cfg, tmp_pa
     os.kill(task, signal.SIGUSR2)
     assert job.wait(timeout=600) == 0, job.stdout.read()
     text = log.read_text()
-    assert "preempted by signal 12" in text and "Requeued job" in text
+    assert "preempted by SIGUSR2" in text and "Requeued job" in text
     assert "was preempted: resuming" in text
     assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "completed"
 
@@ -113,3 +113,21 @@ def test_a_job_preempted_under_submitit_is_requeued_and_resumes(make_cfg, tmp_pa
         a = torch.load(tmp_path / "run" / "checkpoints" / f"{stage}.pt")["model"]
         b = torch.load(sweep / "0" / "checkpoints" / f"{stage}.pt")["model"]
         assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+@pytest.mark.parametrize(("amp", "device"), [
+    ("bf16", "cpu"),
+    pytest.param("fp16", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                          reason="fp16 autocast needs CUDA")),
+])
+def test_mixed_precision_with_channels_last_trains(make_cfg, tmp_path, amp, device):
+    runs = {}
+    for name, options in (("plain", ()), ("mixed", (f"schedule.amp={amp}",
+                                                    "schedule.channels_last=true"))):
+        results = train(make_cfg(f"device={device}", "schedule.finetune_epochs=0",
+                                 "bench.latency=false", *options, run_dir=tmp_path / name))
+        runs[name] = (results, torch.load(tmp_path / name / "checkpoints" / "train.pt")["model"])
+    (plain, plain_weights), (mixed, mixed_weights) = runs["plain"], runs["mixed"]
+    assert all(w.isfinite().all() for w in mixed_weights.values())
+    assert not torch.equal(plain_weights["fc1.weight"], mixed_weights["fc1.weight"])  # it acted
+    assert abs(plain["accuracy"]["dense"] - mixed["accuracy"]["dense"]) < 15
