@@ -117,6 +117,17 @@ def test_ratio_on_a_resnet_keeps_residual_channels_consistent():
     assert compressed(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_channels_tied_to_a_groupnorm_or_a_grouped_conv_are_left_whole():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 3))
+    compressed, report = Prune(ratio=0.5, input_shape=(1, 10, 10))(model)
+    assert report["0"] == {"units": 8, "kept": 8, "reason": "coupled to GroupNorm 1"}
+    assert report["2"] == {"units": 8, "kept": 8, "reason": "coupled to Conv2d 2"}
+    assert report["5"] == {"units": 6, "kept": 3, "zero_units": 0}
+    assert compressed(torch.randn(2, 1, 10, 10)).shape == (2, 3)
+
+
 def test_a_layer_is_never_pruned_to_zero_width(caplog):
     model = _zero(LeNet300(), {"fc1": list(range(300))})
     with caplog.at_level(logging.WARNING):

@@ -24,16 +24,18 @@ has zeroed it.
 Never removed: the output layer's units (the classes), and the last unit of a layer
 (width zero would cut the network; the largest unit stays and the log says so).
 
-Limits: the norm reads convs, linears and BatchNorms only; a channel that also passes
-through a LayerNorm or GroupNorm (which normalise across channels, so even a zero channel
-matters), a BatchNorm without affine parameters, a transposed conv or an operation mapping
-0 to a non-zero value (a sigmoid gate) before an addition is pruned by Torch-Pruning's rules
-but without the guarantee that zero groups leave the outputs unchanged.
+Left whole (see :func:`blocking_layer`): channels tied to a grouped or transposed conv, a
+LayerNorm or GroupNorm, attention or a bare parameter; such models (ViT, ConvNeXt, ResNeXt,
+RegNet) are pruned only where those are absent. Models Torch-Pruning cannot trace
+(ShuffleNet's channel shuffle) stop with a message. The exactness argument assumes that the
+operations between layers keep zero at zero; an operation mapping 0 to a non-zero value
+(a sigmoid gate) on a channel before an addition would break it.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 import torch_pruning as tp
@@ -49,27 +51,71 @@ from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
 log = logging.getLogger(__name__)
 
 PRODUCERS = (_ConvNd, nn.Linear, _BatchNorm)  # layers whose parameters write a channel
+ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.MultiheadAttention)
 
 
-def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of ``model``, traced on one zero input of ``input_shape``.
-
-    Traced in eval mode (a training-mode forward would move BatchNorm's running statistics)
-    and with autograd on (Torch-Pruning follows autograd's graph).
-    """
+@contextmanager
+def example_in_eval_mode(model: nn.Module, input_shape: tuple[int, ...]):
+    """One zero input of ``input_shape`` for ``model``, which is in eval mode meanwhile: a
+    training-mode forward would move BatchNorm's running statistics."""
     param = next(model.parameters())
-    example = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
-    except Exception as e:  # a shape mismatch or an untraceable model, from deep inside torch
-        raise UserError(f"compress: Torch-Pruning could not trace {type(model).__name__} on an "
-                        f"input of shape {list(input_shape)} (compress.input_shape, taken from "
-                        f"the data): {type(e).__name__}: {e}") from None
+        yield torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
     finally:
         model.train(was_training)
+
+
+def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``model``, traced (with autograd on: Torch-Pruning follows
+    autograd's graph) on one input of ``input_shape``."""
+    with example_in_eval_mode(model, input_shape) as example, torch.enable_grad():
+        try:
+            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
+        except Exception as e:  # a shape mismatch or an untraceable model, deep inside torch
+            raise UserError(f"compress: Torch-Pruning could not trace {type(model).__name__} on "
+                            f"an input of shape {list(input_shape)} (compress.input_shape, taken "
+                            f"from the data): {type(e).__name__}: {e}") from None
+
+
+def check_still_runs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """A last guard: a coupling Torch-Pruning got wrong shows as a failing forward."""
+    with example_in_eval_mode(model, input_shape) as example:
+        try:
+            model(example)
+        except Exception as e:
+            raise UserError(f"compress: the pruned {type(model).__name__} no longer runs "
+                            f"({type(e).__name__}: {e}): Torch-Pruning mishandles a coupling in "
+                            f"this model. Prune fewer layers (compress.layers=conv|linear) or "
+                            f"use compress=svd.") from None
+
+
+def blocking_layer(group: tp.Group) -> nn.Module | None:
+    """The first layer of ``group`` that keeps it from being pruned, or None.
+
+    We prune only through layers whose channels are independent and that Torch-Pruning
+    handles without model-specific settings: convs (plain or depthwise), linears, affine
+    BatchNorms and parameter-free operations. Grouped convs, transposed convs, LayerNorm and
+    GroupNorm (they normalise across channels, so even a zero channel matters), attention
+    and bare parameters (a ViT's class token) block their group, which is left whole.
+    """
+    for item in group:
+        layer = item.dep.layer
+        if isinstance(layer, _ConvNd):
+            depthwise = layer.groups == layer.in_channels == layer.out_channels
+            supported = not layer.transposed and (layer.groups == 1 or depthwise)
+        elif isinstance(layer, _BatchNorm):
+            supported = layer.affine
+        elif isinstance(layer, nn.Module):
+            supported = isinstance(layer, nn.Linear) or (
+                not isinstance(layer, ACROSS_CHANNELS)
+                and next(layer.parameters(recurse=False), None) is None)
+        else:  # an nn.Parameter used directly in forward
+            supported = False
+        if not supported:
+            return layer
+    return None
 
 
 def unit_norms(graph: tp.DependencyGraph, group: tp.Group) -> Tensor:
@@ -78,8 +124,7 @@ def unit_norms(graph: tp.DependencyGraph, group: tp.Group) -> Tensor:
     for item in group:
         layer = item.dep.layer
         if (not graph.is_out_channel_pruning_fn(item.dep.handler)
-                or not isinstance(layer, PRODUCERS) or getattr(layer, "transposed", False)
-                or None in item.root_idxs):
+                or not isinstance(layer, PRODUCERS) or None in item.root_idxs):
             continue
         rows = torch.as_tensor(item.idxs)
         for p in (layer.weight, layer.bias):
@@ -132,27 +177,31 @@ class Prune(Compressor):
         names = {module: name for name, module in model.named_modules()}
         chosen = [layer for _, layer in self.select(model)]
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
-        zero_units: dict[str, int] = {}
+        notes: dict[str, dict] = {}  # per layer: its group's zero units, or why it was left
         for group in graph.get_all_groups(ignored_layers=ignored,
                                           root_module_types=WEIGHT_LAYERS):
+            writers = [names[item.dep.layer] for item in group
+                       if isinstance(item.dep.layer, WEIGHT_LAYERS)
+                       and graph.is_out_channel_pruning_fn(item.dep.handler)]
+            blocker = blocking_layer(group)
+            if blocker is not None:
+                reason = f"coupled to {type(blocker).__name__} {names.get(blocker, '')}".strip()
+                log.info("prune: %s left whole, %s", ", ".join(writers), reason)
+                notes.update({name: {"reason": reason} for name in writers})
+                continue
             norms = unit_norms(graph, group)
             remove, zero = units_to_remove(norms, self.ratio, self.threshold)
-            root = names[group[0].dep.layer]
             if zero == len(norms):
-                log.warning("prune: all %d units of %s (and the layers tied to it) are zero "
-                            "or below compress.threshold; keeping one so that the layer keeps "
-                            "a width of 1", len(norms), root)
-            for item in group:
-                if (isinstance(item.dep.layer, WEIGHT_LAYERS)
-                        and graph.is_out_channel_pruning_fn(item.dep.handler)):
-                    zero_units[names[item.dep.layer]] = zero
+                log.warning("prune: all %d units of %s are zero or below compress.threshold; "
+                            "keeping one so that the layer keeps a width of 1", len(norms),
+                            ", ".join(writers))
+            notes.update({name: {"zero_units": zero} for name in writers})
             if remove:
                 group.prune(remove)
+        check_still_runs(model, self.input_shape)
         report: Report = {}
         for name, units in units_per_layer(model).items():
-            report[name] = {"units": before[name], "kept": units}
-            if name in zero_units:
-                report[name]["zero_units"] = zero_units[name]
+            report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
             if units < before[name]:
                 log.info("prune %s: %d → %d units", name, before[name], units)
         return model, report
