@@ -28,8 +28,10 @@ Left whole (see :func:`blocking_layer`): channels tied to a grouped or transpose
 LayerNorm or GroupNorm, attention or a bare parameter; such models (ViT, ConvNeXt, ResNeXt,
 RegNet) are pruned only where those are absent. Models Torch-Pruning cannot trace
 (ShuffleNet's channel shuffle) stop with a message. The exactness argument assumes that the
-operations between layers keep zero at zero; an operation mapping 0 to a non-zero value
-(a sigmoid gate) on a channel before an addition would break it.
+functions between layers act on each channel alone and keep zero at zero (ReLU, pooling,
+additions); Torch-Pruning sees a functional op only as its autograd nodes, so a
+LocalResponseNorm, or a sigmoid gate on a channel before an addition, would pass the
+checks and break exactness.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
 log = logging.getLogger(__name__)
 
 PRODUCERS = (_ConvNd, nn.Linear, _BatchNorm)  # layers whose parameters write a channel
-ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.MultiheadAttention)
+NORMS_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm)  # a zero channel changes the others
 
 
 @contextmanager
@@ -109,7 +111,7 @@ def blocking_layer(group: tp.Group) -> nn.Module | None:
             supported = layer.affine
         elif isinstance(layer, nn.Module):
             supported = isinstance(layer, nn.Linear) or (
-                not isinstance(layer, ACROSS_CHANNELS)
+                not isinstance(layer, NORMS_ACROSS_CHANNELS)
                 and next(layer.parameters(recurse=False), None) is None)
         else:  # an nn.Parameter used directly in forward
             supported = False

@@ -61,7 +61,7 @@ class Units:
         tensors = self.tensors()
         widths = [t[0].numel() for t in tensors]
         for t, part in zip(tensors, matrix.split(widths, 1), strict=True):
-            t.data.copy_(part.reshape(t.shape).to(t.dtype))
+            t.copy_(part.reshape(t.shape).to(t.dtype))
 
 
 class SGL(ProximalRegularizer):
