@@ -61,7 +61,7 @@ def test_a_units_group_holds_its_bias_and_the_batchnorm_after_it():
     assert torch.equal(model[4].weight, output_layer)
 
 
-def test_group_shrink_is_weighted_by_root_group_size_and_strength_is_per_layer():
+def test_group_shrink_is_weighted_by_sqrt_group_size_and_strength_is_per_layer():
     torch.manual_seed(0)
     model = LeNet300()
     fc1, fc3 = model.fc1.weight.detach().clone(), model.fc3.weight.detach().clone()
