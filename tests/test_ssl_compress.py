@@ -15,7 +15,10 @@ from compaware.bench import count_macs, count_params
 from compaware.compress import ShapeDepth
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.shape import LiveColumnConv2d, LiveInputLinear, drop_dead_columns
+from compaware.config import instantiate
+from compaware.data import DataInfo
 from compaware.export import export_model, load_exported
+from compaware.models import build_model
 from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5
 from compaware.residual import branch_parameters, residual_blocks
@@ -80,6 +83,14 @@ def test_shape_sparse_lenet_keeps_its_outputs_with_fewer_macs_counted_by_hand():
                + 500 * live["fc1"] + 500 * 10)
     assert count_macs(compressed, (1, 28, 28)) == by_hand
     assert count_params(compressed) < count_params(model)
+
+
+def test_min_sparsity_keeps_nearly_dense_layers():
+    model, _ = _shape_sparse_lenet()  # conv1 72%, conv2 90%, fc1 50% of the columns dead
+    compressed, report = ShapeDepth(min_sparsity=0.6)(model)
+    assert [name for name, r in report.items() if r["replaced"]] == ["conv1", "conv2"]
+    assert "below min_sparsity" in report["fc1"]["reason"]
+    assert isinstance(compressed.fc1, nn.Linear)
 
 
 def test_shape_compressed_model_exports_and_reloads(tmp_path):
@@ -170,3 +181,22 @@ def test_resnet20_depth_ssl_run_removes_the_zero_blocks(make_cfg, tmp_path):
     assert results["accuracy"]["compressed"] == results["accuracy"]["dense"]
     assert results["params"]["compressed"] < results["params"]["dense"]
     assert "filter_sparsity/layer1.0.conv1" in results["regularizer"]
+
+
+@pytest.mark.parametrize("experiment", ["ssl_lenet5_fashion_mnist",
+                                        "ssl_shape_lenet5_fashion_mnist",
+                                        "ssl_depth_resnet20_synthetic"])
+def test_ssl_experiments_build_and_their_groups_find_layers(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    model = build_model(cfg.model, DataInfo("x", cfg.data.channels, cfg.data.image_size,
+                                            cfg.data.num_classes, 1))
+    assert instantiate(cfg.regularizer, "regularizer").penalty(model) > 0
+    instantiate(cfg.compress, "compress")(model)
+
+
+def test_the_shape_experiment_runs_end_to_end(make_cfg):
+    results = train(make_cfg("experiment=ssl_shape_lenet5_fashion_mnist", "data=synthetic",
+                             "schedule.pretrain_epochs=0", "bench.latency=false"))
+    assert results["config"]["data"]["name"] == "synthetic"
+    assert set(results["compression"]) == {"conv1", "conv2", "fc1", "fc2"}
+    assert "shape_sparsity/conv2" in results["regularizer"]

@@ -24,16 +24,19 @@ class ShapeDepth(Compressor):
 
     ``threshold``: a column or a branch counts as zero when every weight in it (for a branch:
     its last BN's γ and β) has |w| ≤ threshold. 0 (default) removes exact zeros only, which is
-    what SSL's zeroing leaves, and changes no output.
+    what SSL's zeroing leaves, and changes no output. ``min_sparsity``: a layer is replaced
+    only where at least this fraction of its columns is dead.
     """
 
-    def __init__(self, threshold: float = 0.0, layers: str = "all", skip_first: bool = False,
-                 skip_last: bool = False) -> None:
+    def __init__(self, threshold: float = 0.0, min_sparsity: float = 0.0, layers: str = "all",
+                 skip_first: bool = False, skip_last: bool = False) -> None:
         check_range("compress.threshold", threshold, 0)
-        self.threshold = float(threshold)
+        check_range("compress.min_sparsity", min_sparsity, 0, 1)
+        self.threshold, self.min_sparsity = float(threshold), float(min_sparsity)
         self.select = LayerSelection("compress", layers, skip_first, skip_last)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         report = remove_zero_branches(model, self.threshold)
-        report.update(drop_dead_columns(model, self.select(model), self.threshold))
+        report.update(drop_dead_columns(model, self.select(model), self.threshold,
+                                        self.min_sparsity))
         return model, report
