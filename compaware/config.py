@@ -103,6 +103,7 @@ class ScheduleConfig:
     finetune_epochs: int = 3
     lr: float = 0.05
     finetune_lr: float | None = None  # None: lr × 0.1
+    finetune_mask: bool = False  # keep the trained model's exact zeros at zero while fine-tuning
     batch_size: int = 64
     optimizer: OptimizerName = OptimizerName.sgd
     momentum: float = 0.9

@@ -7,9 +7,15 @@ by hand.
 
 from __future__ import annotations
 
+import logging
+
+import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from compaware.config import check_choice
+
+log = logging.getLogger(__name__)
 
 LAYER_KINDS = ("all", "conv", "linear")
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -55,3 +61,27 @@ def weight_matrix(layer: nn.Module) -> Tensor:
 def is_grouped(layer: nn.Module) -> bool:
     """Grouped and depthwise convs: their weight matrix is not the layer's linear map."""
     return getattr(layer, "groups", 1) > 1
+
+
+def batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
+    """For each conv/linear whose output goes straight into a BatchNorm, that BatchNorm.
+
+    Found in the forward pass traced by ``torch.fx`` (module order can lie: DenseNet's norm
+    layers precede their convs), so methods that treat a unit as "filter plus its
+    normalization" see the real data flow. Empty when fx cannot trace the model.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # fx fails in many ways on data-dependent Python code
+        log.warning("torch.fx cannot trace %s (%s): no BatchNorm is tied to the layer before it",
+                    type(model).__name__, e)
+        return {}
+    modules = dict(model.named_modules())
+    found = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
+            source = node.args[0]
+            if (isinstance(source, torch.fx.Node) and source.op == "call_module"
+                    and isinstance(modules[source.target], WEIGHT_LAYERS)):
+                found[source.target] = modules[node.target]
+    return found

@@ -43,7 +43,7 @@ from compaware.config import (
 from compaware.data import build_data
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
-from compaware.regularizers import Regularizer
+from compaware.regularizers import FrozenZeros, Regularizer
 from compaware.summary import format_summary
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> dict:
     # 3. Fine-tune the compressed model, without the regularizer.
     with timed(seconds, "finetune"):
         finetune = Stage("finetune", s.finetune_epochs, s.finetune_lr or s.lr * 0.1,
-                         Regularizer())
+                         FrozenZeros(compressed) if s.finetune_mask else Regularizer())
         fit(compressed, data, finetune, s,
             checkpoint_path=run_dir / "checkpoints" / "finetune.pt", **common)
     accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None

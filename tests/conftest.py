@@ -48,3 +48,21 @@ def run_cli(*args: str, cwd: Path | None = None,
     exe = Path(sys.executable).with_name("compaware")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd or REPO,
                           timeout=timeout)
+
+
+def assert_reloads_without_compaware(model, example, tmp_path: Path) -> None:
+    """``model`` exported to a standalone file gives the same outputs on ``example`` in a
+    fresh Python that never imports compaware."""
+    from compaware.export import export_model
+
+    model.eval()
+    export_model(model, example[:2], tmp_path / "m.pt2")
+    torch.save({"x": example, "y": model(example).detach()}, tmp_path / "io.pt")
+    script = ("import sys, torch\n"
+              "m = torch.export.load(sys.argv[1]).module()\n"
+              "io = torch.load(sys.argv[2], weights_only=True)\n"
+              "assert 'compaware' not in sys.modules\n"
+              "torch.testing.assert_close(m(io['x']), io['y'], atol=1e-5, rtol=1e-5)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.pt2"),
+                          str(tmp_path / "io.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr

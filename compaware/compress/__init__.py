@@ -4,6 +4,8 @@ Each ``conf/compress/<name>.yaml`` names its class in ``_target_``.
 """
 
 from compaware.compress.base import Compressor, Report
+from compaware.compress.prune import Prune, PruneSVD
+from compaware.compress.ssl import ShapeDepth
 from compaware.compress.svd import SVD
 
-__all__ = ["SVD", "Compressor", "Report"]
+__all__ = ["SVD", "Compressor", "Prune", "PruneSVD", "Report", "ShapeDepth"]

@@ -6,23 +6,32 @@ trace, export and prune without special cases, and stats read ``conv1``, ``fc1``
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from torch import nn
 
 
-class LeNet300(nn.Sequential):
+class MLP(nn.Sequential):
+    """in → hidden… → classes, ReLU between: ``fc1``, ``relu1``, ``fc2``… (SSL's 784-500-300-10
+    is ``hidden=[500, 300]``, 545,810 parameters on 28×28×1)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 hidden: Sequence[int] = (300, 100)) -> None:
+        widths = [in_channels * image_size * image_size, *hidden]
+        layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+        for i, (width_in, width_out) in enumerate(itertools.pairwise(widths), 1):
+            layers += [(f"fc{i}", nn.Linear(width_in, width_out)), (f"relu{i}", nn.ReLU())]
+        layers.append((f"fc{len(widths)}", nn.Linear(widths[-1], num_classes)))
+        super().__init__(OrderedDict(layers))
+
+
+class LeNet300(MLP):
     """LeNet-300-100: 784 → 300 → 100 → 10 with ReLU (266,610 parameters on 28×28×1)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
-        super().__init__(OrderedDict([
-            ("flatten", nn.Flatten()),
-            ("fc1", nn.Linear(in_channels * image_size * image_size, 300)),
-            ("relu1", nn.ReLU()),
-            ("fc2", nn.Linear(300, 100)),
-            ("relu2", nn.ReLU()),
-            ("fc3", nn.Linear(100, num_classes)),
-        ]))
+        super().__init__(in_channels, num_classes, image_size, hidden=(300, 100))
 
 
 class LeNet5(nn.Sequential):

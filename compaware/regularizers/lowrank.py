@@ -23,8 +23,8 @@ def shrink_singular_values(matrix: Tensor, threshold: float) -> Tensor:
     return (u * (s - threshold).clamp_min(0)) @ vh
 
 
-def numerical_rank(matrix: Tensor, tolerance: float = RANK_TOLERANCE) -> int:
-    s = torch.linalg.svdvals(matrix)
+def rank_of_spectrum(s: Tensor, tolerance: float = RANK_TOLERANCE) -> int:
+    """How many singular values ``s`` are above ``tolerance`` × the largest."""
     return int((s > tolerance * s.max()).sum()) if s.max() > 0 else 0
 
 
@@ -49,9 +49,9 @@ class LowRank(ProximalRegularizer):
         stats: dict[str, float] = {}
         nuclear = 0.0
         for name, layer in self.layers(model):
-            w = weight_matrix(layer).float()
-            stats[f"rank/{name}"] = numerical_rank(w)
-            nuclear += float(torch.linalg.matrix_norm(w, ord="nuc"))
+            s = torch.linalg.svdvals(weight_matrix(layer).float())  # one SVD serves both
+            stats[f"rank/{name}"] = rank_of_spectrum(s)
+            nuclear += float(s.sum())
         stats["nuclear_norm"] = nuclear
         stats["objective"] = self.lam * nuclear
         return stats

@@ -1,0 +1,227 @@
+"""Structured pruning: whole units out, a physically smaller network back (``compress=prune``).
+
+Which units go, per layer of n units: every unit whose group norm is at most ``threshold``
+× the largest one (the zero groups that ``regularizer=sgl`` leaves), and at least
+⌊``ratio``·n⌋ units, those with the smallest group norms (the post-hoc baseline after any
+regularizer, ``none`` included).
+
+What is tied to a unit comes from Torch-Pruning's ``DependencyGraph``, which traces the
+model: the BatchNorm after it, the next layers' input channels or columns (through
+pooling and flatten), the other layers that add into the same channel through residual
+connections, and its position in concatenations. A unit is removed from all of them at
+once, so the result is an ordinary network of narrower ``nn`` layers.
+
+The group norm of a unit is the ℓ2 norm of everything that writes it, across the whole
+coupled group: the weight rows and biases of every conv and linear producing that channel
+and the scale and shift of every BatchNorm on it. When it is zero the channel is zero
+everywhere (a zero filter with zero bias outputs 0, a BatchNorm with zero scale and shift
+outputs 0, sums of zeros are 0, ReLU and pooling keep 0), so removing it leaves the
+outputs unchanged. A zero filter followed by a BatchNorm with a non-zero shift is *not* a
+zero unit (it outputs a constant): ``regularizer=sgl`` puts that BatchNorm in the unit's
+group for this reason, and a residual channel goes only when every layer adding into it
+has zeroed it.
+
+Never removed: the output layer's units (the classes), and the last unit of a layer
+(width zero would cut the network; the largest unit stays and the log says so).
+
+Left whole (see :func:`blocking_layer`): channels tied to a grouped or transposed conv, a
+LayerNorm or GroupNorm, attention or a bare parameter; such models (ViT, ConvNeXt, ResNeXt,
+RegNet) are pruned only where those are absent. Models Torch-Pruning cannot trace
+(ShuffleNet's channel shuffle) stop with a message. The exactness argument assumes that the
+functions between layers act on each channel alone and keep zero at zero (ReLU, pooling,
+additions); Torch-Pruning sees a functional op only as its autograd nodes, so a
+LocalResponseNorm, or a sigmoid gate on a channel before an addition, would pass the
+checks and break exactness.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from compaware.compress.base import Compressor, Report
+from compaware.compress.svd import SVD
+from compaware.config import UserError, check_range
+from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
+
+log = logging.getLogger(__name__)
+
+PRODUCERS = (_ConvNd, nn.Linear, _BatchNorm)  # layers whose parameters write a channel
+NORMS_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm)  # a zero channel changes the others
+
+
+@contextmanager
+def example_in_eval_mode(model: nn.Module, input_shape: tuple[int, ...]):
+    """One zero input of ``input_shape`` for ``model``, which is in eval mode meanwhile: a
+    training-mode forward would move BatchNorm's running statistics."""
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        yield torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+    finally:
+        model.train(was_training)
+
+
+def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``model``, traced (with autograd on: Torch-Pruning follows
+    autograd's graph) on one input of ``input_shape``."""
+    with example_in_eval_mode(model, input_shape) as example, torch.enable_grad():
+        try:
+            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
+        except Exception as e:  # a shape mismatch or an untraceable model, deep inside torch
+            raise UserError(f"compress: Torch-Pruning could not trace {type(model).__name__} on "
+                            f"an input of shape {list(input_shape)} (compress.input_shape, taken "
+                            f"from the data): {type(e).__name__}: {e}") from None
+
+
+def check_still_runs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """A last guard: a coupling Torch-Pruning got wrong shows as a failing forward."""
+    with example_in_eval_mode(model, input_shape) as example:
+        try:
+            model(example)
+        except Exception as e:
+            raise UserError(f"compress: the pruned {type(model).__name__} no longer runs "
+                            f"({type(e).__name__}: {e}): Torch-Pruning mishandles a coupling in "
+                            f"this model. Prune fewer layers (compress.layers=conv|linear) or "
+                            f"use compress=svd.") from None
+
+
+def blocking_layer(group: tp.Group) -> nn.Module | None:
+    """The first layer of ``group`` that keeps it from being pruned, or None.
+
+    We prune only through layers whose channels are independent and that Torch-Pruning
+    handles without model-specific settings: convs (plain or depthwise), linears, affine
+    BatchNorms and parameter-free operations. Grouped convs, transposed convs, LayerNorm and
+    GroupNorm (they normalise across channels, so even a zero channel matters), attention
+    and bare parameters (a ViT's class token) block their group, which is left whole.
+    """
+    for item in group:
+        layer = item.dep.layer
+        if isinstance(layer, _ConvNd):
+            depthwise = layer.groups == layer.in_channels == layer.out_channels
+            supported = not layer.transposed and (layer.groups == 1 or depthwise)
+        elif isinstance(layer, _BatchNorm):
+            supported = layer.affine
+        elif isinstance(layer, nn.Module):
+            supported = isinstance(layer, nn.Linear) or (
+                not isinstance(layer, NORMS_ACROSS_CHANNELS)
+                and next(layer.parameters(recurse=False), None) is None)
+        else:  # an nn.Parameter used directly in forward
+            supported = False
+        if not supported:
+            return layer
+    return None
+
+
+def unit_norms(graph: tp.DependencyGraph, group: tp.Group) -> Tensor:
+    """The ℓ2 norm, per unit of the group's root layer, of every parameter writing that unit."""
+    squares = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+    for item in group:
+        layer = item.dep.layer
+        if (not graph.is_out_channel_pruning_fn(item.dep.handler)
+                or not isinstance(layer, PRODUCERS) or None in item.root_idxs):
+            continue
+        rows = torch.as_tensor(item.idxs)
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                part = p.detach()[rows.to(p.device)].reshape(len(rows), -1)
+                squares.index_add_(0, torch.as_tensor(item.root_idxs),
+                                   part.double().pow(2).sum(1).cpu())
+    return squares.sqrt()
+
+
+def units_to_remove(norms: Tensor, ratio: float, threshold: float) -> tuple[list[int], int]:
+    """The units to remove (never all of them) and how many of them are zero groups."""
+    zero = int((norms <= threshold * norms.max()).sum())
+    count = min(max(zero, int(ratio * len(norms))), len(norms) - 1)
+    smallest = torch.argsort(norms, stable=True)[:count]
+    return sorted(smallest.tolist()), zero
+
+
+def units_per_layer(model: nn.Module) -> dict[str, int]:
+    return {name: layer.weight.shape[0] for name, layer in weight_layers(model)}
+
+
+class Prune(Compressor):
+    """``compress=prune``: remove zero units, and the ``ratio`` smallest of every layer.
+
+    ``threshold`` is relative to the largest group norm of the layer; ``input_shape`` (C, H, W)
+    is one sample's shape, taken from the data, for tracing. ``layers``/``skip_first`` choose
+    the layers whose units may go; the output layer's never do.
+    """
+
+    def __init__(self, ratio: float = 0.0, threshold: float = 1e-5,
+                 input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
+                 skip_first: bool = False) -> None:
+        check_range("compress.ratio", ratio, 0, 1)
+        if ratio == 1:
+            raise UserError("compress.ratio=1 would remove every unit of every layer; "
+                            "compress.ratio takes a number in [0, 1) (the share of each "
+                            "layer's units to remove, smallest group norms first).")
+        check_range("compress.threshold", threshold, 0, 1)
+        for size in input_shape:
+            check_range("compress.input_shape", size, 1, integer=True)
+        self.ratio, self.threshold = float(ratio), float(threshold)
+        self.input_shape = tuple(int(size) for size in input_shape)
+        self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        before = units_per_layer(model)
+        graph = dependency_graph(model, self.input_shape)
+        names = {module: name for name, module in model.named_modules()}
+        chosen = [layer for _, layer in self.select(model)]
+        ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
+        notes: dict[str, dict] = {}  # per layer: its group's zero units, or why it was left
+        for group in graph.get_all_groups(ignored_layers=ignored,
+                                          root_module_types=WEIGHT_LAYERS):
+            writers = [names[item.dep.layer] for item in group
+                       if isinstance(item.dep.layer, WEIGHT_LAYERS)
+                       and graph.is_out_channel_pruning_fn(item.dep.handler)]
+            blocker = blocking_layer(group)
+            if blocker is not None:
+                reason = f"coupled to {type(blocker).__name__} {names.get(blocker, '')}".strip()
+                log.info("prune: %s left whole, %s", ", ".join(writers), reason)
+                notes.update({name: {"reason": reason} for name in writers})
+                continue
+            norms = unit_norms(graph, group)
+            remove, zero = units_to_remove(norms, self.ratio, self.threshold)
+            if zero == len(norms):
+                log.warning("prune: all %d units of %s are zero or below compress.threshold; "
+                            "keeping one so that the layer keeps a width of 1", len(norms),
+                            ", ".join(writers))
+            notes.update({name: {"zero_units": zero} for name in writers})
+            if remove:
+                group.prune(remove)
+        check_still_runs(model, self.input_shape)
+        report: Report = {}
+        for name, units in units_per_layer(model).items():
+            report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
+            if units < before[name]:
+                log.info("prune %s: %d → %d units", name, before[name], units)
+        return model, report
+
+
+class PruneSVD(Compressor):
+    """``compress=prune+svd``: :class:`Prune`, then :class:`SVD` on what is left (the natural
+    pairing for ``regularizer=lowrank_sgl``). ``threshold`` is both the zero-unit and the
+    zero-singular-value threshold (relative, as in each); ``skip_last`` applies to SVD."""
+
+    def __init__(self, ratio: float = 0.0, threshold: float = 1e-5, energy: float = 1.0,
+                 rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),
+                 layers: str = "all", skip_first: bool = False, skip_last: bool = False) -> None:
+        self.prune = Prune(ratio, threshold, input_shape, layers, skip_first)
+        self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last)
+
+    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        model, pruned = self.prune.compress(model)
+        model, factorized = self.svd.compress(model)
+        return model, {name: {**pruned.get(name, {}), **factorized.get(name, {})}
+                       for name in pruned | factorized}
