@@ -37,8 +37,9 @@ UNCHECKED: set[str] = set()
 
 
 def _kinds(hint) -> set:
-    args = typing.get_args(hint)
-    return set(args) if isinstance(hint, types.UnionType) or args else {hint}
+    """The types a parameter annotation allows (``int | None`` → {int, NoneType})."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return set(typing.get_args(hint)) if union else {hint}
 
 
 def discovered_rows() -> list[tuple[list[str], list[str]]]:
