@@ -50,6 +50,9 @@ def claim(run_dir: Path) -> None:
         raise RunDirInUse(f"{run_dir} is in use by another compaware process: two runs never "
                           f"share a directory. Choose another hydra.run.dir, or wait for that "
                           f"run to end.") from None
+    except OSError as e:  # a file system without locks (some NFS setups): carry on unguarded
+        log.warning("cannot lock %s (%s): a second run in this directory would go unnoticed",
+                    run_dir, e.strerror or e)
     _held[run_dir] = fd
 
 
