@@ -128,6 +128,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
     With ``resume`` and an existing checkpoint, model, optimizer, scheduler and
     regularizer state are restored and training continues after the saved epoch.
     """
+    stage.regularizer.check(model)
     optimizer = make_optimizer(model, stage.regularizer, schedule, stage.lr)
     scheduler = make_scheduler(optimizer, schedule, stage.epochs)
     start = 0

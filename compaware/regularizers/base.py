@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from compaware.config import check_choice, check_range
+from compaware.config import UserError, check_choice, check_range
 from compaware.layers import LayerSelection
 
 EVERY = ("epoch", "step")
@@ -40,6 +40,21 @@ class Regularizer:
         check_range("regularizer.lam", lam, 0)
         self.lam = float(lam)
         self.select = LayerSelection("regularizer", layers, skip_first, skip_last)
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers this regularizer acts on in ``model``."""
+        return self.select(model)
+
+    def check(self, model: nn.Module) -> None:
+        """Called once before its stage trains: stop with a clear message when there is
+        nothing in ``model`` to act on (a plain, zero-strength regularizer never stops)."""
+        if self.lam > 0 and not self.layers(model):
+            s = self.select
+            raise UserError(
+                f"regularizer {type(self).__name__} selects no layer of {type(model).__name__}: "
+                f"regularizer.layers={s.kind}, skip_first={s.skip_first}, "
+                f"skip_last={s.skip_last} leave no conv or linear layer it can act on. "
+                f"regularizer.layers takes one of: all, conv, linear.")
 
     def penalty(self, model: nn.Module) -> Tensor:
         """Differentiable term added to the loss at every step (zero here)."""
