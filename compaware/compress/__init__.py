@@ -4,6 +4,8 @@ Each ``conf/compress/<name>.yaml`` names its class in ``_target_``.
 """
 
 from compaware.compress.base import Compressor, Report
+from compaware.compress.magnitude import Magnitude
+from compaware.compress.quantize import KMeans, Quantize
 from compaware.compress.svd import SVD
 
-__all__ = ["SVD", "Compressor", "Report"]
+__all__ = ["SVD", "Compressor", "KMeans", "Magnitude", "Quantize", "Report"]

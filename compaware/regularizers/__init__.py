@@ -7,5 +7,6 @@ constructor signature is the schema of that config node.
 from compaware.regularizers.base import ProximalRegularizer, Regularizer
 from compaware.regularizers.lowrank import LowRank
 from compaware.regularizers.penalties import L1, L2
+from compaware.regularizers.sws import SoftWeightSharing
 
-__all__ = ["L1", "L2", "LowRank", "ProximalRegularizer", "Regularizer"]
+__all__ = ["L1", "L2", "LowRank", "ProximalRegularizer", "Regularizer", "SoftWeightSharing"]
