@@ -22,6 +22,13 @@ DEFLATE, i.e. LZ77 + Huffman; ``lzma``), which stands in for Han's Huffman stage
 Without entropy coding the file is the predicted bits plus a small header per record
 (names, shapes, bit widths, stream lengths) and at most a byte of padding per stream.
 
+Layout (little-endian): ``CWSF``, version (u8), codec (u8), record count (u32); per record
+its state-dict key (u8 length + UTF-8), kind (u8: 0 raw, 1 sparse), ndim (u8), dims (u32
+each), then for a raw tensor its dtype name and one stream of its bytes, for a sparse layer
+the relative-index bits, value bits, has-bias flag (u8 each), k and entries (u32 each),
+pointer bits (u8) and the streams codebook, row pointers, relative indices, values [, bias
+codes]. A stream is its byte length (u32) followed by its bytes.
+
 The file holds every tensor of the model's state dict, so :func:`load` rebuilds the model
 from it into a module of the same architecture (a "skeleton": the model class, or the
 standalone ``model_compressed.pt2``); this module needs only torch, numpy and the standard
@@ -126,8 +133,8 @@ class _Writer:
 
 
 class _Reader:
-    def __init__(self, data: bytes, entropy: str) -> None:
-        self.data, self.at, self.codec = data, 0, CODECS[entropy]
+    def __init__(self, data: bytes, at: int = 0) -> None:
+        self.data, self.at, self.codec = data, at, None
 
     def fields(self, fmt: str) -> tuple:
         values = struct.unpack_from("<" + fmt, self.data, self.at)
@@ -291,12 +298,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     data = Path(path).read_bytes()
     if data[:4] != MAGIC:
         raise ValueError(f"{path} is not a compaware weight-sharing file (no {MAGIC!r} header)")
-    source = _Reader(data, "none")
-    source.at = len(MAGIC)
+    source = _Reader(data, at=len(MAGIC))
     version, codec, count = source.fields("BBI")
     if version != VERSION:
         raise ValueError(f"{path} has format version {version}; this reader reads {VERSION}")
-    source.codec = CODECS[list(CODECS)[codec]]
+    source.codec = list(CODECS.values())[codec]
     state: dict[str, torch.Tensor] = {}
     for _ in range(count):
         key = source.text()
