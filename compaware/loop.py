@@ -5,7 +5,7 @@ One epoch::
 
     for x, y in batches:                      # order seeded by (seed, epoch)
         loss = CE(model(x), y) + regularizer.penalty(model)
-        loss.backward(); optimizer.step()
+        loss.backward(); regularizer.after_backward(model); optimizer.step()
         if regularizer.every == "step": regularizer.prox(model, lr)
     if regularizer.every == "epoch": regularizer.prox(model, t)   # t from lr (and steps)
     scheduler.step(); evaluate; log; checkpoint (atomic)
@@ -90,6 +90,7 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                             f"regularizer.lam; the last good checkpoint is the previous epoch's.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        regularizer.after_backward(model)
         optimizer.step()
         if regularizer.every == "step":
             regularizer.prox(model, regularizer.prox_step(optimizer.param_groups[0]["lr"], 1))
@@ -129,6 +130,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
     regularizer state are restored and training continues after the saved epoch.
     """
     stage.regularizer.check(model)
+    stage.regularizer.setup(model, data.info)
     optimizer = make_optimizer(model, stage.regularizer, schedule, stage.lr)
     scheduler = make_scheduler(optimizer, schedule, stage.epochs)
     start = 0
@@ -164,6 +166,8 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         writer.add_scalar(f"{stage.prefix}lr", lr, step)
         for key, value in stats.items():
             writer.add_scalar(f"{stage.prefix}reg/{key}", value, step)
+        for key, figure in stage.regularizer.figures(model).items():
+            writer.add_figure(f"{stage.prefix}reg/{key}", figure, step)
         writer.flush()
         log.info("%s epoch %d/%d: loss %.4f (reg %.4f), train acc %.2f, val acc %.2f, lr %.4g%s",
                  stage.name, epoch + 1, stage.epochs, metrics["loss"], metrics["loss_reg"],
@@ -173,5 +177,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                          "regularizer": stage.regularizer.state_dict(), **meta}, checkpoint_path)
 
 
-def _summarize(stats: dict[str, float]) -> str:
-    return "".join(f", {key} {value:.4g}" for key, value in stats.items())
+def _summarize(stats: dict[str, float], shown: int = 8) -> str:
+    """The first ``shown`` stats for the log line; all of them go to TensorBoard."""
+    more = f", … ({len(stats) - shown} more in TensorBoard)" if len(stats) > shown else ""
+    return "".join(f", {key} {value:.4g}" for key, value in list(stats.items())[:shown]) + more
