@@ -108,14 +108,15 @@ def train(cfg: DictConfig) -> dict:
         costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
                               cfg.bench, run_dir)
         stored = compressor.save(compressed, run_dir)
+    compression = {"details": report}
     if stored:
-        report["storage"] = stored
+        compression["storage"] = stored
         costs["bytes"]["compressed_pt2"] = costs["bytes"]["compressed"]
         costs["bytes"]["compressed"] = stored["bytes"]
-    report.update(bench.compression_rates(model, compressed, costs["bytes"]["compressed"]))
+    compression.update(bench.compression_rates(model, compressed, costs["bytes"]["compressed"]))
     writer.close()
 
-    results = {"accuracy": accuracy, **costs, "compression": report,
+    results = {"accuracy": accuracy, **costs, "compression": compression,
                "regularizer": regularizer.stats(model), "seconds": seconds,
                "status": "completed", "choices": config_choices(), "config": config}
     results["objective"] = objective(results, cfg.objective)

@@ -176,7 +176,7 @@ def test_resnet20_depth_ssl_run_removes_the_zero_blocks(make_cfg, tmp_path):
         "regularizer.filter=0", "regularizer.channel=0", "regularizer.depth=50",
         "regularizer.method=proximal", "compress=ssl", "schedule.finetune_epochs=0",
         "bench.latency=false"))
-    removed = [name for name, r in results["compression"].items() if r.get("removed")]
+    removed = [name for name, r in results["compression"]["details"].items() if r.get("removed")]
     assert len(removed) == results["regularizer"]["zero_blocks"] > 0
     assert results["accuracy"]["compressed"] == results["accuracy"]["dense"]
     assert results["params"]["compressed"] < results["params"]["dense"]
@@ -198,7 +198,7 @@ def test_the_shape_experiment_runs_end_to_end(make_cfg):
     results = train(make_cfg("experiment=ssl_shape_lenet5_fashion_mnist", "data=synthetic",
                              "schedule.pretrain_epochs=0", "bench.latency=false"))
     assert results["config"]["data"]["name"] == "synthetic"
-    assert set(results["compression"]) == {"conv1", "conv2", "fc1", "fc2"}
+    assert set(results["compression"]["details"]) == {"conv1", "conv2", "fc1", "fc2"}
     assert "shape_sparsity/conv2" in results["regularizer"]
 
 

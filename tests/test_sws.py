@@ -218,7 +218,8 @@ def test_pretrain_retrain_quantize_store_and_reload(make_cfg, tmp_path):
     run = tmp_path / "run"
     compression = results["compression"]
     assert {"params_ratio", "storage_ratio", "nonzero_fraction", "storage",
-            "mixture"} <= set(compression)
+            "details"} <= set(compression)
+    assert "mixture" in compression["details"]
     stored = compression["storage"]
     assert results["bytes"]["compressed"] == stored["bytes"] == (run / stored["file"]).stat(
         ).st_size
