@@ -97,6 +97,15 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
     final training checkpoint). Shapes must match the configured model."""
     source = Path(source)
     path = source / "checkpoints" / "train.pt" if source.is_dir() else source
+    if source.is_dir() and not path.is_file():
+        found = ", ".join(sorted(p.name for p in (source / "checkpoints").glob("*.pt")))
+        raise UserError(f"init_from={source} is a run directory without checkpoints/train.pt "
+                        f"(it has {found or 'no checkpoint'}). init_from takes the directory of "
+                        f"a run that trained, or a checkpoint file such as "
+                        f"<run dir>/checkpoints/finetune.pt.")
+    if not path.is_file():
+        raise UserError(f"init_from={source} does not exist. init_from takes a checkpoint file "
+                        f"(<run dir>/checkpoints/*.pt) or the directory of a run.")
     try:
         state = load(path)
     except UserError as e:

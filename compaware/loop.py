@@ -6,7 +6,8 @@ One epoch::
     for x, y in batches:                      # order seeded by (seed, epoch), shared by the ranks
         loss = CE(model(x), y) + regularizer.penalty(model)        # under autocast (schedule.amp)
         if loss is not finite: schedule.on_nan decides: stop | skip_batch | restore
-        loss.backward(); optimizer.step()     # with N ranks, DDP averages the gradients
+        loss.backward(); regularizer.after_backward(model)
+        optimizer.step()                      # with N ranks, DDP averages the gradients
         if regularizer.every == "step": regularizer.prox(model, lr)
         if a preemption signal came: checkpoint this step and stop (compaware/preemption.py)
     if regularizer.every == "epoch": regularizer.prox(model, t)   # t from lr (and steps)
@@ -175,6 +176,8 @@ def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, devic
         progress.in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()
+        training.scaler.unscale_(optimizer)  # (fp16) the hook sees the true gradients
+        regularizer.after_backward(model)
         training.scaler.step(optimizer)
         training.scaler.update()
         if regularizer.every == "step":
@@ -235,6 +238,8 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
     preemption signal ends the stage with a step checkpoint and
     :class:`~compaware.preemption.Preempted`.
     """
+    stage.regularizer.check(model)
+    stage.regularizer.setup(model, data.info)
     optimizer = make_optimizer(model, stage.regularizer, schedule, stage.lr)
     training = Training(model, model, optimizer, make_scheduler(optimizer, schedule, stage.epochs),
                         torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
@@ -295,6 +300,8 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         writer.add_scalar(f"{stage.prefix}lr", lr, step)
         for key, value in stats.items():
             writer.add_scalar(f"{stage.prefix}reg/{key}", value, step)
+        for key, figure in stage.regularizer.figures(model).items():
+            writer.add_figure(f"{stage.prefix}reg/{key}", figure, step)
         writer.flush()
         skipped = f", non-finite batches skipped: {progress.skipped}" if progress.skipped else ""
         log.info("%s epoch %d/%d: loss %.4f (reg %.4f), train acc %.2f, val acc %.2f, lr %.4g%s%s",
@@ -350,5 +357,7 @@ def _diverged(error: NonFinite, desc: str, checkpoint_path: Path,
                      f"schedule.on_nan (stop, skip_batch, restore; this run: {schedule.on_nan}).")
 
 
-def _summarize(stats: dict[str, float]) -> str:
-    return "".join(f", {key} {value:.4g}" for key, value in stats.items())
+def _summarize(stats: dict[str, float], shown: int = 8) -> str:
+    """The first ``shown`` stats for the log line; all of them go to TensorBoard."""
+    more = f", … ({len(stats) - shown} more in TensorBoard)" if len(stats) > shown else ""
+    return "".join(f", {key} {value:.4g}" for key, value in list(stats.items())[:shown]) + more

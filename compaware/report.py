@@ -56,6 +56,12 @@ class Run:
         return acc.get("finetuned") if acc.get("finetuned") is not None else acc.get("compressed")
 
     def ratio(self, key: str) -> float | None:
+        """dense / compressed ``key`` (params, macs, bytes). Parameters count non-zeros where
+        the run says (``compression.params_ratio``): pruned or shared weights that keep the
+        architecture are smaller only in what is non-zero (Han et al.'s definition)."""
+        counted = (self.results.get("compression") or {}).get("params_ratio")
+        if key == "params" and counted:
+            return counted
         section = self.results.get(key) or {}
         dense, compressed = section.get("dense"), section.get("compressed")
         return dense / compressed if dense and compressed else None

@@ -43,7 +43,7 @@ from compaware.config import (
 from compaware.data import build_data
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
-from compaware.regularizers import FrozenZeros, Regularizer
+from compaware.regularizers import Regularizer
 from compaware.summary import format_summary
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(cfg.model, data.info).to(device)
     if cfg.init_from:
         checkpoint.load_weights(model, cfg.init_from)
+    elif regularizer.needs_pretrained and not cfg.schedule.pretrain_epochs:
+        log.warning("%s retrains a trained network, but this run starts from random weights: "
+                    "set schedule.pretrain_epochs or init_from.", cfg.regularizer._target_)
     info = data.info
     input_shape = (info.channels, info.image_size, info.image_size)
     s = cfg.schedule
@@ -98,24 +101,33 @@ def train(cfg: DictConfig) -> dict:
 
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     with timed(seconds, "compress"):
-        compressed, report = compressor(model)
+        compressed, report = compressor(model, regularizer)
     accuracy["compressed"] = evaluate(compressed, data, device)
 
-    # 3. Fine-tune the compressed model, without the regularizer.
+    # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
+    #    made (pruned weights stay zero, shared weights shared).
     with timed(seconds, "finetune"):
         finetune = Stage("finetune", s.finetune_epochs, s.finetune_lr or s.lr * 0.1,
-                         FrozenZeros(compressed) if s.finetune_mask else Regularizer())
+                         compressor.finetune_constraint(compressed, keep_zeros=s.finetune_mask))
         fit(compressed, data, finetune, s,
             checkpoint_path=run_dir / "checkpoints" / "finetune.pt", **common)
     accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None
 
-    # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency.
+    # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency. A compressor
+    #    with a storage format of its own writes its file; that file's size is bytes.compressed.
     with timed(seconds, "bench"):
         costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
                               cfg.bench, run_dir)
+        stored = compressor.save(compressed, run_dir)
+    compression = {"details": report}
+    if stored:
+        compression["storage"] = stored
+        costs["bytes"]["compressed_pt2"] = costs["bytes"]["compressed"]
+        costs["bytes"]["compressed"] = stored["bytes"]
+    compression.update(bench.compression_rates(model, compressed, costs["bytes"]["compressed"]))
     writer.close()
 
-    results = {"accuracy": accuracy, **costs, "compression": report,
+    results = {"accuracy": accuracy, **costs, "compression": compression,
                "regularizer": regularizer.stats(model), "seconds": seconds,
                "status": "completed", "choices": config_choices(), "config": config}
     results["objective"] = objective(results, cfg.objective)

@@ -103,3 +103,13 @@ def test_training_with_the_nuclear_norm_lowers_rank(tmp_path, every):
     assert plain["rank/fc1"] == 500
     assert all(0 < lowrank[k] <= plain[k] for k in plain)
     assert lowrank["rank/fc1"] < plain["rank/fc1"] / 2
+
+
+@pytest.mark.parametrize("regularizer", [L1(lam=1.0, layers="conv"), L2(lam=1.0, layers="conv"),
+                                         LowRank(lam=1.0, layers="conv")])
+def test_a_regularizer_with_no_layer_to_act_on_stops_clearly(regularizer):
+    from compaware.models.lenet import LeNet300
+
+    with pytest.raises(UserError, match="selects no layer of LeNet300.*regularizer.layers=conv"):
+        regularizer.check(LeNet300())
+    Regularizer().check(LeNet300())  # plain training always runs

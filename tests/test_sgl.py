@@ -145,10 +145,13 @@ def test_a_run_logs_units_and_prunes_the_zero_ones_exactly(make_cfg, tmp_path):
     assert results["accuracy"]["compressed"] == results["accuracy"]["dense"]
     stats = results["regularizer"]
     assert stats["units/fc1"] == 0 and stats["units/conv2"] == 50 and "rank/fc1" in stats
-    assert results["compression"]["fc1"] == {"units": 500, "kept": 1, "zero_units": 500,
-                                             "rank": 1, "full_rank": 1, "factorized": False,
-                                             "reason": "not cheaper at this rank"}
-    assert results["structure"]["compressed"]["fc1"] == [1, 800]
+    # fc1 keeps one (zero) unit, so no unit of conv2 is read any more: conv2 keeps one too
+    # (16 inputs of fc1), and shape removal leaves fc1 its bias
+    assert results["compression"]["details"]["fc1"] == {"units": 500, "kept": 1, "zero_units": 500,
+                                             "columns": 16, "live_columns": 0,
+                                             "replaced": True}
+    assert results["compression"]["details"]["conv2"]["kept"] == 1
+    assert results["compression"]["details"]["fc1.linear"]["reason"] == "no weights"
     assert results["structure"]["compressed"]["fc2"] == [10, 1]
     assert results["params"]["compressed"] < results["params"]["dense"] / 10
     events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()

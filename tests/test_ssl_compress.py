@@ -12,7 +12,7 @@ from torch import nn
 
 from compaware import checkpoint
 from compaware.bench import count_macs, count_params
-from compaware.compress import ShapeDepth
+from compaware.compress import Prune, ShapeDepth
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.shape import LiveColumnConv2d, LiveInputLinear, drop_dead_columns
 from compaware.config import instantiate
@@ -176,7 +176,7 @@ def test_resnet20_depth_ssl_run_removes_the_zero_blocks(make_cfg, tmp_path):
         "regularizer.filter=0", "regularizer.channel=0", "regularizer.depth=50",
         "regularizer.method=proximal", "compress=ssl", "schedule.finetune_epochs=0",
         "bench.latency=false"))
-    removed = [name for name, r in results["compression"].items() if r.get("removed")]
+    removed = [name for name, r in results["compression"]["details"].items() if r.get("removed")]
     assert len(removed) == results["regularizer"]["zero_blocks"] > 0
     assert results["accuracy"]["compressed"] == results["accuracy"]["dense"]
     assert results["params"]["compressed"] < results["params"]["dense"]
@@ -198,5 +198,34 @@ def test_the_shape_experiment_runs_end_to_end(make_cfg):
     results = train(make_cfg("experiment=ssl_shape_lenet5_fashion_mnist", "data=synthetic",
                              "schedule.pretrain_epochs=0", "bench.latency=false"))
     assert results["config"]["data"]["name"] == "synthetic"
-    assert set(results["compression"]) == {"conv1", "conv2", "fc1", "fc2"}
+    assert set(results["compression"]["details"]) == {"conv1", "conv2", "fc1", "fc2"}
     assert "shape_sparsity/conv2" in results["regularizer"]
+
+
+def test_prune_removes_filters_channels_shapes_and_blocks_together():
+    """SSL's four structures all become real in one `compress=prune`, outputs unchanged."""
+    torch.manual_seed(0)
+    model = LeNet5()
+    with torch.no_grad():
+        model.conv1.weight[:5] = 0  # filter-wise: 5 of conv1's 20 filters (with their bias)
+        model.conv1.bias[:5] = 0
+        model.conv2.weight[:, 5:12] = 0  # channel-wise: conv2 reads 7 of conv1's channels no more
+        model.conv2.weight[:, :, :, :2] = 0  # shape-wise: 2 of 5 kernel columns everywhere
+    x = torch.randn(4, 1, 28, 28)
+    compressed, report = Prune(input_shape=(1, 28, 28), min_sparsity=0.3)(model)
+    assert report["conv1"]["kept"] == 20 - 5 - 7  # dead writers and dead readers both go
+    assert report["conv2"]["replaced"] and report["conv2"]["live_columns"] == 8 * 3 * 5
+    torch.testing.assert_close(compressed(x), model(x), atol=1e-5, rtol=1e-4)
+    by_hand = 8 * 25 * 24 * 24 + 50 * (8 * 15) * 8 * 8 + 800 * 500 + 500 * 10
+    assert count_macs(compressed, (1, 28, 28)) == by_hand
+
+    torch.manual_seed(0)
+    resnet = resnet20()
+    resnet.train()
+    resnet(torch.randn(8, 3, 32, 32))  # non-trivial BN running statistics
+    _zero_branches(resnet, ["layer1.1", "layer3.2"])
+    resnet.eval()
+    x = torch.randn(2, 3, 32, 32)
+    compressed, report = Prune(input_shape=(3, 32, 32))(resnet)
+    assert [n for n, r in report.items() if r.get("removed")] == ["layer1.1", "layer3.2"]
+    torch.testing.assert_close(compressed(x), resnet(x), atol=1e-5, rtol=1e-4)

@@ -53,7 +53,7 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
         assert on_disk["latency_ms"]["cuda"] is None
     assert set(on_disk["seconds"]) == {"train", "compress", "finetune", "bench"}
     assert on_disk["config"]["regularizer"]["_target_"].endswith("LowRank")
-    assert on_disk["compression"]["fc1"]["rank"] == 2
+    assert on_disk["compression"]["details"]["fc1"]["rank"] == 2
     assert any(event.name.startswith("events") for event in (tmp_path / "run" / "tb").iterdir())
 
 

@@ -46,6 +46,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import Compressor, Report
+from compaware.compress.depth import remove_zero_branches
+from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD
 from compaware.config import UserError, check_range
 from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
@@ -120,29 +122,59 @@ def blocking_layer(group: tp.Group) -> nn.Module | None:
     return None
 
 
-def unit_norms(graph: tp.DependencyGraph, group: tp.Group) -> Tensor:
-    """The ℓ2 norm, per unit of the group's root layer, of every parameter writing that unit."""
+def unit_norms(graph: tp.DependencyGraph, group: tp.Group, side: str) -> Tensor | None:
+    """The ℓ2 norm, per unit of the group's root layer, of every parameter that writes
+    (``side="out"``: weight rows, biases, BatchNorm scale and shift) or reads (``side="in"``:
+    the weight columns of every conv and linear taking the unit as input) that unit. None
+    when nothing in the group is on that side."""
     squares = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+    found = False
     for item in group:
         layer = item.dep.layer
-        if (not graph.is_out_channel_pruning_fn(item.dep.handler)
-                or not isinstance(layer, PRODUCERS) or None in item.root_idxs):
+        if side == "out":
+            on_side = (graph.is_out_channel_pruning_fn(item.dep.handler)
+                       and isinstance(layer, PRODUCERS))
+            params = (layer.weight, getattr(layer, "bias", None)) if on_side else ()
+        else:
+            on_side = (graph.is_in_channel_pruning_fn(item.dep.handler)
+                       and isinstance(layer, WEIGHT_LAYERS))
+            if on_side and getattr(layer, "groups", 1) > 1:
+                return None  # a depthwise reader's columns are its filters: readers unknown
+            params = (layer.weight.transpose(0, 1),) if on_side else ()
+        if not on_side or None in item.root_idxs:
             continue
+        found = True
         rows = torch.as_tensor(item.idxs)
-        for p in (layer.weight, layer.bias):
+        for p in params:
             if p is not None:
                 part = p.detach()[rows.to(p.device)].reshape(len(rows), -1)
                 squares.index_add_(0, torch.as_tensor(item.root_idxs),
                                    part.double().pow(2).sum(1).cpu())
-    return squares.sqrt()
+    return squares.sqrt() if found else None
 
 
-def units_to_remove(norms: Tensor, ratio: float, threshold: float) -> tuple[list[int], int]:
-    """The units to remove (never all of them) and how many of them are zero groups."""
-    zero = int((norms <= threshold * norms.max()).sum())
-    count = min(max(zero, int(ratio * len(norms))), len(norms) - 1)
-    smallest = torch.argsort(norms, stable=True)[:count]
-    return sorted(smallest.tolist()), zero
+def zero_units(norms: Tensor | None, threshold: float) -> Tensor:
+    """Which units have a norm ≤ ``threshold`` × the largest (none when ``norms`` is None)."""
+    if norms is None:
+        return torch.zeros(0, dtype=torch.bool)
+    return norms <= threshold * norms.max()
+
+
+def units_to_remove(writers: Tensor, readers: Tensor | None, ratio: float,
+                    threshold: float) -> tuple[list[int], int]:
+    """The units to remove (never all of them) and how many of them are dead.
+
+    A unit is dead when everything writing it is zero (SGL's and SSL's filter groups), or
+    when every layer reading it ignores it (SSL's channel groups: zero weight columns).
+    Beyond the dead ones, the ``ratio`` share with the smallest writer norms goes too.
+    """
+    dead = zero_units(writers, threshold)
+    if readers is not None:
+        dead = dead | zero_units(readers, threshold)
+    count = min(max(int(dead.sum()), int(ratio * len(writers))), len(writers) - 1)
+    # dead units first, then by writer norm
+    order = torch.argsort(torch.where(dead, -1.0, writers.double()), stable=True)
+    return sorted(order[:count].tolist()), int(dead.sum())
 
 
 def units_per_layer(model: nn.Module) -> dict[str, int]:
@@ -150,30 +182,41 @@ def units_per_layer(model: nn.Module) -> dict[str, int]:
 
 
 class Prune(Compressor):
-    """``compress=prune``: remove zero units, and the ``ratio`` smallest of every layer.
+    """``compress=prune``: remove dead units, and the ``ratio`` smallest of every layer;
+    with SSL's structures also zero residual branches (``depth``) and dead im2col columns
+    (``shape``), so filter-, channel-, shape- and depth-wise sparsity all become real.
 
     ``threshold`` is relative to the largest group norm of the layer; ``input_shape`` (C, H, W)
     is one sample's shape, taken from the data, for tracing. ``layers``/``skip_first`` choose
-    the layers whose units may go; the output layer's never do.
+    the layers whose units may go; the output layer's never do. ``depth``: first replace each
+    residual block whose branch is exactly zero by its shortcut
+    (:func:`~compaware.compress.depth.remove_zero_branches`). ``shape``: last, replace each
+    layer with at least ``min_sparsity`` of its columns exactly zero by its live-column
+    version (:func:`~compaware.compress.shape.drop_dead_columns`); the gather it needs costs
+    time, so nearly dense layers stay as they are.
     """
 
     def __init__(self, ratio: float = 0.0, threshold: float = 1e-5,
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
-                 skip_first: bool = False) -> None:
+                 skip_first: bool = False, depth: bool = True, shape: bool = True,
+                 min_sparsity: float = 0.5) -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
                             "compress.ratio takes a number in [0, 1) (the share of each "
                             "layer's units to remove, smallest group norms first).")
         check_range("compress.threshold", threshold, 0, 1)
+        check_range("compress.min_sparsity", min_sparsity, 0, 1)
         for size in input_shape:
             check_range("compress.input_shape", size, 1, integer=True)
         self.ratio, self.threshold = float(ratio), float(threshold)
+        self.depth, self.shape, self.min_sparsity = depth, shape, float(min_sparsity)
         self.input_shape = tuple(int(size) for size in input_shape)
         self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        blocks = remove_zero_branches(model) if self.depth else {}
         before = units_per_layer(model)
         graph = dependency_graph(model, self.input_shape)
         names = {module: name for name, module in model.named_modules()}
@@ -191,21 +234,27 @@ class Prune(Compressor):
                 log.info("prune: %s left whole, %s", ", ".join(writers), reason)
                 notes.update({name: {"reason": reason} for name in writers})
                 continue
-            norms = unit_norms(graph, group)
-            remove, zero = units_to_remove(norms, self.ratio, self.threshold)
+            norms = unit_norms(graph, group, "out")
+            remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), self.ratio,
+                                           self.threshold)
             if zero == len(norms):
-                log.warning("prune: all %d units of %s are zero or below compress.threshold; "
-                            "keeping one so that the layer keeps a width of 1", len(norms),
+                log.warning("prune: all %d units of %s are dead (zero or unread); keeping one "
+                            "so that the layer keeps a width of 1", len(norms),
                             ", ".join(writers))
             notes.update({name: {"zero_units": zero} for name in writers})
             if remove:
                 group.prune(remove)
-        check_still_runs(model, self.input_shape)
-        report: Report = {}
+        report: Report = {name: entry for name, entry in blocks.items() if entry["removed"]}
         for name, units in units_per_layer(model).items():
             report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
             if units < before[name]:
                 log.info("prune %s: %d → %d units", name, before[name], units)
+        if self.shape:
+            for name, columns in drop_dead_columns(model, self.select(model), 0.0,
+                                                   self.min_sparsity).items():
+                if columns.get("live_columns", 0) < columns.get("columns", 0):
+                    report[name].update(columns)  # only layers with dead columns
+        check_still_runs(model, self.input_shape)
         return model, report
 
 
@@ -216,8 +265,10 @@ class PruneSVD(Compressor):
 
     def __init__(self, ratio: float = 0.0, threshold: float = 1e-5, energy: float = 1.0,
                  rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),
-                 layers: str = "all", skip_first: bool = False, skip_last: bool = False) -> None:
-        self.prune = Prune(ratio, threshold, input_shape, layers, skip_first)
+                 layers: str = "all", skip_first: bool = False, skip_last: bool = False,
+                 depth: bool = True, shape: bool = True, min_sparsity: float = 0.5) -> None:
+        self.prune = Prune(ratio, threshold, input_shape, layers, skip_first, depth, shape,
+                           min_sparsity)
         self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:

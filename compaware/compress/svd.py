@@ -79,6 +79,9 @@ class SVD(Compressor):
                 report[name] = {"factorized": False, "reason": "grouped conv"}
                 continue
             w = weight_matrix(layer).float()
+            if w.numel() == 0:  # e.g. a live-column layer with no live column left
+                report[name] = {"factorized": False, "reason": "no weights"}
+                continue
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             rank = choose_rank(s, self.energy, self.threshold, self.rank)
             out_dim, in_dim = w.shape

@@ -11,6 +11,7 @@ from compaware.regularizers.mask import FrozenZeros
 from compaware.regularizers.penalties import L1, L2
 from compaware.regularizers.sgl import SGL
 from compaware.regularizers.ssl import SSL
+from compaware.regularizers.sws import SoftWeightSharing
 
 __all__ = ["L1", "L2", "SGL", "SSL", "FrozenZeros", "LowRank", "LowRankSGL",
-           "ProximalRegularizer", "Regularizer"]
+           "ProximalRegularizer", "Regularizer", "SoftWeightSharing"]

@@ -2,25 +2,38 @@
 
 Where each hook runs (see ``compaware/loop.py``)::
 
+    regularizer.setup(model, data_info)                   # start of the stage, before the
+                                                          # optimizer is built
     loss = cross_entropy + regularizer.penalty(model)    # every step, differentiable
-    loss.backward(); optimizer.step()
+    loss.backward()
+    regularizer.after_backward(model)                     # every step: may edit the gradients
+    optimizer.step()
     regularizer.prox(model, step)                         # after the step if every=step,
                                                           # at the end of the epoch if every=epoch
     regularizer.stats(model)                              # end of epoch, logged to TensorBoard
+    regularizer.figures(model)                            # end of epoch, TensorBoard images
 
-``prox`` mutates the parameters in place under ``no_grad``; nothing else touches the
-model. A regularizer with learnable state (soft weight-sharing) returns it from
-``state_dict`` and its parameters from ``param_groups``, so it is optimised and
-checkpointed with the run.
+``prox`` mutates the parameters in place under ``no_grad`` and ``after_backward`` their
+gradients; nothing else touches the model. A regularizer with learnable state (soft
+weight-sharing) creates it in ``setup`` (from the weights it starts from and the data),
+returns it from ``state_dict`` and its parameters from ``param_groups``, so it is optimised
+and checkpointed with the run.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-from compaware.config import check_choice, check_range
+from compaware.config import UserError, check_choice, check_range
 from compaware.layers import LayerSelection
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from compaware.data import DataInfo
 
 EVERY = ("epoch", "step")
 PROX_STEPS = ("lr", "lr_x_steps")
@@ -34,6 +47,7 @@ class Regularizer:
     """
 
     every: str | None = None  # when prox runs: "epoch", "step", or never
+    needs_pretrained = False  # a method that retrains a trained network (warned about otherwise)
 
     def __init__(self, lam: float = 0.0, layers: str = "all", skip_first: bool = False,
                  skip_last: bool = False) -> None:
@@ -41,9 +55,32 @@ class Regularizer:
         self.lam = float(lam)
         self.select = LayerSelection("regularizer", layers, skip_first, skip_last)
 
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers this regularizer acts on in ``model``."""
+        return self.select(model)
+
+    def check(self, model: nn.Module) -> None:
+        """Called once before its stage trains: stop with a clear message when there is
+        nothing in ``model`` to act on (a plain, zero-strength regularizer never stops)."""
+        if self.lam > 0 and not self.layers(model):
+            s = self.select
+            raise UserError(
+                f"regularizer {type(self).__name__} selects no layer of {type(model).__name__}: "
+                f"regularizer.layers={s.kind}, skip_first={s.skip_first}, "
+                f"skip_last={s.skip_last} leave no conv or linear layer it can act on. "
+                f"regularizer.layers takes one of: all, conv, linear.")
+
+    def setup(self, model: nn.Module, data: DataInfo) -> None:
+        """Called at the start of each stage, before the optimizer is built: create state that
+        depends on the starting weights or on the data (nothing here)."""
+
     def penalty(self, model: nn.Module) -> Tensor:
         """Differentiable term added to the loss at every step (zero here)."""
         return torch.zeros((), device=next(model.parameters()).device)
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Called between ``backward`` and the optimizer step, e.g. to constrain the
+        gradients (nothing here)."""
 
     def prox(self, model: nn.Module, step: float) -> None:
         """Proximal operator with step size ``step``, applied in place (nothing here)."""
@@ -54,6 +91,10 @@ class Regularizer:
 
     def stats(self, model: nn.Module) -> dict[str, float]:
         """Scalars to log at the end of each epoch (``reg/<key>``)."""
+        return {}
+
+    def figures(self, model: nn.Module) -> dict[str, Figure]:
+        """Matplotlib figures to log at the end of each epoch (``reg/<key>`` images)."""
         return {}
 
     def param_groups(self, model: nn.Module) -> list[dict]:

@@ -36,7 +36,7 @@ class LowRank(ProximalRegularizer):
     """
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.select(model) if not is_grouped(m)]
+        return [(n, m) for n, m in super().layers(model) if not is_grouped(m)]
 
     @torch.no_grad()
     def prox(self, model: nn.Module, step: float) -> None:

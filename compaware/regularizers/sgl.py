@@ -93,7 +93,7 @@ class SGL(ProximalRegularizer):
         if model not in self._units:
             norms = batchnorm_after(model)
             self._units[model] = [Units(name, layer, norms.get(name))
-                                  for name, layer in self.select(model)]
+                                  for name, layer in self.layers(model)]
         return self._units[model]
 
     def strength(self, index: int) -> float:

@@ -123,7 +123,7 @@ class SSL(ProximalRegularizer):
 
     def families(self, model: nn.Module, kinds: tuple[str, ...] = KINDS) -> list[GroupFamily]:
         """The group families of ``kinds`` in ``model``."""
-        families = [family for name, layer in self.select(model) if not is_grouped(layer)
+        families = [family for name, layer in self.layers(model) if not is_grouped(layer)
                     for family in layer_families(name, layer, self.filter_bias)
                     if family.kind in kinds]
         if "depth" in kinds:
@@ -149,6 +149,9 @@ class SSL(ProximalRegularizer):
                 f"(blocks of type {', '.join(t.__name__ for t in BRANCHES)}, e.g. model=resnet20, "
                 f"resnet32, or model=torchvision model.name=resnet18). Set regularizer.depth=0.")
         return families
+
+    def check(self, model: nn.Module) -> None:
+        self.active_families(model)
 
     def group_lasso(self, families: list[GroupFamily]) -> Tensor:
         """lam · Σ strength · Σ‖w_g‖ over ``families`` (differentiable)."""

@@ -1,0 +1,336 @@
+"""Soft weight-sharing (Ullrich, Meeds & Welling 2017; PAPERS.md section E): ``regularizer=sws``.
+
+A pre-trained network is retrained under a learned Gaussian-mixture prior over its weights,
+
+    loss = cross-entropy + tau/N · (−log p(w) − Σ_j log Gamma(λ_j | α, β)),
+    p(w) = Π_i Σ_{j=0..J} π_j N(w_i | μ_j, 1/λ_j),
+
+N the training-set size. Component 0 is the zero component: μ_0 = 0 and π_0 fixed; the
+other means, the log-precisions γ_j = log λ_j and the mixing logits are learned, each with its
+own learning rate, as the authors' tutorial does. The weights cluster around the means and
+most of them around zero, so ``compress=quantize`` can then snap every weight to a mean.
+
+−log p(w) is computed chunk by chunk with the log-sum-exp trick, and its gradient in the same
+pass (:class:`_NegLogMixture`), so memory holds one chunk × (J+1) block at a time, never
+(number of weights) × (J+1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from compaware.config import UserError, check_range
+from compaware.data import DataInfo
+from compaware.regularizers.base import Regularizer
+
+LOG_2PI = math.log(2 * math.pi)
+# γ = log(1/σ²) stays within σ ∈ [1e-4, 10]. A component whose variance collapses onto its
+# weights would send −log p to −∞; the Gamma hyper-prior pushes back, and the bound keeps every
+# term finite (float32 holds e^γ and β·e^γ comfortably) whatever the optimizer does.
+LOG_PRECISION_RANGE = (-2 * math.log(10.0), -2 * math.log(1e-4))
+
+
+@dataclass
+class Mixture:
+    """A Gaussian mixture over scalars; component 0 is the zero component."""
+
+    means: Tensor
+    log_precisions: Tensor
+    log_pis: Tensor
+
+    @property
+    def stds(self) -> Tensor:
+        return (-0.5 * self.log_precisions).exp()
+
+    def log_weighted_densities(self, w: Tensor) -> Tensor:
+        """log π_j N(w_i | μ_j, σ_j²): one row per value of ``w``, one column per component."""
+        precision = self.log_precisions.exp()
+        log_norm = self.log_pis + 0.5 * (self.log_precisions - LOG_2PI)
+        return log_norm - 0.5 * precision * (w[:, None] - self.means) ** 2
+
+    def assign(self, w: Tensor, chunk_size: int) -> Tensor:
+        """The most responsible component of each value of ``w`` (chunked)."""
+        return torch.cat([self.log_weighted_densities(c).argmax(1)
+                          for c in w.split(chunk_size)])
+
+    def merged(self, max_kl: float) -> Mixture:
+        """Components whose KL divergence (either way) is below ``max_kl`` merged into one,
+        with π-weighted mean and variance and summed mixing proportion, transitively."""
+        mu, gamma = self.means, self.log_precisions
+        var = (-gamma).exp()
+        # KL(N_i ‖ N_j) = ½(γ_i − γ_j) + ½ λ_j (σ_i² + (μ_i − μ_j)²) − ½
+        kl = 0.5 * (gamma[:, None] - gamma) + 0.5 * gamma.exp() * (
+            var[:, None] + (mu[:, None] - mu) ** 2) - 0.5
+        close = (kl < max_kl) | (kl < max_kl).T
+        group = list(range(len(mu)))  # union-find over the "close" pairs
+        for i, j in close.nonzero().tolist():
+            root_i, root_j = _root(group, i), _root(group, j)
+            group[max(root_i, root_j)] = min(root_i, root_j)
+        roots = torch.tensor([_root(group, i) for i in range(len(mu))])
+        pis = self.log_pis.exp()
+        new_mu, new_var, new_pi = [], [], []
+        for root in roots.unique():
+            members = roots == root
+            share = pis[members] / pis[members].sum()  # exactly 1 for a lone component
+            new_pi.append(pis[members].sum())
+            new_mu.append((share * mu[members]).sum())
+            new_var.append((share * var[members]).sum())
+        return Mixture(torch.stack(new_mu), -torch.stack(new_var).log(),
+                       torch.stack(new_pi).log())
+
+
+def _pair(option: str, value, what: str, strict: bool = False) -> tuple[float, float]:
+    """Two numbers from a config list; with ``strict`` the first must be below the second."""
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"{option}={value!r} is not a pair of numbers; {option} takes "
+                        f"{what}.") from None
+    if strict and not first < second:
+        raise UserError(f"{option}={value!r} is not an increasing pair; {option} takes {what}.")
+    return first, second
+
+
+def _root(group: list[int], i: int) -> int:
+    while group[i] != i:
+        i = group[i]
+    return i
+
+
+def _chunk_terms(w: Tensor, means: Tensor, precisions: Tensor,
+                 log_norms: Tensor) -> tuple[Tensor, ...]:
+    """For one chunk of weights: Σ_i log Σ_j π_j N(w_i | μ_j, 1/λ_j) and the sums its gradient
+    needs (r: responsibilities, d = w − μ): r·d·λ per weight, Σ_i r, Σ_i r·d, Σ_i r·d²."""
+    d = w[:, None] - means
+    q = log_norms - 0.5 * precisions * d * d
+    lse = torch.logsumexp(q, 1, keepdim=True)
+    r = torch.exp(q - lse)
+    rd = r * d
+    return lse.sum(), rd @ precisions, r.sum(0), rd.sum(0), (rd * d).sum(0)
+
+
+def _compiled(kernel: Callable) -> Callable:
+    """``kernel`` fused by ``torch.compile``; a failed compilation becomes a clear message."""
+    compiled = torch.compile(kernel, dynamic=True)
+
+    def run(*args: Tensor) -> tuple[Tensor, ...]:
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            reason = str(e).strip().splitlines()[0][:300]
+            raise UserError(f"regularizer.compile=true, but torch.compile failed here ({reason}). "
+                            f"Set regularizer.compile=false (same results, slower).") from None
+
+    return run
+
+
+class _NegLogMixture(torch.autograd.Function):
+    """−Σ_i log Σ_j π_j N(w_i | μ_j, e^{−γ_j}), with gradients computed chunk by chunk in the
+    forward pass: d/dw_i = Σ_j r_ij λ_j d_ij, d/dμ_j = −λ_j Σ_i r_ij d_ij,
+    d/dγ_j = −½ Σ_i r_ij + ½ λ_j Σ_i r_ij d_ij², d/d(log π_j) = −Σ_i r_ij."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, means: Tensor, log_precisions: Tensor, log_pis: Tensor,
+                chunk_size: int, kernel: Callable) -> Tensor:
+        precisions = log_precisions.exp()
+        log_norms = log_pis + 0.5 * (log_precisions - LOG_2PI)
+        total = w.new_zeros(())
+        grad_w = torch.empty_like(w)
+        sum_r, sum_rd, sum_rdd = (torch.zeros_like(means) for _ in range(3))
+        for start in range(0, w.numel(), chunk_size):
+            chunk = w[start:start + chunk_size]
+            lse, grad_chunk, r, rd, rdd = kernel(chunk, means, precisions, log_norms)
+            total -= lse
+            grad_w[start:start + len(chunk)] = grad_chunk
+            sum_r += r
+            sum_rd += rd
+            sum_rdd += rdd
+        ctx.save_for_backward(grad_w, -precisions * sum_rd,
+                              -0.5 * sum_r + 0.5 * precisions * sum_rdd, -sum_r)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        return (*(grad * g for g in ctx.saved_tensors), None, None)
+
+
+class SoftWeightSharing(Regularizer):
+    """``regularizer=sws``: the mixture prior over the selected layers' weights (and biases).
+
+    ``tau`` is the strength τ (the prior is divided by the training-set size N, given by
+    ``setup``); ``components`` the number J of learned components besides the zero one, whose
+    mixing proportion is fixed at ``pi_zero``. Means start evenly spaced over ``init_range``
+    (default: the range of the weights at the start of retraining), all stds at ``init_std``.
+    ``gamma_zero`` and ``gamma`` are the (α, β) of the Gamma hyper-priors on the zero
+    component's precision and the others'. The weights learn at the stage's lr
+    (``schedule.lr``), the means, log-precisions and mixing logits at ``lr_means``,
+    ``lr_log_precisions`` and ``lr_mixing``. ``chunk_size`` weights are processed at a time;
+    ``compile`` fuses the per-chunk computation with ``torch.compile`` (faster on long runs,
+    one compilation first; needs a C++ compiler on CPU).
+    """
+
+    every = "step"  # prox: keep the log-precisions within LOG_PRECISION_RANGE
+    needs_pretrained = True
+
+    def __init__(self, tau: float = 0.003, components: int = 16, pi_zero: float = 0.99,
+                 biases: bool = True, init_range: list[float] | None = None,
+                 init_std: float = 0.25, gamma_zero: list[float] = (5000.0, 2.0),
+                 gamma: list[float] = (250.0, 0.1), lr_means: float = 1e-4,
+                 lr_log_precisions: float = 3e-3, lr_mixing: float = 3e-3,
+                 chunk_size: int = 65536, compile: bool = False, layers: str = "all",
+                 skip_first: bool = False, skip_last: bool = False) -> None:
+        check_range("regularizer.tau", tau, 0)
+        super().__init__(tau, layers, skip_first, skip_last)
+        check_range("regularizer.components", components, 1, integer=True)
+        check_range("regularizer.pi_zero", pi_zero, 0, 1, low_open=True)
+        if pi_zero == 1:
+            raise UserError("regularizer.pi_zero=1 leaves no mass to the learned components; "
+                            "regularizer.pi_zero takes a number in (0, 1).")
+        self.init_range = None if init_range is None else _pair(
+            "regularizer.init_range", init_range, "[low, high] with low < high", strict=True)
+        check_range("regularizer.init_std", init_std, 0, low_open=True)
+        self.hyper_priors = [_pair(f"regularizer.{option}", value, "[alpha, beta] with "
+                                   "alpha >= 1 and beta > 0 (a Gamma(alpha, beta) prior)")
+                             for option, value in (("gamma_zero", gamma_zero), ("gamma", gamma))]
+        for option, (alpha, beta) in zip(("gamma_zero", "gamma"), self.hyper_priors, strict=True):
+            check_range(f"regularizer.{option}[0]", alpha, 1)
+            check_range(f"regularizer.{option}[1]", beta, 0, low_open=True)
+        for option, lr in (("lr_means", lr_means), ("lr_log_precisions", lr_log_precisions),
+                           ("lr_mixing", lr_mixing)):
+            check_range(f"regularizer.{option}", lr, 0)
+        check_range("regularizer.chunk_size", chunk_size, 1, integer=True)
+        self.tau, self.components, self.pi_zero = float(tau), int(components), float(pi_zero)
+        self.biases, self.init_std, self.chunk_size = bool(biases), float(init_std), chunk_size
+        self.lrs = (lr_means, lr_log_precisions, lr_mixing)
+        self.kernel = _compiled(_chunk_terms) if compile else _chunk_terms
+        self.train_size = 0
+        self.means = self.log_precisions = self.mixing_logits = None
+
+    # ------------------------------------------------------------------ the weights and state
+
+    def tensors(self, model: nn.Module) -> list[tuple[str, Tensor]]:
+        """The parameters under the prior, by name: selected layers' weights (and biases)."""
+        chosen = []
+        for name, layer in self.select(model):
+            chosen.append((f"{name}.weight", layer.weight))
+            if self.biases and layer.bias is not None:
+                chosen.append((f"{name}.bias", layer.bias))
+        return chosen
+
+    def flat_weights(self, model: nn.Module) -> Tensor:
+        return torch.cat([t.reshape(-1) for _, t in self.tensors(model)])
+
+    def setup(self, model: nn.Module, data: DataInfo) -> None:
+        """A fresh mixture fitted to the range of the weights retraining starts from."""
+        w = self.flat_weights(model).detach()
+        low, high = self.init_range or (float(w.min()), float(w.max()))
+        device = w.device
+        self.train_size = data.train_size
+        self.means = torch.linspace(low, high, self.components, device=device)
+        self.log_precisions = torch.full((self.components + 1,),
+                                         -2 * math.log(self.init_std), device=device)
+        self.mixing_logits = torch.zeros(self.components, device=device)
+        for t in self.state():
+            t.requires_grad_()
+
+    def state(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.means, self.log_precisions, self.mixing_logits
+
+    def mixture(self) -> Mixture:
+        """The current mixture, zero component first (a detached copy)."""
+        with torch.no_grad():
+            return self._mixture()
+
+    def _mixture(self) -> Mixture:
+        means = torch.cat([self.means.new_zeros(1), self.means])
+        log_pis = torch.cat([self.means.new_tensor([math.log(self.pi_zero)]),
+                             math.log1p(-self.pi_zero) + self.mixing_logits.log_softmax(0)])
+        return Mixture(means, self.log_precisions.clamp(*LOG_PRECISION_RANGE), log_pis)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return [{"params": [t], "lr": lr, "weight_decay": 0.0}
+                for t, lr in zip(self.state(), self.lrs, strict=True)]
+
+    def state_dict(self) -> dict:
+        names = ("means", "log_precisions", "mixing_logits")
+        return {n: t.detach().clone() for n, t in zip(names, self.state(), strict=True)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """In place: the optimizer already holds these tensors."""
+        with torch.no_grad():
+            for name, t in zip(("means", "log_precisions", "mixing_logits"), self.state(),
+                               strict=True):
+                t.copy_(state[name])
+
+    # ---------------------------------------------------------------------- the loss terms
+
+    def negative_log_prior(self, model: nn.Module) -> Tensor:
+        """−log p(w) − Σ_j log Gamma(λ_j | α, β), up to constants (before the τ/N scaling)."""
+        mixture = self._mixture()
+        nll = _NegLogMixture.apply(self.flat_weights(model), mixture.means,
+                                   mixture.log_precisions, mixture.log_pis, self.chunk_size,
+                                   self.kernel)
+        gamma = mixture.log_precisions
+        (alpha0, beta0), (alpha, beta) = self.hyper_priors
+        alphas = gamma.new_tensor([alpha0] + [alpha] * self.components)
+        betas = gamma.new_tensor([beta0] + [beta] * self.components)
+        # −log Gamma(λ | α, β) = (1 − α) log λ + β λ + const
+        return nll + ((1 - alphas) * gamma + betas * gamma.exp()).sum()
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        return self.tau / self.train_size * self.negative_log_prior(model)
+
+    @torch.no_grad()
+    def prox(self, model: nn.Module, step: float) -> None:
+        self.log_precisions.clamp_(*LOG_PRECISION_RANGE)
+
+    # ---------------------------------------------------------------------------- logging
+
+    @torch.no_grad()
+    def stats(self, model: nn.Module) -> dict[str, float]:
+        if self.means is None:
+            return {}
+        mixture = self.mixture()
+        assigned = mixture.assign(self.flat_weights(model), self.chunk_size)
+        stats = {"zero_share": float((assigned == 0).float().mean()),
+                 "neg_log_prior": float(self.negative_log_prior(model))}
+        for j in range(len(mixture.means)):
+            stats[f"mean/{j:02d}"] = float(mixture.means[j])
+            stats[f"std/{j:02d}"] = float(mixture.stds[j])
+            stats[f"pi/{j:02d}"] = float(mixture.log_pis[j].exp())
+        return stats
+
+    @torch.no_grad()
+    def figures(self, model: nn.Module) -> dict[str, Figure]:
+        """A histogram of the weights (log scale) with each mixture component overlaid,
+        scaled to the histogram's counts: how this method is usually looked at."""
+        if self.means is None:
+            return {}
+        w = self.flat_weights(model).float().cpu()
+        current = self.mixture()
+        mixture = Mixture(*(t.float().cpu() for t in (current.means, current.log_precisions,
+                                                       current.log_pis)))
+        figure = Figure(figsize=(8, 4), layout="constrained")
+        axes = figure.add_subplot()
+        counts, edges, _ = axes.hist(w.numpy(), bins=200, color="0.7", log=True,
+                                     label=f"{len(w):,} weights")
+        x = torch.linspace(float(edges[0]), float(edges[-1]), 1000)
+        scale = len(w) * float(edges[1] - edges[0])
+        densities = mixture.log_weighted_densities(x).exp() * scale
+        for j in range(densities.shape[1]):
+            axes.plot(x.numpy(), densities[:, j].numpy(), lw=1,
+                      color="C3" if j == 0 else "C0", label="zero component" if j == 0 else
+                      ("other components" if j == 1 else None))
+        axes.set_ylim(0.5, max(float(counts.max()), 1.0) * 2)
+        axes.set_xlabel("weight")
+        axes.set_ylabel("count")
+        axes.legend(loc="upper right", fontsize="small")
+        return {"mixture": figure}
