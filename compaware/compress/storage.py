@@ -49,8 +49,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from compaware.checkpoint import write_atomically
-
 MAGIC = b"CWSF"  # compaware weight-sharing format
 VERSION = 1
 RELATIVE_INDEX_BITS = {"linear": 5, "conv": 8}
@@ -291,7 +289,7 @@ def write(model: nn.Module, codings: dict[str, LayerCoding], path: str | Path,
         else:
             bits += _write_raw(out, tensor)
     path = Path(path)
-    write_atomically(path, lambda f: f.write(b"".join(out.parts)))
+    path.write_bytes(b"".join(out.parts))
     return Stored(path.stat().st_size, bits)
 
 
