@@ -25,6 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from compaware import bench, checkpoint
 from compaware.config import CONF_DIR, Device, UserError, instantiate, to_container, validate
 from compaware.data import build_data
+from compaware.export import check_exportable
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
 from compaware.regularizers import Regularizer
@@ -55,6 +56,7 @@ def train(cfg: DictConfig) -> dict:
         checkpoint.load_weights(model, cfg.init_from)
     info = data.info
     input_shape = (info.channels, info.image_size, info.image_size)
+    check_exportable(model, input_shape)  # now, not after training: the results need the file
     s = cfg.schedule
     writer = SummaryWriter(str(run_dir / "tb"))
     common = {"seed": cfg.seed, "device": device, "writer": writer, "resume": cfg.resume,
