@@ -1,0 +1,149 @@
+"""Every registered model × every regularizer × its natural compressor.
+
+Each case trains a few steps with the regularizer on ``data=synthetic`` at a small input
+size, then checks that
+  (a) compression with nothing to remove leaves the outputs equal,
+  (b) forced compression makes the model smaller in parameters and in MACs,
+  (c) the compressed model, exported, reloads with torch alone (``torch.export.load``,
+      no compaware class involved) and gives the same outputs.
+
+Models are discovered from ``conf/model`` (plus torchvision classifiers by name) and
+regularizers from ``conf/regularizer``, so a new YAML is tested without editing this file,
+except that a new regularizer must name its natural compressor in
+:data:`NATURAL_COMPRESSOR` and a new compressor its settings in :data:`COMPRESSOR_SETTINGS`.
+The default suite runs the small models; ``pytest -m slow`` the rest. The figures of each
+case are attached as junit properties (``pytest --junitxml=…``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from compaware.bench import count_macs, count_params
+from compaware.config import CONF_DIR, instantiate
+from compaware.data import build_data
+from compaware.export import export_model
+from compaware.loop import Stage, fit
+from compaware.models import build_model
+
+CONF = Path(CONF_DIR)
+
+# Each regularizer's natural compressor (README, "Methods").
+NATURAL_COMPRESSOR = {"none": "svd", "l1": "svd", "l2": "svd", "lowrank": "svd"}
+
+# Per compressor: its options (``compress.<key>=<value>``) under which it removes nothing,
+# and under which it must remove something from any trained model.
+COMPRESSOR_SETTINGS = {
+    "svd": {"lossless": ["energy=1.0", "rank=null"], "forced": ["rank=2"]},
+}
+
+# torchvision classifiers beyond the registered YAMLs: efficient designs (depthwise and
+# grouped convs, squeeze-excitation, channel shuffle, concatenation).
+TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11",
+               "densenet121", "regnet_x_400mf", "shufflenet_v2_x0_5"]
+
+# AlexNet's and VGG's classifiers (9216 or 25088 → 4096 → 4096) take minutes per SVD on 2
+# cores: their convs are tested here, linears by every other model.
+CONV_ONLY = ["regularizer.layers=conv", "compress.layers=conv"]
+
+# Models with more than one configuration worth testing, and what each needs; any other
+# model runs as its YAML stands.
+VARIANTS: dict[str, list[tuple[str, list[str]]]] = {
+    "torchvision": [(name, [f"model.name={name}", *(CONV_ONLY if name == "vgg11" else [])])
+                    for name in TORCHVISION],
+    "decomposeme": [("dec8", ["model.preset=dec8"]),
+                    ("dec3", ["model.preset=dec3", "data.channels=1", "data.num_classes=36"])],
+    "alexnet": [("", ["data.image_size=63", *CONV_ONLY])],  # its pooling needs 63×63
+}
+
+# Small inputs, a few steps of training.
+BASE = ["data=synthetic", "data.channels=3", "data.image_size=32", "data.num_classes=10",
+        "data.train_size=32", "data.test_size=16", "schedule.batch_size=8",
+        "schedule.max_steps_per_epoch=2", "schedule.epochs=1", "schedule.lr=0.01"]
+
+# The cases of the default suite (a few seconds each): every regularizer on LeNet-5, and
+# the natural pairing on a model of each kind; every other case is marked slow.
+DEFAULT_SUITE = {("lenet5", r) for r in NATURAL_COMPRESSOR} | {
+    (model, "lowrank") for model in ("lenet300", "decomposeme-dec3",
+                                     "torchvision-mobilenet_v3_small")}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _model_cases() -> list[tuple[str, list[str]]]:
+    cases = []
+    for option in _options("model"):
+        for suffix, overrides in VARIANTS.get(option, [("", [])]):
+            cases.append((f"{option}-{suffix}" if suffix else option,
+                          [f"model={option}", *overrides]))
+    return cases
+
+
+def _matrix() -> list:
+    params = []
+    for model_id, overrides in _model_cases():
+        for regularizer in _options("regularizer"):
+            slow = (model_id, regularizer) not in DEFAULT_SUITE
+            params.append(pytest.param(model_id, overrides, regularizer,
+                                       id=f"{model_id}-{regularizer}",
+                                       marks=[pytest.mark.slow] if slow else []))
+    return params
+
+
+def test_every_regularizer_and_compressor_has_matrix_settings():
+    missing = set(_options("regularizer")) - set(NATURAL_COMPRESSOR)
+    assert not missing, f"add the natural compressor of {missing} to NATURAL_COMPRESSOR"
+    assert set(NATURAL_COMPRESSOR.values()) <= set(COMPRESSOR_SETTINGS)
+    assert set(NATURAL_COMPRESSOR.values()) <= set(_options("compress"))
+
+
+@pytest.mark.parametrize(("model_id", "overrides", "regularizer"), _matrix())
+def test_train_compress_reload(make_cfg, tmp_path, record_property, model_id, overrides,
+                               regularizer):
+    compressor = NATURAL_COMPRESSOR[regularizer]
+    cfg = make_cfg(*BASE, *overrides, f"regularizer={regularizer}", f"compress={compressor}")
+    torch.manual_seed(0)
+    data = build_data(cfg.data)
+    model = build_model(cfg.model, data.info)
+    fit(model, data, Stage("train", 1, cfg.schedule.lr, instantiate(cfg.regularizer,
+                                                                     "regularizer")),
+        cfg.schedule, seed=0, device=torch.device("cpu"), checkpoint_path=tmp_path / "c.pt",
+        writer=SummaryWriter(str(tmp_path / "tb")), resume=False, meta={})
+    model.eval()
+    info = data.info
+    shape = (info.channels, info.image_size, info.image_size)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        dense = model(x)
+    tolerance = {"rtol": 1e-3, "atol": 1e-3 * float(dense.abs().max()) + 1e-5}
+
+    settings = COMPRESSOR_SETTINGS[compressor]
+
+    def compress(setting: str) -> tuple[torch.nn.Module, dict]:
+        node = OmegaConf.merge(cfg.compress, OmegaConf.from_dotlist(settings[setting]))
+        compressed, report = instantiate(node, "compress")(model)
+        return compressed.eval(), report
+
+    lossless, _ = compress("lossless")
+    with torch.no_grad():
+        torch.testing.assert_close(lossless(x), dense, **tolerance)  # (a)
+
+    forced, report = compress("forced")
+    record_property("input", "×".join(map(str, shape)))
+    sizes = {"params": (count_params(model), count_params(forced)),
+             "macs": (count_macs(model, shape), count_macs(forced, shape))}
+    for key, (before, after) in sizes.items():
+        record_property(key, f"{before} -> {after}")
+        assert after < before, f"forced {compressor} did not reduce {key}: {report}"  # (b)
+
+    export_model(forced, torch.zeros(2, *shape), tmp_path / "forced.pt2")
+    reloaded = torch.export.load(str(tmp_path / "forced.pt2")).module()  # graph + weights only
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), forced(x), rtol=1e-4, atol=1e-5)  # (c)
