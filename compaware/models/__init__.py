@@ -47,6 +47,8 @@ def check_input_fits(model: nn.Module, node: DictConfig, info: DataInfo) -> None
 def smallest_fitting_size(model: nn.Module, channels: int, failing: int) -> int | None:
     """The smallest image size above ``failing`` the model accepts, or None below
     :data:`LARGEST_SIZE_TRIED`: doubling until one works, then bisecting."""
+    if failing >= LARGEST_SIZE_TRIED:
+        return None
     works = min(2 * failing, LARGEST_SIZE_TRIED)
     while _forward_error(model, channels, works) is not None:
         if works >= LARGEST_SIZE_TRIED:
