@@ -14,7 +14,9 @@ from compaware.bench import count_macs, count_params
 from compaware.compress import SVD
 from compaware.compress.svd import choose_rank, factorize
 from compaware.export import export_model
+from compaware.layers import is_grouped, weight_layers, weight_matrix
 from compaware.models.lenet import LeNet5
+from compaware.models.tv import torchvision_classifier
 
 
 @pytest.mark.parametrize("layer", [
@@ -107,6 +109,26 @@ def test_exactly_low_rank_layers_are_factorized_with_equal_outputs():
     assert count_params(compressed) < count_params(model) / 4
     assert count_macs(compressed, (1, 28, 28)) < count_macs(model, (1, 28, 28))
     assert isinstance(model.fc1, nn.Linear)  # the trained model is left as it was
+
+
+def test_exactly_low_rank_layers_of_a_real_model_are_factorized_with_equal_outputs():
+    # MobileNetV3: BN, hardswish, squeeze-excitation 1×1 convs, depthwise convs (skipped).
+    torch.manual_seed(0)
+    model = torchvision_classifier("mobilenet_v3_small", num_classes=10, image_size=32).eval()
+    with torch.no_grad():
+        for _, layer in weight_layers(model):
+            if not is_grouped(layer):
+                w = weight_matrix(layer)
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                s[max(1, len(s) // 4):] = 0  # a quarter of the rank: always cheaper
+                w.copy_((u * s) @ vh)
+    compressed, report = SVD()(model)
+    assert all(r["factorized"] != (r.get("reason") == "grouped conv") for r in report.values())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x), model(x), atol=1e-4, rtol=1e-3)
+    assert count_params(compressed) < count_params(model) / 2
+    assert count_macs(compressed, (3, 32, 32)) < count_macs(model, (3, 32, 32))
 
 
 def test_factorized_mac_count_by_hand():
