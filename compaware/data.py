@@ -210,9 +210,6 @@ def load_cifar10(cfg: DataConfig) -> Split:
 def load_imagenet(cfg: DataConfig) -> Split:
     """An ImageFolder tree ``<root>/train/<class>/…`` and ``<root>/val/<class>/…`` with the
     standard ImageNet transforms (random resized crop + flip; resize + center crop)."""
-    root = Path(cfg.root or "data/imagenet")
-    for split in ("train", "val"):
-        _require_dir(cfg, root / split, f"the ImageFolder tree '{split}/<class>/<image>'")
     normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     size = cfg.image_size
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size),
@@ -220,9 +217,37 @@ def load_imagenet(cfg: DataConfig) -> Split:
                                    normalize])
     test_tf = transforms.Compose([transforms.Resize(size * 256 // 224),
                                   transforms.CenterCrop(size), transforms.ToTensor(), normalize])
-    train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    test = torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf)
-    return train, test, 3, len(train.classes)
+    return _image_folders(cfg, Path(cfg.root or "data/imagenet"), ("train", "val"),
+                          train_tf, test_tf, channels=3)
+
+
+def load_icdar(cfg: DataConfig) -> Split:
+    """ICDAR character crops as an ImageFolder tree ``<root>/train/<class>/…`` and
+    ``<root>/test/<class>/…`` (36 classes, 0-9 and a-z, in the papers): read as gray,
+    resized to ``image_size`` (32), scaled to [-1, 1]; no augmentation."""
+    tf = transforms.Compose([transforms.Grayscale(1), transforms.Resize((cfg.image_size,) * 2),
+                             transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    return _image_folders(cfg, Path(cfg.root or "data/icdar"), ("train", "test"), tf, tf,
+                          channels=1)
+
+
+def _image_folders(cfg: DataConfig, root: Path, splits: tuple[str, str], train_tf, test_tf,
+                   channels: int) -> Split:
+    """Train and test ImageFolder trees ``<root>/<split>/<class>/<image>`` with the same
+    classes."""
+    for split in splits:
+        _require_dir(cfg, root / split, f"the ImageFolder tree '{split}/<class>/<image>'",
+                     f" (conf/data/{cfg.name}.yaml describes it)")
+    try:
+        train, test = (torchvision.datasets.ImageFolder(str(root / split), transform=tf)
+                       for split, tf in zip(splits, (train_tf, test_tf), strict=True))
+    except FileNotFoundError as e:  # a class folder without images
+        raise UserError(f"data={cfg.name}: {e} (in {root}).") from None
+    if train.classes != test.classes:
+        raise UserError(f"data={cfg.name}: {root / splits[0]} and {root / splits[1]} have "
+                        f"different class folders ({len(train.classes)} and "
+                        f"{len(test.classes)}); both need one folder per class, the same ones.")
+    return train, test, channels, len(train.classes)
 
 
 def load_synthetic(cfg: DataConfig) -> Split:
@@ -246,5 +271,6 @@ LOADERS: dict[str, Callable[[DataConfig], Split]] = {
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "imagenet": load_imagenet,
+    "icdar": load_icdar,
     "synthetic": load_synthetic,
 }

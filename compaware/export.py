@@ -4,6 +4,10 @@ We use ``torch.export`` (TorchScript's successor; ``torch.jit.trace`` is depreca
 this torch). The exported program records the graph and the weights, not Python
 code, and ``torch.export.load(path).module()`` gives back an ordinary callable
 ``nn.Module`` in any Python that has torch.
+
+A model torch.export cannot trace (Python control flow on tensor values, say) stops with
+a :class:`~compaware.config.UserError` naming the layer; ``compaware train`` checks this
+before training (:func:`check_exportable`) so the run does not fail at its end.
 """
 
 from __future__ import annotations
@@ -15,14 +19,32 @@ import torch
 from torch import nn
 
 from compaware.checkpoint import write_atomically
+from compaware.config import UserError
+from compaware.layers import describe_failure
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``model`` (a copy, on the CPU, in eval mode) as an exported program, batch size dynamic."""
+    model = copy.deepcopy(model).cpu().eval()
+    try:
+        return torch.export.export(model, (example.cpu(),),
+                                   dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    except Exception as e:  # torch.export's many error types, all deep inside torch
+        raise UserError(
+            f"The model cannot be exported with torch.export (the standalone model_*.pt2 "
+            f"files): tracing {describe_failure(model, e)}. Make that layer traceable (no Python "
+            f"control flow on tensor values, no data-dependent shapes) or choose another "
+            f"model.") from None
+
+
+def check_exportable(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Stop with a :class:`UserError` naming the layer unless ``model`` exports."""
+    trace(model, torch.zeros(2, *input_shape))
 
 
 def export_model(model: nn.Module, example: torch.Tensor, path: str | Path) -> int:
     """Write ``model`` (in eval mode, batch size dynamic) to ``path``; return its size in bytes."""
-    model = copy.deepcopy(model).cpu().eval()
-    example = example.cpu()
-    batch = torch.export.Dim.DYNAMIC
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    program = trace(model, example)
     path = Path(path)
     write_atomically(path, lambda f: torch.export.save(program, f))
     return path.stat().st_size

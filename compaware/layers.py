@@ -7,7 +7,10 @@ by hand.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
+import traceback
 
 import torch.fx
 from torch import Tensor, nn
@@ -85,3 +88,48 @@ def batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
                     and isinstance(modules[source.target], WEIGHT_LAYERS)):
                 found[source.target] = modules[node.target]
     return found
+
+def read_by_parent(model: nn.Module, name: str) -> bool:
+    """Whether the parent of layer ``name`` uses its ``weight`` tensor directly in its own
+    ``forward`` (``nn.MultiheadAttention`` passes ``self.out_proj.weight`` to a functional
+    kernel) rather than calling the layer: replacing such a layer by other modules breaks
+    the parent. Read from the parent's source; a parent without source is assumed not to."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(rf"self\.{re.escape(child)}\.weight\b", source) is not None
+
+
+def describe_failure(model: nn.Module, error: BaseException) -> str:
+    """``"fails at <layer> (<Type>): <first line of the error>"``, for user messages."""
+    layer = failing_layer(model, error)
+    message = str(error).strip()
+    reason = message.splitlines()[0] if message else type(error).__name__
+    return f"fails{f' at {layer}' if layer else ''}: {reason}"
+
+
+def failing_layer(model: nn.Module, error: BaseException) -> str | None:
+    """The innermost submodule of ``model`` whose ``forward`` was running when ``error`` was
+    raised, as ``"name (Type)"`` (the model's own forward if no submodule was running);
+    None if the error came from outside the model.
+
+    Read from the tracebacks of the error and of the errors it chains (tracers re-raise),
+    so it names the culprit for an eager forward pass and for ``torch.export`` alike.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    culprit = None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            module = frame.f_locals.get("self")
+            if id(module) in names:
+                culprit = module
+        error = error.__cause__ or error.__context__
+    if culprit is None:
+        return None
+    kind = type(culprit).__name__
+    return f"{names[id(culprit)]} ({kind})" if names[id(culprit)] else f"the model's own {kind}"

@@ -41,6 +41,7 @@ from compaware.config import (
     validate,
 )
 from compaware.data import build_data
+from compaware.export import check_exportable
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
 from compaware.regularizers import Regularizer
@@ -75,6 +76,7 @@ def train(cfg: DictConfig) -> dict:
                     "set schedule.pretrain_epochs or init_from.", cfg.regularizer._target_)
     info = data.info
     input_shape = (info.channels, info.image_size, info.image_size)
+    check_exportable(model, input_shape)  # now, not after training: the results need the file
     s = cfg.schedule
     writer = SummaryWriter(str(run_dir / "tb")) if distributed.is_main() else distributed.NoWriter()
     common = {"seed": cfg.seed, "device": device, "writer": writer, "resume": resume,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from compaware.config import DataConfig, UserError
 from compaware.data import DEBIAN_FASHION_MNIST, _read_idx, build_data, train_loader
@@ -72,3 +73,36 @@ def test_fashion_mnist_from_debian():
     data = build_data(DataConfig(name="fashion_mnist", limit=500))
     assert len(data.train) == 500 and len(data.test) == 10_000
     assert data.train[0][0].shape == (1, 28, 28)
+
+
+ICDAR_CLASSES = list("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _image_tree(root: Path, classes: dict[str, list[str]]) -> None:
+    """Two small colour PNGs per class and split, of a size other than 32×32."""
+    for split, names in classes.items():
+        for i, name in enumerate(names):
+            (root / split / name).mkdir(parents=True)
+            for j in range(2):
+                pixels = np.full((24, 40, 3), (7 * i + j) % 256, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{j}.png")
+
+
+def test_icdar_reads_an_image_folder_tree_as_gray_32x32(make_cfg, tmp_path):
+    _image_tree(tmp_path / "icdar", {"train": ICDAR_CLASSES, "test": ICDAR_CLASSES})
+    data = build_data(make_cfg("data=icdar", f"data.root={tmp_path / 'icdar'}").data)
+    assert (len(data.train), len(data.test), data.info.num_classes) == (72, 72, 36)
+    x, y = data.train[2]
+    assert x.shape == (1, 32, 32) and int(y) == 1  # second class folder, "1"
+
+
+def test_icdar_missing_or_inconsistent_trees_say_what_is_wrong(make_cfg, tmp_path):
+    with pytest.raises(UserError, match=r"data=icdar: the ImageFolder tree 'train/<class>/"
+                                        r"<image>' not found at .*nowhere/train.*data.root"):
+        build_data(make_cfg("data=icdar", f"data.root={tmp_path / 'nowhere'}").data)
+    _image_tree(tmp_path / "odd", {"train": ICDAR_CLASSES, "test": ICDAR_CLASSES[:10]})
+    with pytest.raises(UserError, match="different class folders"):
+        build_data(make_cfg("data=icdar", f"data.root={tmp_path / 'odd'}").data)
+    _image_tree(tmp_path / "digits", {"train": ICDAR_CLASSES[:10], "test": ICDAR_CLASSES[:10]})
+    with pytest.raises(UserError, match="10 classes.*data.num_classes=36"):
+        build_data(make_cfg("data=icdar", f"data.root={tmp_path / 'digits'}").data)

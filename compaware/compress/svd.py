@@ -4,17 +4,28 @@ A conv W (out, in, kh, kw), seen as out × (in·kh·kw) = U Σ Vᵀ, truncated t
 becomes two convs: r filters of in×kh×kw (√Σ Vᵀ, with the original stride, padding and
 dilation), then a 1×1 conv r → out (U √Σ, with the bias). A linear becomes two linears.
 A layer is factorized only where that is cheaper: r·(out + in·kh·kw) < out·in·kh·kw,
-which is the same inequality for parameters and for MACs.
+which is the same inequality for parameters and for MACs (both convs run at the original
+layer's output resolution, whatever its kernel, stride, padding or dilation).
+
+Every conv and linear is a candidate (standard, 1×1, DecomposeMe's k×1 and 1×k). Skipped,
+with the reason logged and reported: grouped and depthwise convs (their weight matrix is
+not the layer's linear map) and layers whose parent reads ``.weight`` directly instead of
+calling them (``nn.MultiheadAttention.out_proj``, Swin's attention), which a pair of layers
+cannot replace.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor, nn
 
 from compaware.compress.base import Compressor, Report
 from compaware.config import check_range
-from compaware.layers import LayerSelection, is_grouped, weight_matrix
+from compaware.layers import LayerSelection, is_grouped, read_by_parent, weight_matrix
+
+log = logging.getLogger(__name__)
 
 
 def choose_rank(singular_values: Tensor, energy: float, threshold: float,
@@ -59,7 +70,7 @@ class SVD(Compressor):
     """``compress=svd``: factorize every selected conv/linear where it gets cheaper.
 
     Rank per layer: see :func:`choose_rank` (``energy``, ``threshold``, ``rank``).
-    Grouped and depthwise convs are skipped and reported as such.
+    Layers it cannot factorize are skipped and reported with the reason (module docstring).
     """
 
     def __init__(self, energy: float = 1.0, rank: int | None = None, threshold: float = 1e-5,
@@ -75,8 +86,12 @@ class SVD(Compressor):
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         report: Report = {}
         for name, layer in self.select(model):
-            if is_grouped(layer):
-                report[name] = {"factorized": False, "reason": "grouped conv"}
+            skip = ("grouped conv" if is_grouped(layer) else
+                    "its parent reads the weight directly" if read_by_parent(model, name) else
+                    None)
+            if skip:
+                log.info("svd: %s (%s) left as it is: %s", name, type(layer).__name__, skip)
+                report[name] = {"factorized": False, "reason": skip}
                 continue
             w = weight_matrix(layer).float()
             if w.numel() == 0:  # e.g. a live-column layer with no live column left
