@@ -41,4 +41,6 @@ def test_an_untraceable_model_names_the_layer():
 def test_train_stops_before_training(make_cfg, tmp_path):
     with pytest.raises(UserError, match=r"at gate \(DataDependentGate\)"):
         train(make_cfg("data=synthetic", f"model._target_={__name__}.GatedNet"))
-    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    run = tmp_path / "run"  # claimed (the lock), but nothing trained and nothing written
+    assert not list(run.glob("checkpoints/*")) and not list(run.glob("*.pt2"))
+    assert not (run / "tb").exists()

@@ -117,6 +117,26 @@ def test_ratio_on_a_resnet_keeps_residual_channels_consistent():
     assert compressed(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_a_model_that_does_not_trace_as_a_whole_is_pruned_inside_its_parts():
+    # ShuffleNet's channel shuffle defeats Torch-Pruning's tracer; each block's branches trace
+    model = torchvision_classifier("shufflenet_v2_x0_5", num_classes=10).eval()
+    branch = model.stage2[1].branch2  # 1×1 conv, BN, ReLU, depthwise 3×3, BN, 1×1 conv, …
+    with torch.no_grad():
+        for layer in (branch[0], branch[1], branch[3], branch[4]):  # 5 internal units dead
+            layer.weight[:5] = 0
+            if layer.bias is not None:
+                layer.bias[:5] = 0
+    x = torch.randn(2, 3, 32, 32)
+    exact, report = Prune(input_shape=(3, 32, 32))(model)
+    assert report["stage2.1.branch2.0"] == {"units": 24, "kept": 19, "zero_units": 5}
+    torch.testing.assert_close(exact(x), model(x))
+    smaller, report = Prune(ratio=0.5, input_shape=(3, 32, 32))(model)
+    assert report["stage4.0.branch2.0"]["kept"] == 48  # inside a block: half
+    assert report["stage4.0.branch2.5"]["kept"] == 96  # the block's output: the shuffle's
+    assert count_macs(smaller, (3, 32, 32)) < 0.8 * count_macs(model, (3, 32, 32))
+    assert smaller(x).shape == (2, 10)
+
+
 def test_channels_tied_to_a_groupnorm_or_a_grouped_conv_are_left_whole():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, groups=2),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.Flatten(),

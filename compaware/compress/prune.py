@@ -26,8 +26,10 @@ Never removed: the output layer's units (the classes), and the last unit of a la
 
 Left whole (see :func:`blocking_layer`): channels tied to a grouped or transposed conv, a
 LayerNorm or GroupNorm, attention or a bare parameter; such models (ViT, ConvNeXt, ResNeXt,
-RegNet) are pruned only where those are absent. Models Torch-Pruning cannot trace
-(ShuffleNet's channel shuffle) stop with a message. The exactness argument assumes that the
+RegNet) are pruned only where those are absent. A model Torch-Pruning cannot trace as a
+whole (ShuffleNet's channel shuffle) is pruned part by part (:func:`traced_parts`): inside
+the largest submodules that trace alone, with the channels on their boundary kept; a model
+no part of which traces stops with a message. The exactness argument assumes that the
 functions between layers act on each channel alone and keep zero at zero (ReLU, pooling,
 additions); Torch-Pruning sees a functional op only as its autograd nodes, so a
 LocalResponseNorm, or a sigmoid gate on a channel before an addition, would pass the
@@ -78,9 +80,112 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.Depen
         try:
             return tp.DependencyGraph().build_dependency(model, example, verbose=False)
         except Exception as e:  # a shape mismatch or an untraceable model, deep inside torch
-            raise UserError(f"compress: Torch-Pruning could not trace {type(model).__name__} on "
-                            f"an input of shape {list(input_shape)} (compress.input_shape, taken "
-                            f"from the data): {type(e).__name__}: {e}") from None
+            raise UntraceableModel(
+                f"compress: Torch-Pruning could not trace {type(model).__name__} on an input of "
+                f"shape {list(input_shape)} (compress.input_shape, taken from the data): "
+                f"{type(e).__name__}: {e}") from None
+
+
+class UntraceableModel(UserError):
+    """Torch-Pruning cannot build the dependency graph of a model."""
+
+
+def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
+                 ) -> list[tuple[tp.DependencyGraph, set[nn.Module]]]:
+    """The dependency graphs to prune ``model`` through, as (graph, boundary) pairs.
+
+    The whole model's graph when Torch-Pruning traces it (no boundary). Otherwise, from the
+    top down, each submodule that traces on its own input (recorded in one forward pass),
+    between two 1×1 stand-ins for the rest of the model: a group that reaches a stand-in
+    (``boundary``) would change what the part takes or gives, and is left whole. The parts
+    that do not trace are left whole, with a log line naming them.
+    """
+    try:
+        return [(dependency_graph(model, input_shape), set())]
+    except UntraceableModel as whole:
+        try:
+            inputs = _part_inputs(model, input_shape)
+        except Exception:  # the model does not even run on this input
+            raise whole from None
+        parts: list[tuple[tp.DependencyGraph, set[nn.Module]]] = []
+        untraced: list[str] = []
+
+        def visit(prefix: str, module: nn.Module) -> None:
+            for name, child in module.named_children():
+                where = f"{prefix}{name}"
+                probed = _Probed.around(child, inputs.get(child))
+                try:
+                    with torch.enable_grad():
+                        graph = probed and tp.DependencyGraph().build_dependency(
+                            probed, inputs[child], verbose=False)
+                except Exception:  # as in dependency_graph: deep inside torch
+                    graph = None
+                if graph:
+                    parts.append((graph, {probed.enter, probed.leave}))
+                elif any(isinstance(m, WEIGHT_LAYERS) for m in child.modules()):
+                    untraced.append(where)
+                    visit(f"{where}.", child)
+
+        was_training = model.training
+        model.eval()  # forward passes here must not move BatchNorm's running statistics
+        try:
+            visit("", model)
+        finally:
+            model.train(was_training)
+        if not parts:
+            raise whole
+        log.info("prune: Torch-Pruning cannot trace %s as a whole; pruning inside %d parts "
+                 "that trace alone, their boundary channels kept (not traced: %s)",
+                 type(model).__name__, len(parts), ", ".join(untraced))
+        return parts
+
+
+def _part_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, Tensor]:
+    """The input of every submodule called with one tensor, from one forward pass."""
+    inputs: dict[nn.Module, Tensor] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        if len(args) == 1 and isinstance(args[0], Tensor) and module not in inputs:
+            inputs[module] = torch.zeros_like(args[0])
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()]
+    try:
+        with example_in_eval_mode(model, input_shape) as example:
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+class _Probed(nn.Module):
+    """A part of a model between two 1×1 layers (``enter``, ``leave``) standing for the rest
+    of the model, so that its boundary channels show up in the part's dependency graph."""
+
+    def __init__(self, part: nn.Module, enter: nn.Module, leave: nn.Module) -> None:
+        super().__init__()
+        self.enter, self.part, self.leave = enter, part, leave
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.leave(self.part(self.enter(x)))
+
+    @classmethod
+    def around(cls, part: nn.Module, example: Tensor | None) -> _Probed | None:
+        """``part`` probed for ``example`` (N, C, …), or None where its input or output is not
+        one tensor of 2 or 4 dimensions."""
+        if example is None or example.dim() not in (2, 4):
+            return None
+        with torch.no_grad():
+            out = part(example)
+        if not isinstance(out, Tensor) or out.dim() not in (2, 4):
+            return None
+        return cls(part, _one_by_one(example), _one_by_one(out))
+
+
+def _one_by_one(x: Tensor) -> nn.Module:
+    channels = x.shape[1]
+    layer = nn.Linear(channels, channels) if x.dim() == 2 else nn.Conv2d(channels, channels, 1)
+    return layer.to(x.device, x.dtype)
 
 
 def check_still_runs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
@@ -218,32 +323,16 @@ class Prune(Compressor):
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         blocks = remove_zero_branches(model) if self.depth else {}
         before = units_per_layer(model)
-        graph = dependency_graph(model, self.input_shape)
         names = {module: name for name, module in model.named_modules()}
         chosen = [layer for _, layer in self.select(model)]
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
         notes: dict[str, dict] = {}  # per layer: its group's zero units, or why it was left
-        for group in graph.get_all_groups(ignored_layers=ignored,
-                                          root_module_types=WEIGHT_LAYERS):
-            writers = [names[item.dep.layer] for item in group
-                       if isinstance(item.dep.layer, WEIGHT_LAYERS)
-                       and graph.is_out_channel_pruning_fn(item.dep.handler)]
-            blocker = blocking_layer(group)
-            if blocker is not None:
-                reason = f"coupled to {type(blocker).__name__} {names.get(blocker, '')}".strip()
-                log.info("prune: %s left whole, %s", ", ".join(writers), reason)
-                notes.update({name: {"reason": reason} for name in writers})
-                continue
-            norms = unit_norms(graph, group, "out")
-            remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), self.ratio,
-                                           self.threshold)
-            if zero == len(norms):
-                log.warning("prune: all %d units of %s are dead (zero or unread); keeping one "
-                            "so that the layer keeps a width of 1", len(norms),
-                            ", ".join(writers))
-            notes.update({name: {"zero_units": zero} for name in writers})
-            if remove:
-                group.prune(remove)
+        for graph, boundary in traced_parts(model, self.input_shape):
+            for group in graph.get_all_groups(ignored_layers=ignored + list(boundary),
+                                              root_module_types=WEIGHT_LAYERS):
+                if any(item.dep.layer in boundary for item in group):
+                    continue  # the part's input or output channels: the rest of the model's
+                self.prune_group(graph, group, names, notes)
         report: Report = {name: entry for name, entry in blocks.items() if entry["removed"]}
         for name, units in units_per_layer(model).items():
             report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
@@ -256,6 +345,29 @@ class Prune(Compressor):
                     report[name].update(columns)  # only layers with dead columns
         check_still_runs(model, self.input_shape)
         return model, report
+
+    def prune_group(self, graph: tp.DependencyGraph, group: tp.Group,
+                    names: dict[nn.Module, str], notes: dict[str, dict]) -> None:
+        """Remove the group's dead units and its ``ratio`` share, unless a layer blocks it;
+        note per writing layer its zero units, or why it was left whole."""
+        writers = [names[item.dep.layer] for item in group
+                   if isinstance(item.dep.layer, WEIGHT_LAYERS)
+                   and graph.is_out_channel_pruning_fn(item.dep.handler)]
+        blocker = blocking_layer(group)
+        if blocker is not None:
+            reason = f"coupled to {type(blocker).__name__} {names.get(blocker, '')}".strip()
+            log.info("prune: %s left whole, %s", ", ".join(writers), reason)
+            notes.update({name: {"reason": reason} for name in writers})
+            return
+        norms = unit_norms(graph, group, "out")
+        remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), self.ratio,
+                                       self.threshold)
+        if zero == len(norms):
+            log.warning("prune: all %d units of %s are dead (zero or unread); keeping one "
+                        "so that the layer keeps a width of 1", len(norms), ", ".join(writers))
+        notes.update({name: {"zero_units": zero} for name in writers})
+        if remove:
+            group.prune(remove)
 
 
 class PruneSVD(Compressor):
