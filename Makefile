@@ -12,11 +12,14 @@ install:  ## install compaware (editable) with its test tools into the active Py
 train:  ## one default run: LeNet-5, low-rank regularizer, SVD, on the embedded digits
 	compaware train
 
+# One OpenMP thread per test process unless set: the tests' models are tiny, several test
+# processes run at once, and threads that spin-wait for each other on a busy 2-core machine
+# turn a millisecond SVD into seconds.
 test:  ## the test suite (a few minutes on 2 CPU cores)
-	$(PYTHON) -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest
 
-test-slow:  ## the slow cases: every model × method of tests/test_matrix.py (about 20 minutes)
-	$(PYTHON) -m pytest -m slow
+test-slow:  ## the slow cases: every model × method of tests/test_matrix.py, sweeps on SLURM
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -m slow
 
 lint:  ## static checks
 	$(PYTHON) -m ruff check compaware tests

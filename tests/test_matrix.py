@@ -41,7 +41,10 @@ NATURAL_COMPRESSOR = {"none": "svd", "l1": "svd", "l2": "svd", "lowrank": "svd",
 
 # Strengths at which a few training steps leave something to remove exactly in many models
 # (singular values soft-thresholded to zero), so that (a) often compresses for real.
-STRONG = {"lowrank": ["regularizer.lam=60"]}
+STRONG = {"lowrank": ["regularizer.lam=60"],
+          # a mixture that, after a few steps from random weights, does not put every
+          # weight in the zero component (a trained network's weights are wider)
+          "sws": ["regularizer.init_std=0.01", "regularizer.pi_zero=0.5"]}
 
 # Per compressor: its options (``compress.<key>=<value>``) under which it removes nothing,
 # and under which it must remove something from any trained model. Quantization has no
@@ -51,7 +54,7 @@ COMPRESSOR_SETTINGS = {
     "prune": {"lossless": ["ratio=0.0"], "forced": ["ratio=0.5"]},
     "prune+svd": {"lossless": ["ratio=0.0", "energy=1.0", "rank=null"],
                   "forced": ["ratio=0.5", "rank=2"]},
-    "quantize": {"lossless": None, "forced": ["merge_kl=1.0e6"]},  # merge to a few clusters
+    "quantize": {"lossless": None, "forced": ["merge_kl=1.0e-10"]},
 }
 
 # Compressors that keep the layers' shapes and make the model smaller in their own file
@@ -113,7 +116,7 @@ def _matrix() -> list:
     return params
 
 
-def test_every_trained_withand_compressor_has_matrix_settings():
+def test_every_regularizer_and_compressor_has_matrix_settings():
     missing = set(_options("regularizer")) - set(NATURAL_COMPRESSOR)
     assert not missing, f"add the natural compressor of {missing} to NATURAL_COMPRESSOR"
     assert set(NATURAL_COMPRESSOR.values()) <= set(COMPRESSOR_SETTINGS)
@@ -170,6 +173,7 @@ def test_train_compress_reload(make_cfg, tmp_path, record_property, model_id, ov
         dense_count, forced_count = count(model), count(forced)
         record_property(key, f"{dense_count} -> {count(lossless)} -> {forced_count}")
         assert forced_count < dense_count, f"forced {compressor} kept the {key}: {report}"  # (b)
+        assert forced_count > 0, f"forced {compressor} left no {key}: {report}"
 
     export_model(forced, torch.zeros(2, *shape), tmp_path / "forced.pt2")
     reloaded = torch.export.load(str(tmp_path / "forced.pt2")).module()  # graph + weights only
