@@ -5,8 +5,9 @@ test. The smoke runs use ``debug=fast`` (a few steps per stage). Datasets that t
 does not have (MNIST, CIFAR-10, ImageNet, ICDAR) are replaced by synthetic images of the same
 channels, at most 32 pixels (64 for AlexNet, whose pooling needs 63). The `_cpu` variants and
 compare_fashion run by default; the paper-sized configs (full widths: ResNet-50, AlexNet,
-DecomposeMe Dec8 at 512) run under ``-m slow``: their `_cpu` variant exercises the same
-pipeline, and every paper config must name one.
+DecomposeMe Dec8 at 512) and the ResNet-50 and AlexNet CPU variants run under ``-m slow``:
+a `_cpu` variant exercises the same pipeline as its paper config, and every paper config
+must name one.
 """
 
 from __future__ import annotations
@@ -68,8 +69,14 @@ def smoke_overrides(experiment: str, make_cfg) -> list[str]:
     return overrides
 
 
+def is_heavy(experiment: str) -> bool:
+    """Paper-sized configs, and CPU variants of models too big for a quick run (ResNet-50,
+    AlexNet: minutes per smoke run on a shared 2-core CPU)."""
+    return experiment in PAPERS or any(m in experiment for m in ("resnet50", "alexnet"))
+
+
 @pytest.mark.parametrize("experiment", [
-    pytest.param(e, marks=pytest.mark.slow) if e in PAPERS else e
+    pytest.param(e, marks=pytest.mark.slow) if is_heavy(e) else e
     for e in EXPERIMENTS if e != "search_lowrank_lenet5"])  # the search: tests/test_sweeps.py
 def test_experiment_runs_end_to_end(make_cfg, experiment):
     results = train(make_cfg(*smoke_overrides(experiment, make_cfg)))
