@@ -204,6 +204,7 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
                  and not r.collapsed]
         points = [(r.ratio("params"), r.accuracy) for r in group if r.ratio("params")]
         front = ", ".join(f"{ratio:.2f}× @ {acc:.2f}%" for ratio, acc in pareto_front(points))
+        front = front or "— (every run at chance accuracy)"
         fronts.append({"data": key[0], "model": key[1], "method": key[3], "frontier": front})
     md += _markdown_table(fronts, ("data", "model", "method", "frontier")) if fronts else []
     if failed:

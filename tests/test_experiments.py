@@ -3,11 +3,10 @@
 Configs are discovered from conf/experiment, so a new file is covered without editing this
 test. The smoke runs use ``debug=fast`` (a few steps per stage). Datasets that this machine
 does not have (MNIST, CIFAR-10, ImageNet, ICDAR) are replaced by synthetic images of the same
-channels, at most 32 pixels (64 for AlexNet, whose pooling needs 63). The `_cpu` variants and
-compare_fashion run by default; the paper-sized configs (full widths: ResNet-50, AlexNet,
-DecomposeMe Dec8 at 512) and the ResNet-50 and AlexNet CPU variants run under ``-m slow``:
-a `_cpu` variant exercises the same pipeline as its paper config, and every paper config
-must name one.
+channels, at most 32 pixels (64 for AlexNet, whose pooling needs 63). Every config composes
+and builds by default; three run for real in the default suite (QUICK_RUNS), the others
+under ``-m slow``: a `_cpu` variant exercises the same pipeline as its paper config, and every
+paper config must name one.
 """
 
 from __future__ import annotations
@@ -69,14 +68,15 @@ def smoke_overrides(experiment: str, make_cfg) -> list[str]:
     return overrides
 
 
-def is_heavy(experiment: str) -> bool:
-    """Paper-sized configs, and CPU variants of models too big for a quick run (ResNet-50,
-    AlexNet: minutes per smoke run on a shared 2-core CPU)."""
-    return experiment in PAPERS or any(m in experiment for m in ("resnet50", "alexnet"))
+# Real tiny runs in the default suite: one per regularizer family not run end to end by another
+# test file (SSL's: test_ssl_compress.py, soft weight-sharing's: test_sws.py); every other
+# config runs under -m slow (about 10-60 s each on a 2-core CPU, minutes for ResNet-50/AlexNet).
+QUICK_RUNS = {"alvarez2016_dec3_synthetic_cpu", "alvarez2017_dec8_synthetic_cpu",
+              "han2016_lenet300_fashion_cpu"}
 
 
 @pytest.mark.parametrize("experiment", [
-    pytest.param(e, marks=pytest.mark.slow) if is_heavy(e) else e
+    e if e in QUICK_RUNS else pytest.param(e, marks=pytest.mark.slow)
     for e in EXPERIMENTS if e != "search_lowrank_lenet5"])  # the search: tests/test_sweeps.py
 def test_experiment_runs_end_to_end(make_cfg, experiment):
     results = train(make_cfg(*smoke_overrides(experiment, make_cfg)))
