@@ -18,7 +18,7 @@ test:  ## the test suite (a few minutes on 2 CPU cores)
 test-slow:  ## the slow cases: every model × method (tests/test_matrix.py), paper-sized experiments
 	$(PYTHON) -m pytest -m slow
 
-compare:  ## every method vs the post-hoc baselines on Fashion-MNIST → docs/results.md (~45 min)
+compare:  ## every method vs the post-hoc baselines on Fashion-MNIST → docs/results.md (~80 min)
 	scripts/compare_fashion.sh
 
 lint:  ## static checks
