@@ -1,7 +1,7 @@
 # compaware's everyday commands. `make help` lists them.
 PYTHON ?= python
 
-.PHONY: help install train test test-slow lint clean
+.PHONY: help install train test test-slow lint compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,11 @@ train:  ## one default run: LeNet-5, low-rank regularizer, SVD, on the embedded 
 test:  ## the test suite (a few minutes on 2 CPU cores)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest
 
-test-slow:  ## the slow cases: every model × method of tests/test_matrix.py, sweeps on SLURM
+test-slow:  ## the slow cases: every model × method, the experiments' real runs, SLURM sweeps
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -m slow
+
+compare:  ## every method vs the post-hoc baselines on Fashion-MNIST → docs/results.md (~80 min)
+	scripts/compare_fashion.sh
 
 lint:  ## static checks
 	$(PYTHON) -m ruff check compaware tests

@@ -7,7 +7,8 @@ sweeps alike) and writes into ``--out``:
   accuracy dense → compressed → fine-tuned, params/MACs/bytes/latency ratios), the Pareto
   frontier of each method, and the runs that failed or left no results;
 - ``pareto_<data>_<model>.png``: final accuracy against the params, MACs and storage
-  ratios, one line per method (its Pareto frontier), post-hoc baselines dashed.
+  ratios, one line per method (its Pareto frontier), post-hoc baselines dashed; runs at
+  chance accuracy are left out of the frontiers and plots (their ratios are meaningless).
 
 A ratio is dense / compressed, so higher is smaller (or, for latency, faster).
 """
@@ -48,6 +49,13 @@ class Run:
     @property
     def is_baseline(self) -> bool:
         return self.regularizer in BASELINE_REGULARIZERS
+
+    @property
+    def collapsed(self) -> bool:
+        """Final accuracy at chance (e.g. every weight quantized to zero): such a run's ratios
+        say nothing about a trade-off, so it stays in the table but not on the curves."""
+        classes = ((self.results.get("config") or {}).get("data") or {}).get("num_classes")
+        return bool(classes) and self.accuracy is not None and self.accuracy <= 100 / classes + 1
 
     @property
     def accuracy(self) -> float | None:
@@ -187,12 +195,16 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           "the test set; the fine-tuned column is the model that ships. Post-hoc baselines "
           f"are the runs with regularizer {', '.join(BASELINE_REGULARIZERS)}.", ""]
     md += _markdown_table(rows, COLUMNS[:-1]) if rows else ["No completed runs."]
-    md += ["", "## Pareto frontier per method (final accuracy vs params ratio)", ""]
+    md += ["", "## Pareto frontier per method (final accuracy vs params ratio)", "",
+           "Runs at chance accuracy (a collapsed model) are left out of the frontiers and "
+           "the plots.", ""]
     fronts = []
     for key in sorted({_group_key(r) for r in done}):
-        group = [r for r in done if _group_key(r) == key and r.accuracy is not None]
+        group = [r for r in done if _group_key(r) == key and r.accuracy is not None
+                 and not r.collapsed]
         points = [(r.ratio("params"), r.accuracy) for r in group if r.ratio("params")]
         front = ", ".join(f"{ratio:.2f}× @ {acc:.2f}%" for ratio, acc in pareto_front(points))
+        front = front or "— (every run at chance accuracy)"
         fronts.append({"data": key[0], "model": key[1], "method": key[3], "frontier": front})
     md += _markdown_table(fronts, ("data", "model", "method", "frontier")) if fronts else []
     if failed:
@@ -214,7 +226,8 @@ def plot_pareto(runs: list[Run], data: str, model: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    runs = [r for r in runs if (r.data, r.model) == (data, model) and r.accuracy is not None]
+    runs = [r for r in runs if (r.data, r.model) == (data, model) and r.accuracy is not None
+            and not r.collapsed]
     fig, axes = plt.subplots(1, len(RATIOS), figsize=(5 * len(RATIOS), 4), sharey=True)
     for ax, (key, label) in zip(axes, RATIOS, strict=True):
         for method in sorted({r.method for r in runs}):

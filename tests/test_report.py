@@ -39,6 +39,19 @@ def _fake_run(root: Path, name: str, regularizer: str, compress: str, acc: float
     return run
 
 
+def test_a_run_at_chance_accuracy_stays_off_the_frontier(tmp_path):
+    _fake_run(tmp_path, "ok", "sws", "quantize", 90.0, 100)
+    collapsed = _fake_run(tmp_path, "zero", "sws", "quantize", 10.0, 1)
+    results = json.loads((collapsed / "results.json").read_text())
+    results["config"]["data"]["num_classes"] = 10
+    (collapsed / "results.json").write_text(json.dumps(results))
+    assert [r.collapsed for r in find_runs([tmp_path])] == [False, True]
+    main([str(tmp_path), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "1000.00×" in md  # in the table …
+    assert "10.00× @ 90.00%" in md and "1000.00× @" not in md  # … not on the frontier
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(2.0, 90.0), (4.0, 85.0), (3.0, 80.0), (1.0, 95.0), (4.0, 70.0)]
     assert pareto_front(points) == [(1.0, 95.0), (2.0, 90.0), (4.0, 85.0)]

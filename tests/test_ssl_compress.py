@@ -183,9 +183,9 @@ def test_resnet20_depth_ssl_run_removes_the_zero_blocks(make_cfg, tmp_path):
     assert "filter_sparsity/layer1.0.conv1" in results["regularizer"]
 
 
-@pytest.mark.parametrize("experiment", ["ssl_lenet5_fashion_mnist",
-                                        "ssl_shape_lenet5_fashion_mnist",
-                                        "ssl_depth_resnet20_synthetic"])
+@pytest.mark.parametrize("experiment", ["wen2016_lenet_fashion_cpu",
+                                        "wen2016_lenet_shape_fashion_cpu",
+                                        "wen2016_resnet20_synthetic_cpu"])
 def test_ssl_experiments_build_and_their_groups_find_layers(make_cfg, experiment):
     cfg = make_cfg(f"experiment={experiment}")
     model = build_model(cfg.model, DataInfo("x", cfg.data.channels, cfg.data.image_size,
@@ -195,7 +195,7 @@ def test_ssl_experiments_build_and_their_groups_find_layers(make_cfg, experiment
 
 
 def test_the_shape_experiment_runs_end_to_end(make_cfg):
-    results = train(make_cfg("experiment=ssl_shape_lenet5_fashion_mnist", "data=synthetic",
+    results = train(make_cfg("experiment=wen2016_lenet_shape_fashion_cpu", "data=synthetic",
                              "schedule.pretrain_epochs=0", "bench.latency=false"))
     assert results["config"]["data"]["name"] == "synthetic"
     assert set(results["compression"]["details"]) == {"conv1", "conv2", "fc1", "fc2"}

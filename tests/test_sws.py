@@ -271,8 +271,8 @@ def test_resume_restores_the_mixture(make_cfg, tmp_path, monkeypatch):
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Fashion-MNIST is not installed")
 def test_the_experiment_chains_pretraining_and_retraining_in_one_run(make_cfg, tmp_path):
-    results = train(make_cfg("experiment=sws_lenet300_fashion", "schedule.pretrain_epochs=1",
-                             "bench.latency=false"))
+    results = train(make_cfg("experiment=ullrich2017_lenet300_fashion_cpu",
+                             "schedule.pretrain_epochs=1", "bench.latency=false"))
     assert results["config"]["schedule"]["optimizer"] == "adam"
     assert results["accuracy"]["pretrained"] is not None
     assert {"pretrain.pt", "train.pt"} <= {p.name for p in
