@@ -1,7 +1,7 @@
 # compaware's everyday commands. `make help` lists them.
 PYTHON ?= python
 
-.PHONY: help install train test test-slow lint clean
+.PHONY: help install train test test-slow lint bench bench-overhead clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,12 @@ test:  ## the test suite (a few minutes on 2 CPU cores)
 
 test-slow:  ## the slow cases: every model × method of tests/test_matrix.py (about 20 minutes)
 	$(PYTHON) -m pytest -m slow
+
+bench:  ## MAC savings vs measured CPU speed-ups, per model × compression (docs/performance.md)
+	$(PYTHON) scripts/bench_speedup.py
+
+bench-overhead:  ## training-step cost of each regularizer, and of compaware's loop
+	$(PYTHON) scripts/bench_overhead.py
 
 lint:  ## static checks
 	$(PYTHON) -m ruff check compaware tests

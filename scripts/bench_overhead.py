@@ -39,8 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from compaware.config import CONF_DIR, ScheduleConfig, instantiate  # noqa: E402
 from compaware.data import DataInfo  # noqa: E402
 from compaware.distributed import NoWriter  # noqa: E402
-from compaware.loop import Progress, Training, make_optimizer, make_scheduler, \
-    train_one_epoch  # noqa: E402
+from compaware.loop import (
+    Progress,
+    Training,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,  # noqa: E402
+)
 from compaware.models.lenet import LeNet5  # noqa: E402
 from compaware.models.tv import torchvision_classifier  # noqa: E402
 from compaware.regularizers import Regularizer  # noqa: E402
@@ -61,7 +66,7 @@ REGULARIZERS: dict[str, tuple[str, dict]] = {
     "lowrank (step)": ("lowrank", {"every": "step"}),
     "sgl (epoch)": ("sgl", {}),
     "lowrank_sgl (epoch)": ("lowrank_sgl", {}),
-    "ssl (step)": ("ssl", {"shape": 0.005, "depth": 0.0}),
+    "ssl (step)": ("ssl", {}),
     "sws": ("sws", {}),
 }
 

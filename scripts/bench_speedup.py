@@ -86,14 +86,15 @@ def variants(batch: int) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
     aware = {"round_to": 8, "latency_aware": True, "latency_batch": batch}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
-        "svd energy=0.7": compressor(lambda shape: SVD(energy=0.7)),
         "svd energy=0.5": compressor(lambda shape: SVD(energy=0.5)),
         "svd energy=0.3": compressor(lambda shape: SVD(energy=0.3)),
+        "svd energy=0.5 round8": compressor(lambda shape: SVD(energy=0.5, round_to=8)),
         "svd energy=0.5 round8+aware": compressor(
             lambda shape: SVD(energy=0.5, input_shape=shape, **aware)),
-        "prune ratio=0.3": compressor(lambda shape: Prune(0.3, input_shape=shape)),
         "prune ratio=0.5": compressor(lambda shape: Prune(0.5, input_shape=shape)),
         "prune ratio=0.7": compressor(lambda shape: Prune(0.7, input_shape=shape)),
+        "prune ratio=0.5 round8": compressor(
+            lambda shape: Prune(0.5, input_shape=shape, round_to=8)),
         "prune ratio=0.5 round8+aware": compressor(
             lambda shape: Prune(0.5, input_shape=shape, **aware)),
         "ssl shape 50%": ssl_shape(0.5),
@@ -243,7 +244,7 @@ def main() -> None:
                         "these words (svd, prune, ssl, aware, 0.5 …)")
     parser.add_argument("--full", action="store_true", help="224×224 inputs (ImageNet size)")
     parser.add_argument("--batch-size", type=int, default=32, help="the batch N")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved repetitions")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved repetitions")
     parser.add_argument("--block", type=float, default=0.05,
                         help="seconds per measurement block (at least one call)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -14,7 +14,7 @@ from compaware.config import UserError
 from compaware.export import export_onnx, freeze_torchscript
 from compaware.fold import fold_batchnorm
 from compaware.models.lenet import LeNet5
-from tests.test_prune import _resnet
+from tests.test_prune import _resnet, randomize_norms
 
 
 class SharedOutput(nn.Module):
@@ -29,17 +29,6 @@ class SharedOutput(nn.Module):
         return self.bn(y) + y
 
 
-def _randomize_norms(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
-
-
 def test_folding_batchnorm_keeps_the_outputs():
     model = _resnet().eval()
     folded, count = fold_batchnorm(model)
@@ -51,7 +40,7 @@ def test_folding_batchnorm_keeps_the_outputs():
 
 
 def test_a_batchnorm_sharing_its_input_is_not_folded():
-    model = _randomize_norms(SharedOutput()).eval()
+    model = randomize_norms(SharedOutput()).eval()
     folded, count = fold_batchnorm(model)
     assert count == 0
     x = torch.randn(2, 3, 8, 8)
@@ -133,6 +122,7 @@ def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
     expected = model(x)
     torch.testing.assert_close(freeze_torchscript(model, x[:1])(x), expected,
                                atol=1e-4, rtol=1e-4)
+    pytest.importorskip("onnx")  # the optional extra compaware[onnx]
     assert export_onnx(model, x[:1], tmp_path / "m.onnx") > 0
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
