@@ -33,14 +33,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from compaware.bench import count_macs  # noqa: E402
 from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
+from compaware.compress.latency import input_shapes  # noqa: E402
+from compaware.compress.prune import stand_in  # noqa: E402
+from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
 from compaware.export import export_onnx, freeze_torchscript  # noqa: E402
 from compaware.fold import fold_batchnorm  # noqa: E402
-from compaware.layers import weight_layers  # noqa: E402
+from compaware.layers import weight_layers, weight_matrix  # noqa: E402
 from compaware.models.decomposeme import DecomposeMe  # noqa: E402
 from compaware.models.lenet import LeNet5  # noqa: E402
 from compaware.models.tv import torchvision_classifier  # noqa: E402
@@ -222,6 +226,73 @@ def forms_table(args: argparse.Namespace) -> None:
                 print(row([name, form, *values], widths), flush=True)
 
 
+def layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    kh, kw = layer.kernel_size
+    return f"conv {kh}×{kw}" + (f" /{layer.stride[0]}" if layer.stride[0] > 1 else "")
+
+
+@torch.no_grad()
+def layer_kinds_table(args: argparse.Namespace) -> None:
+    """Per layer kind: each conv/linear alone, dense against (a) its SVD pair at energy 0.5 and
+    (b) a layer with half its output and half its input units (what pruning at ratio 0.5 gives
+    a layer inside the network), timed interleaved on its real input shape in the network."""
+    print(f"\nPer layer kind, each layer alone on its input in the network, CPU, "
+          f"{torch.get_num_threads()} threads, batch {args.batch_size} (b1 in brackets): MACs "
+          f"ratio, latency ratio, efficiency, summed over the layers of the kind")
+    heads = ["model", "layer kind", "n", "svd MACs", "svd lat", "svd eff", "half MACs",
+             "half lat", "half eff"]
+    widths = [16, 14, 3, 9, 14, 14, 9, 14, 14]
+    print(row(heads, widths))
+    for name in [m for m in args.models if m != "lenet5"] + (["lenet5"] * ("lenet5" in
+                                                                          args.models)):
+        build, channels, small, full = MODELS[name]
+        size = full if args.full else small
+        torch.manual_seed(0)
+        model = build(size).eval()
+        sums: dict[str, dict[str, list[float]]] = {}
+        for batch_size in (args.batch_size, 1):
+            shapes = input_shapes(model, (channels, size, size), batch_size)
+            for layer_name, layer in weight_layers(model):
+                if getattr(layer, "groups", 1) > 1:
+                    continue
+                u, s, vh = singular_triplets(weight_matrix(layer).float())
+                rank = choose_rank(s, 0.5, 1e-5, None)
+                out_dim, in_dim = weight_matrix(layer).shape
+                if rank * (out_dim + in_dim) >= out_dim * in_dim or min(out_dim, in_dim) < 2:
+                    continue
+                half = stand_in(layer, out_dim // 2, 0 if layer is weight_layers(model)[0][1]
+                                else layer.weight.shape[1] // 2)
+                x = torch.randn(shapes[layer_name])
+                x_half = x[:, :half.weight.shape[1]] if x.dim() == 4 else x[..., :half.in_features]
+                pair = factorize(layer, u, s, vh, rank)
+                forms = {"dense": layer, "svd": pair, "half": lambda _, h=half, xh=x_half: h(xh)}
+                measured = interleaved(forms, x, args.rounds, args.block)
+                macs = {k: layer_macs(m, x) for k, m in (("dense", layer), ("svd", pair))}
+                macs["half"] = layer_macs(half, x_half)
+                entry = sums.setdefault(layer_kind(layer), {})
+                for key in ("dense", "svd", "half"):
+                    entry.setdefault(f"{key} ms b{batch_size}", []).append(measured[key])
+                    if batch_size == 1:
+                        entry.setdefault(f"{key} macs", []).append(macs[key])
+        for kind, entry in sorted(sums.items()):
+            cells = [name, kind, str(len(entry["dense macs"]))]
+            for key in ("svd", "half"):
+                macs_ratio = sum(entry["dense macs"]) / sum(entry[f"{key} macs"])
+                lat = [sum(entry[f"dense ms b{b}"]) / sum(entry[f"{key} ms b{b}"])
+                       for b in (args.batch_size, 1)]
+                cells += [f"{macs_ratio:.2f}×", f"{lat[0]:.2f}× ({lat[1]:.2f}×)",
+                          f"{lat[0] / macs_ratio:.2f} ({lat[1] / macs_ratio:.2f})"]
+            print(row(cells, widths), flush=True)
+
+
+def layer_macs(layer: Callable, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        layer(x[:1])
+    return counter.get_total_flops() // 2
+
+
 class threads:
     """Run a block with ``count`` torch threads (None: unchanged). Compression's SVDs and
     tracing run faster single-threaded on a shared machine; timing uses the default."""
@@ -250,14 +321,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compress-threads", type=int, default=1,
                         help="torch threads while compressing (not timed)")
-    parser.add_argument("--no-forms", action="store_true", help="skip the inference-forms table")
+    parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
+                        default=["speedup", "forms", "layers"], help="which tables to print")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("compaware.layers").setLevel(logging.ERROR)  # fx cannot trace LeNet-5
     torch.set_num_threads(args.threads)
-    speedup_table(args)
-    if not args.no_forms:
+    if "speedup" in args.tables:
+        speedup_table(args)
+    if "forms" in args.tables:
         forms_table(args)
+    if "layers" in args.tables:
+        layer_kinds_table(args)
 
 
 if __name__ == "__main__":
