@@ -217,11 +217,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps per block")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tables", nargs="+", choices=("regularizers", "loop"),
+                        default=["regularizers", "loop"], help="which tables to print")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
-    regularizer_table(args)
-    loop_table(args)
+    if "regularizers" in args.tables:
+        regularizer_table(args)
+    if "loop" in args.tables:
+        loop_table(args)
 
 
 if __name__ == "__main__":
