@@ -222,10 +222,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
-    if "regularizers" in args.tables:
-        regularizer_table(args)
-    if "loop" in args.tables:
-        loop_table(args)
+    tables = {"regularizers": regularizer_table, "loop": loop_table}
+    for name in args.tables:
+        tables[name](args)
 
 
 if __name__ == "__main__":

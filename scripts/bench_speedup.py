@@ -327,12 +327,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("compaware.layers").setLevel(logging.ERROR)  # fx cannot trace LeNet-5
     torch.set_num_threads(args.threads)
-    if "speedup" in args.tables:
-        speedup_table(args)
-    if "forms" in args.tables:
-        forms_table(args)
-    if "layers" in args.tables:
-        layer_kinds_table(args)
+    tables = {"speedup": speedup_table, "forms": forms_table, "layers": layer_kinds_table}
+    for name in args.tables:
+        tables[name](args)
 
 
 if __name__ == "__main__":
