@@ -1,7 +1,7 @@
 # compaware's everyday commands. `make help` lists them.
 PYTHON ?= python
 
-.PHONY: help install train test test-slow lint compare clean
+.PHONY: help install train test test-slow lint compare bench bench-overhead clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -23,6 +23,12 @@ test-slow:  ## the slow cases: every model × method, the experiments' real runs
 
 compare:  ## every method vs the post-hoc baselines on Fashion-MNIST → docs/results.md (~80 min)
 	scripts/compare_fashion.sh
+
+bench:  ## MAC savings vs measured CPU speed-ups, per model × compression (docs/performance.md)
+	$(PYTHON) scripts/bench_speedup.py
+
+bench-overhead:  ## training-step cost of each regularizer, and of compaware's loop
+	$(PYTHON) scripts/bench_overhead.py
 
 lint:  ## static checks
 	$(PYTHON) -m ruff check compaware tests

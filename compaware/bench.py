@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import BenchConfig
 from compaware.export import export_model
+from compaware.fold import fold_batchnorm
 from compaware.layers import weight_layers
 
 
@@ -88,15 +89,31 @@ def compression_rates(dense: nn.Module, compressed: nn.Module, stored_bytes: int
             "nonzero_fraction": nonzero / dense_params}
 
 
+def efficiency(macs: dict, latency: dict | None) -> dict:
+    """``{batch_1, batch_N}``: the latency ratio (dense ms / compressed ms) ÷ the MACs ratio
+    (dense / compressed MACs), how much of the MAC saving became wall-clock time (1: all of
+    it); None without a latency measurement."""
+    macs_ratio = macs["dense"] / max(macs["compressed"], 1)
+    return {key: latency[key]["dense"] / latency[key]["compressed"] / macs_ratio
+            if latency else None for key in ("batch_1", "batch_N")}
+
+
 def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: BenchConfig,
             run_dir: Path) -> dict:
     """Parameters, MACs, bytes of the standalone file ``model_<name>.pt2`` (written to
-    ``run_dir``), layer shapes and latency of each model, as the results.json sections."""
+    ``run_dir``), layer shapes and latency of each model, and the realization efficiency
+    (:func:`efficiency`, on the CPU), as the results.json sections.
+
+    Parameters, MACs and shapes are those of the models as trained; the standalone files and
+    the latencies are those of their inference form, BatchNorm folded (compaware/fold.py),
+    dense and compressed alike."""
     costs: dict = {key: {} for key in ("params", "macs", "bytes", "structure")}
+    inference = {}
     for name, model in models.items():
         costs["params"][name] = count_params(model)
         costs["macs"][name] = count_macs(model, input_shape)
-        costs["bytes"][name] = export_model(model, torch.zeros(2, *input_shape),
+        inference[name] = fold_batchnorm(model)[0]
+        costs["bytes"][name] = export_model(inference[name], torch.zeros(2, *input_shape),
                                             run_dir / f"model_{name}.pt2")
         costs["structure"][name] = layer_shapes(model)
     threads = cfg.threads or torch.get_num_threads()
@@ -105,5 +122,6 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
     if cfg.latency:
         for device in devices:
             costs["latency_ms"][device.type] = compare_latency(
-                models, input_shape, cfg.batch_size, device, cfg.min_run_time, threads)
+                inference, input_shape, cfg.batch_size, device, cfg.min_run_time, threads)
+    costs["efficiency"] = efficiency(costs["macs"], costs["latency_ms"]["cpu"])
     return costs

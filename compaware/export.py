@@ -13,6 +13,7 @@ before training (:func:`check_exportable`) so the run does not fail at its end.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,3 +54,40 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str | Path) -> i
 def load_exported(path: str | Path) -> nn.Module:
     """A model written by :func:`export_model`, as a plain callable module."""
     return torch.export.load(str(path)).module()
+
+
+def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` traced and frozen by TorchScript (weights inlined as constants, conv+BN and
+    conv+add fused by its passes): the deployment form of older serving stacks, kept for the
+    inference benchmark (``scripts/bench_speedup.py``). torch warns that TorchScript is
+    deprecated; those warnings are silenced here."""
+    model = copy.deepcopy(model).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        with torch.no_grad():
+            return torch.jit.freeze(torch.jit.trace(model, example.cpu()))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> int:
+    """Write ``model`` as an ONNX file (batch size dynamic) to ``path``; return its size.
+
+    TorchScript-based exporter: the torch.export-based one needs ``onnxscript``, which
+    compaware does not require. Needs the ``onnx`` package (``pip install compaware[onnx]``).
+    """
+    model = copy.deepcopy(model).cpu().eval()
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        try:
+            torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except ModuleNotFoundError as e:
+            raise UserError(f"ONNX export needs the onnx package ({e}): pip install "
+                            f"'compaware[onnx]'.") from None
+        except Exception as e:  # the exporter's many error types, all deep inside torch
+            raise UserError(f"The model cannot be exported to ONNX: "
+                            f"{describe_failure(model, e)}.") from None
+    return path.stat().st_size

@@ -11,6 +11,7 @@ import inspect
 import logging
 import re
 import traceback
+from collections import Counter
 
 import torch.fx
 from torch import Tensor, nn
@@ -73,21 +74,38 @@ def batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
     layers precede their convs), so methods that treat a unit as "filter plus its
     normalization" see the real data flow. Empty when fx cannot trace the model.
     """
+    modules = dict(model.named_modules())
+    return {layer: modules[norm] for layer, norm in batchnorm_pairs(model)}
+
+
+def batchnorm_pairs(model: nn.Module, exclusive: bool = False) -> list[tuple[str, str]]:
+    """``(layer, batchnorm)`` names for each conv/linear whose output goes straight into a
+    BatchNorm, from the ``torch.fx`` trace (empty when fx cannot trace the model).
+
+    ``exclusive``: only pairs where the BatchNorm is the sole reader of the layer's output and
+    each of the two modules runs once per forward pass: what folding the BatchNorm into the
+    layer needs to leave every output unchanged.
+    """
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # fx fails in many ways on data-dependent Python code
         log.warning("torch.fx cannot trace %s (%s): no BatchNorm is tied to the layer before it",
                     type(model).__name__, e)
-        return {}
+        return []
     modules = dict(model.named_modules())
-    found = {}
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    found = []
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
             source = node.args[0]
             if (isinstance(source, torch.fx.Node) and source.op == "call_module"
                     and isinstance(modules[source.target], WEIGHT_LAYERS)):
-                found[source.target] = modules[node.target]
+                alone = (len(source.users) == 1 and calls[source.target] == 1
+                         and calls[node.target] == 1)
+                if alone or not exclusive:
+                    found.append((source.target, node.target))
     return found
+
 
 def read_by_parent(model: nn.Module, name: str) -> bool:
     """Whether the parent of layer ``name`` uses its ``weight`` tensor directly in its own

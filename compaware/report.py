@@ -148,12 +148,13 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
 
 COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
            "acc fine-tuned", "params ratio", "MACs ratio", "storage ratio",
-           "latency ratio b1", "latency ratio bN", "efficiency bN", "run")
+           "latency ratio b1", "latency ratio bN", "efficiency b1", "efficiency bN",
+           "run")
 
 
 def table_row(run: Run) -> dict[str, str]:
     acc = run.results.get("accuracy", {})
-    efficiency = (run.results.get("efficiency") or {}).get("batch_N")
+    efficiency = run.results.get("efficiency") or {}  # latency ratio ÷ MACs ratio
     return {
         "data": run.data, "model": run.model, "method": run.method, "setting": run.setting,
         "acc dense": _fmt(acc.get("dense")), "acc compressed": _fmt(acc.get("compressed")),
@@ -163,7 +164,8 @@ def table_row(run: Run) -> dict[str, str]:
         "storage ratio": _fmt(run.ratio("bytes"), suffix="×"),
         "latency ratio b1": _fmt(run.latency_ratio("batch_1"), suffix="×"),
         "latency ratio bN": _fmt(run.latency_ratio("batch_N"), suffix="×"),
-        "efficiency bN": _fmt(efficiency), "run": str(run.path),
+        "efficiency b1": _fmt(efficiency.get("batch_1")),
+        "efficiency bN": _fmt(efficiency.get("batch_N")), "run": str(run.path),
     }
 
 

@@ -21,7 +21,12 @@ def _resnet() -> nn.Module:
     """ResNet-18 on 32×32×1 with BatchNorms that are far from identity (random statistics,
     scale and shift), so that a BatchNorm left on a removed channel would show."""
     torch.manual_seed(0)
-    model = torchvision_classifier("resnet18", in_channels=1, num_classes=10, image_size=32)
+    return randomize_norms(torchvision_classifier("resnet18", in_channels=1, num_classes=10,
+                                                  image_size=32))
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Random statistics, scale and shift for every BatchNorm2d of ``model`` (in place)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

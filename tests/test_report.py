@@ -27,6 +27,7 @@ def _fake_run(root: Path, name: str, regularizer: str, compress: str, acc: float
         "latency_ms": {"cpu": {"threads": 2, "batch_size": 32, "device": "cpu",
                                "batch_1": {"dense": 1.0, "compressed": 0.5},
                                "batch_N": {"dense": 8.0, "compressed": 2.0}}, "cuda": None},
+        "efficiency": {"batch_1": 0.37, "batch_N": 0.81},
         "choices": {"regularizer": regularizer, "compress": compress, "model": "lenet5",
                     "data": "digits"},
         "config": {"data": {"name": "digits"}, "model": {"_target_": "x.LeNet5"},
@@ -70,6 +71,7 @@ def test_report_on_a_fake_sweep(tmp_path):
     assert "lowrank → svd" in md and "none → svd" in md
     assert "10.00×" in md and "20.00×" in md  # params ratios 1000/100, 1000/50
     assert "regularizer.lam=5" in md
+    assert "| 0.37 | 0.81 |" in md  # realization efficiency at batch 1 and batch N
     assert "Failed or incomplete runs" in md and "out of range" in md and "no results.json" in md
     assert "20.00× @ 95.00%" in md  # on the lowrank frontier
     with open(tmp_path / "out" / "results.csv") as f:

@@ -49,6 +49,9 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
     assert cpu["threads"] >= 1
     for batch in ("batch_1", "batch_N"):
         assert cpu[batch]["dense"] > 0 and cpu[batch]["compressed"] > 0
+        speedup = cpu[batch]["dense"] / cpu[batch]["compressed"]
+        macs_ratio = on_disk["macs"]["dense"] / on_disk["macs"]["compressed"]
+        assert on_disk["efficiency"][batch] == pytest.approx(speedup / macs_ratio)
     if not torch.cuda.is_available():
         assert on_disk["latency_ms"]["cuda"] is None
     assert set(on_disk["seconds"]) == {"train", "compress", "finetune", "bench"}

@@ -49,6 +49,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import Compressor, Report
 from compaware.compress.depth import remove_zero_branches
+from compaware.compress.latency import LatencyCheck, LatencyOptions, round_up
 from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD
 from compaware.config import UserError, check_range
@@ -266,20 +267,72 @@ def zero_units(norms: Tensor | None, threshold: float) -> Tensor:
 
 
 def units_to_remove(writers: Tensor, readers: Tensor | None, ratio: float,
-                    threshold: float) -> tuple[list[int], int]:
+                    threshold: float, round_to: int = 1) -> tuple[list[int], int]:
     """The units to remove (never all of them) and how many of them are dead.
 
     A unit is dead when everything writing it is zero (SGL's and SSL's filter groups), or
     when every layer reading it ignores it (SSL's channel groups: zero weight columns).
-    Beyond the dead ones, the ``ratio`` share with the smallest writer norms goes too.
+    Beyond the dead ones, the ``ratio`` share with the smallest writer norms goes too. The
+    number kept is rounded up to a multiple of ``round_to`` (dead units are the last kept).
     """
     dead = zero_units(writers, threshold)
     if readers is not None:
         dead = dead | zero_units(readers, threshold)
     count = min(max(int(dead.sum()), int(ratio * len(writers))), len(writers) - 1)
+    count = len(writers) - round_up(len(writers) - count, round_to, len(writers))
     # dead units first, then by writer norm
     order = torch.argsort(torch.where(dead, -1.0, writers.double()), stable=True)
     return sorted(order[:count].tolist()), int(dead.sum())
+
+
+def pruned_shapes(graph: tp.DependencyGraph, group: tp.Group, remove: list[int],
+                  names: dict[nn.Module, str]) -> dict[str, list[int]]:
+    """Per conv/linear of ``group``: how many output and input units removing the root units
+    ``remove`` takes from it, as ``[out, in]``."""
+    removed = set(remove)
+    shapes: dict[str, list[int]] = {}
+    for item in group:
+        layer = item.dep.layer
+        if not isinstance(layer, WEIGHT_LAYERS) or None in item.root_idxs:
+            continue
+        side = 0 if graph.is_out_channel_pruning_fn(item.dep.handler) else 1
+        shapes.setdefault(names[layer], [0, 0])[side] += sum(r in removed
+                                                             for r in item.root_idxs)
+    return shapes
+
+
+def stand_in(layer: nn.Module, out_removed: int, in_removed: int) -> nn.Module:
+    """A layer of ``layer``'s kind and hyperparameters, ``out_removed`` outputs and
+    ``in_removed`` inputs narrower (random weights: it is only timed)."""
+    param = layer.weight
+    if isinstance(layer, nn.Linear):
+        smaller = nn.Linear(layer.in_features - in_removed, layer.out_features - out_removed,
+                            bias=layer.bias is not None)
+    else:
+        depthwise = layer.groups > 1  # the only grouped convs pruned (blocking_layer)
+        width = layer.out_channels - max(out_removed, in_removed)
+        smaller = type(layer)(width if depthwise else layer.in_channels - in_removed,
+                              width if depthwise else layer.out_channels - out_removed,
+                              layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                              width if depthwise else 1, layer.bias is not None,
+                              layer.padding_mode)
+    return smaller.to(device=param.device, dtype=param.dtype)
+
+
+def faster_when_pruned(check: LatencyCheck, model: nn.Module,
+                       shapes: dict[str, list[int]]) -> tuple[float, float]:
+    """Seconds of the group's convs and linears as they are and as pruned, each timed on its
+    own input (narrower by the removed input units)."""
+    before = after = 0.0
+    for name, (out_removed, in_removed) in shapes.items():
+        layer = model.get_submodule(name)
+        before += check.time_layer(name, layer)
+        shape = check.input_of(name, layer)
+        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+        shape[channel_dim] -= (max(out_removed, in_removed) if getattr(layer, "groups", 1) > 1
+                               else in_removed)
+        after += check.time(stand_in(layer, out_removed, in_removed), shape)
+    return before, after
 
 
 def units_per_layer(model: nn.Module) -> dict[str, int]:
@@ -298,13 +351,16 @@ class Prune(Compressor):
     (:func:`~compaware.compress.depth.remove_zero_branches`). ``shape``: last, replace each
     layer with at least ``min_sparsity`` of its columns exactly zero by its live-column
     version (:func:`~compaware.compress.shape.drop_dead_columns`); the gather it needs costs
-    time, so nearly dense layers stay as they are.
+    time, so nearly dense layers stay as they are. ``round_to``: each layer keeps a multiple
+    of this many units. ``latency_aware``: a group is pruned only where its convs and linears,
+    timed at ``latency_batch`` samples, get faster (compaware/compress/latency.py).
     """
 
     def __init__(self, ratio: float = 0.0, threshold: float = 1e-5,
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
-                 min_sparsity: float = 0.5) -> None:
+                 min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
+                 latency_batch: int = 32) -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
@@ -318,11 +374,13 @@ class Prune(Compressor):
         self.depth, self.shape, self.min_sparsity = depth, shape, float(min_sparsity)
         self.input_shape = tuple(int(size) for size in input_shape)
         self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
+        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, self.input_shape)
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         blocks = remove_zero_branches(model) if self.depth else {}
         before = units_per_layer(model)
+        check = self.latency.latency_check(model, self.input_shape)
         names = {module: name for name, module in model.named_modules()}
         chosen = [layer for _, layer in self.select(model)]
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
@@ -332,7 +390,7 @@ class Prune(Compressor):
                                               root_module_types=WEIGHT_LAYERS):
                 if any(item.dep.layer in boundary for item in group):
                     continue  # the part's input or output channels: the rest of the model's
-                self.prune_group(graph, group, names, notes)
+                self.prune_group(model, graph, group, names, notes, check)
         report: Report = {name: entry for name, entry in blocks.items() if entry["removed"]}
         for name, units in units_per_layer(model).items():
             report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
@@ -346,10 +404,12 @@ class Prune(Compressor):
         check_still_runs(model, self.input_shape)
         return model, report
 
-    def prune_group(self, graph: tp.DependencyGraph, group: tp.Group,
-                    names: dict[nn.Module, str], notes: dict[str, dict]) -> None:
-        """Remove the group's dead units and its ``ratio`` share, unless a layer blocks it;
-        note per writing layer its zero units, or why it was left whole."""
+    def prune_group(self, model: nn.Module, graph: tp.DependencyGraph, group: tp.Group,
+                    names: dict[nn.Module, str], notes: dict[str, dict],
+                    check: LatencyCheck | None) -> None:
+        """Remove the group's dead units and its ``ratio`` share (rounded to ``round_to``),
+        unless a layer blocks it or, with ``latency_aware``, the pruned layers do not time
+        faster (``check``); note per writing layer its zero units, or why it was left."""
         writers = [names[item.dep.layer] for item in group
                    if isinstance(item.dep.layer, WEIGHT_LAYERS)
                    and graph.is_out_channel_pruning_fn(item.dep.handler)]
@@ -361,14 +421,21 @@ class Prune(Compressor):
             return
         norms = unit_norms(graph, group, "out")
         remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), self.ratio,
-                                       self.threshold)
+                                       self.threshold, self.latency.round_to)
         if zero == len(norms):
             log.warning("prune: all %d units of %s are dead (zero or unread); keeping one "
                         "so that the layer keeps a width of 1", len(norms), ", ".join(writers))
         notes.update({name: {"zero_units": zero} for name in writers})
+        if remove and check is not None:
+            as_is, pruned = faster_when_pruned(check, model,
+                                               pruned_shapes(graph, group, remove, names))
+            timed = {"latency_ms": {"layers": as_is * 1e3, "pruned": pruned * 1e3}}
+            if pruned >= as_is:
+                timed["reason"] = "not faster when timed"
+                remove = []
+            notes.update({name: {**notes[name], **timed} for name in writers})
         if remove:
             group.prune(remove)
-
 
 class PruneSVD(Compressor):
     """``compress=prune+svd``: :class:`Prune`, then :class:`SVD` on what is left (the natural
@@ -378,10 +445,12 @@ class PruneSVD(Compressor):
     def __init__(self, ratio: float = 0.0, threshold: float = 1e-5, energy: float = 1.0,
                  rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
-                 depth: bool = True, shape: bool = True, min_sparsity: float = 0.5) -> None:
+                 depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
+                 round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32) -> None:
         self.prune = Prune(ratio, threshold, input_shape, layers, skip_first, depth, shape,
-                           min_sparsity)
-        self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last)
+                           min_sparsity, round_to, latency_aware, latency_batch)
+        self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last, round_to,
+                       latency_aware, latency_batch, input_shape)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         model, pruned = self.prune.compress(model)

@@ -18,9 +18,23 @@ RANK_TOLERANCE = 1e-5  # σ ≤ tolerance · σ_max counts as zero (float32 roun
 
 
 def shrink_singular_values(matrix: Tensor, threshold: float) -> Tensor:
-    """prox of threshold·‖·‖_*: soft-threshold the singular values of ``matrix``."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u * (s - threshold).clamp_min(0)) @ vh
+    """prox of threshold·‖·‖_*: soft-threshold the singular values of ``matrix``.
+
+    U max(Σ − t, 0) Vᵀ = U diag(max(σ − t, 0)/σ) Uᵀ M, with U and σ² from the eigenvectors
+    and eigenvalues of the smaller Gram matrix M Mᵀ (or Mᵀ M, on the other side): no V and
+    no SVD, which is what makes a per-step prox affordable (about 3× faster on a CPU for
+    LeNet-5's 500 × 800 fc1; scripts/bench_overhead.py). Small σ come out less precise
+    (through σ²), but every σ ≤ t is zeroed whatever its value, and the kept ones are
+    accurate to float round-off of σ_max²/σ.
+    """
+    wide = matrix.shape[0] <= matrix.shape[1]
+    gram = matrix @ matrix.T if wide else matrix.T @ matrix
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    s = eigenvalues.clamp_min(0).sqrt()
+    scale = torch.where(s > threshold, 1 - threshold / s.clamp_min(threshold), 0)
+    if wide:
+        return (vectors * scale) @ (vectors.T @ matrix)
+    return ((matrix @ vectors) * scale) @ vectors.T
 
 
 def rank_of_spectrum(s: Tensor, tolerance: float = RANK_TOLERANCE) -> int:

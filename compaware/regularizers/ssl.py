@@ -64,9 +64,15 @@ class GroupFamily:
     name: str
     members: tuple[tuple[Tensor, tuple[int, ...]], ...]
 
-    def norms(self) -> Tensor:
-        """‖w_g‖₂ of every group, differentiable (gradient 0 at zero groups)."""
-        return safe_sqrt(sum(_sum_except(t.pow(2), axes) for t, axes in self.members))
+    def norms(self, squares: dict[int, Tensor] | None = None) -> Tensor:
+        """‖w_g‖₂ of every group, differentiable (gradient 0 at zero groups). ``squares``:
+        a cache of each member's elementwise square, shared by the families of one penalty
+        (a layer's filter, channel and shape groups square the same weight)."""
+        squares = {} if squares is None else squares
+        for t, _ in self.members:
+            if id(t) not in squares:
+                squares[id(t)] = t.pow(2)
+        return safe_sqrt(sum(_sum_except(squares[id(t)], axes) for t, axes in self.members))
 
     @torch.no_grad()
     def shrink_(self, threshold: float) -> None:
@@ -155,7 +161,8 @@ class SSL(ProximalRegularizer):
 
     def group_lasso(self, families: list[GroupFamily]) -> Tensor:
         """lam · Σ strength · Σ‖w_g‖ over ``families`` (differentiable)."""
-        terms = [self.lam * self.strength[f.kind] * f.norms().sum() for f in families]
+        squares: dict[int, Tensor] = {}
+        terms = [self.lam * self.strength[f.kind] * f.norms(squares).sum() for f in families]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def penalty(self, model: nn.Module) -> Tensor:

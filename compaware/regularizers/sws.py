@@ -107,13 +107,22 @@ def _root(group: list[int], i: int) -> int:
 def _chunk_terms(w: Tensor, means: Tensor, precisions: Tensor,
                  log_norms: Tensor) -> tuple[Tensor, ...]:
     """For one chunk of weights: Σ_i log Σ_j π_j N(w_i | μ_j, 1/λ_j) and the sums its gradient
-    needs (r: responsibilities, d = w − μ): r·d·λ per weight, Σ_i r, Σ_i r·d, Σ_i r·d²."""
+    needs (r: responsibilities, d = w − μ): r·d·λ per weight, Σ_i r, Σ_i r·d, Σ_i r·d².
+
+    One exponential per entry serves both the log-sum-exp and the responsibilities, and the
+    chunk × (J+1) blocks are reused in place: about 2.5× faster than the textbook
+    ``logsumexp`` then ``exp(q − lse)`` on a CPU (scripts/bench_overhead.py), the more so as
+    a chunk of a few thousand weights stays in cache across the passes."""
     d = w[:, None] - means
-    q = log_norms - 0.5 * precisions * d * d
-    lse = torch.logsumexp(q, 1, keepdim=True)
-    r = torch.exp(q - lse)
-    rd = r * d
-    return lse.sum(), rd @ precisions, r.sum(0), rd.sum(0), (rd * d).sum(0)
+    q = (d * d).mul_(-0.5 * precisions).add_(log_norms)
+    top = q.amax(1, keepdim=True)
+    r = q.sub_(top).exp_()
+    total = r.sum(1, keepdim=True)
+    lse = total.log().add_(top)
+    r.div_(total)
+    sum_r = r.sum(0)
+    rd = r.mul_(d)
+    return lse.sum(), rd @ precisions, sum_r, rd.sum(0), rd.mul_(d).sum(0)
 
 
 def _compiled(kernel: Callable) -> Callable:
@@ -185,7 +194,7 @@ class SoftWeightSharing(Regularizer):
                  init_std: float = 0.25, gamma_zero: list[float] = (5000.0, 2.0),
                  gamma: list[float] = (250.0, 0.1), lr_means: float = 1e-4,
                  lr_log_precisions: float = 3e-3, lr_mixing: float = 3e-3,
-                 chunk_size: int = 65536, compile: bool = False, layers: str = "all",
+                 chunk_size: int = 4096, compile: bool = False, layers: str = "all",
                  skip_first: bool = False, skip_last: bool = False) -> None:
         check_range("regularizer.tau", tau, 0)
         super().__init__(tau, layers, skip_first, skip_last)

@@ -1,0 +1,231 @@
+"""What the regularizers and compaware's training loop cost, as ratios measured in one process.
+
+    python scripts/bench_overhead.py                  # make bench-overhead; a few minutes
+    python scripts/bench_overhead.py --models lenet5 --rounds 7
+
+Table 1, per model: the training step time with each regularizer ÷ with ``none`` (same
+model, same batch, compaware's own step: forward, loss + penalty, backward, optimizer step,
+per-step prox), and for per-epoch methods the epoch ratio: (steps × step + one prox) ÷
+(steps × step with ``none``), at the steps per epoch of the model's usual dataset (stated).
+Table 2: compaware's training loop (``compaware.loop.train_one_epoch`` with its TensorBoard
+writer and progress bar, regularizer ``none``) against a minimal hand-written PyTorch loop on
+the same model and the same in-memory batches: throughput ratio (≥ 1: compaware is as fast).
+
+Every configuration gets its own model copy and optimizer; they take turns, a block of
+``--steps`` steps each, ``--rounds`` times over, and the median of the per-round ratios is
+reported, so load from other processes hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from compaware.config import CONF_DIR, ScheduleConfig, instantiate  # noqa: E402
+from compaware.data import DataInfo  # noqa: E402
+from compaware.distributed import NoWriter  # noqa: E402
+from compaware.loop import (
+    Progress,
+    Training,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,  # noqa: E402
+)
+from compaware.models.lenet import LeNet5  # noqa: E402
+from compaware.models.tv import torchvision_classifier  # noqa: E402
+from compaware.regularizers import Regularizer  # noqa: E402
+
+# name → (builder, input (C, H, W), classes, batch size, steps per epoch of its usual data)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int, int]] = {
+    "lenet5": (LeNet5, (1, 28, 28), 10, 64, 938),  # Fashion-MNIST: 60,000 / 64
+    "resnet50": (lambda: torchvision_classifier("resnet50", 3, 10, 32), (3, 32, 32), 10, 16,
+                 3125),  # CIFAR-10 at 32×32: 50,000 / 16
+}
+
+# label → regularizer config (conf/regularizer/<name>.yaml with overrides)
+REGULARIZERS: dict[str, tuple[str, dict]] = {
+    "none": ("none", {}),
+    "l2": ("l2", {}),
+    "l1": ("l1", {}),
+    "lowrank (epoch)": ("lowrank", {}),
+    "lowrank (step)": ("lowrank", {"every": "step"}),
+    "sgl (epoch)": ("sgl", {}),
+    "lowrank_sgl (epoch)": ("lowrank_sgl", {}),
+    "ssl (step)": ("ssl", {}),
+    "sws": ("sws", {}),
+}
+
+TARGETS = {"lowrank (step)": 1.5, "ssl (step)": 1.25, "sws": 1.5}  # the issue's, on LeNet-5
+EPOCH_TARGET = 1.05  # per-epoch proximal methods
+LOOP_TARGET = 0.95  # compaware's loop throughput ÷ the hand loop's
+
+
+def regularizer(label: str) -> Regularizer:
+    name, overrides = REGULARIZERS[label]
+    node = OmegaConf.merge(OmegaConf.load(Path(CONF_DIR) / "regularizer" / f"{name}.yaml"),
+                           overrides)
+    return instantiate(node, "regularizer")
+
+
+def training(model: nn.Module, reg: Regularizer, info: DataInfo) -> Training:
+    """What ``compaware.loop.fit`` builds for a stage: the model, its optimizer and schedule."""
+    reg.setup(model, info)
+    reg.check(model)
+    schedule = ScheduleConfig()
+    optimizer = make_optimizer(model, reg, schedule, schedule.lr)
+    return Training(model, model, optimizer, make_scheduler(optimizer, schedule, 1),
+                    torch.amp.GradScaler(enabled=False), reg)
+
+
+def compaware_steps(train: Training, batches: list, writer) -> Callable[[], None]:
+    schedule = ScheduleConfig()
+    device = torch.device("cpu")
+
+    def run() -> None:
+        train_one_epoch(train, batches, schedule, device, len(batches), Progress(), writer,
+                        "", 0, "bench")
+    return run
+
+
+def hand_loop(model: nn.Module, batches: list) -> Callable[[], None]:
+    """The minimal PyTorch training loop: what compaware's loop is compared with."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def run() -> None:
+        model.train()
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def interleaved(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each run, taking turns, ``rounds`` times over (after one warm-up each)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def prox_seconds(train: Training, repeats: int = 3) -> float:
+    """Median seconds of one prox call (the per-epoch methods' end-of-epoch step)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        train.regularizer.prox(train.model, 1e-3)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fake_batches(shape: tuple[int, ...], classes: int, batch_size: int, steps: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch_size, *shape, generator=generator),
+             torch.randint(classes, (batch_size,), generator=generator)) for _ in range(steps)]
+
+
+def row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                     enumerate(zip(cells, widths, strict=True)))
+
+
+def regularizer_table(args: argparse.Namespace) -> None:
+    print(f"Training step time with each regularizer ÷ with none; CPU, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of "
+          f"{args.steps} steps")
+    widths = [22, 20, 11, 11, 12, 8]
+    print(row(["model (batch, epoch)", "regularizer", "step ratio", "prox ms", "epoch ratio",
+               "target"], widths))
+    for name in args.models:
+        build, shape, classes, batch_size, epoch_steps = MODELS[name]
+        info = DataInfo("synthetic", shape[0], shape[1], classes, epoch_steps * batch_size)
+        batches = fake_batches(shape, classes, batch_size, args.steps)
+        torch.manual_seed(0)
+        model = build()
+        trainings = {label: training(copy.deepcopy(model), regularizer(label), info)
+                     for label in REGULARIZERS}
+        times = interleaved({label: compaware_steps(train, batches, NoWriter())
+                             for label, train in trainings.items()}, args.rounds)
+        step = statistics.median(times["none"]) / args.steps
+        for label, train in trainings.items():
+            ratio = median_ratio(times[label], times["none"])
+            per_epoch = train.regularizer.every == "epoch"
+            prox = prox_seconds(train) if per_epoch else 0.0
+            epoch = ratio + prox / (epoch_steps * step) if per_epoch else ratio
+            target = EPOCH_TARGET if per_epoch else TARGETS.get(label)
+            verdict = "—" if target is None else f"≤{target} {'ok' if epoch <= target else 'NO'}"
+            print(row([f"{name} ({batch_size}, {epoch_steps})", label, f"{ratio:.3f}",
+                       f"{prox * 1e3:.1f}" if per_epoch else "—", f"{epoch:.3f}", verdict],
+                      widths), flush=True)
+
+
+def loop_table(args: argparse.Namespace) -> None:
+    print(f"\ncompaware's training loop throughput ÷ a minimal hand-written loop (regularizer "
+          f"none, TensorBoard writer on); median of {args.rounds} interleaved rounds of "
+          f"{args.steps} steps")
+    widths = [22, 14, 14, 10, 8]
+    print(row(["model (batch)", "hand ms/step", "loop ms/step", "ratio", "target"], widths))
+    for name in args.models:
+        build, shape, classes, batch_size, _ = MODELS[name]
+        batches = fake_batches(shape, classes, batch_size, args.steps)
+        torch.manual_seed(0)
+        model = build()
+        info = DataInfo("synthetic", shape[0], shape[1], classes, len(batches) * batch_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = SummaryWriter(tmp)
+            times = interleaved({
+                "hand": hand_loop(copy.deepcopy(model), batches),
+                "compaware": compaware_steps(training(copy.deepcopy(model), Regularizer(), info),
+                                             batches, writer)}, args.rounds)
+            writer.close()
+        ratio = median_ratio(times["hand"], times["compaware"])
+        print(row([f"{name} ({batch_size})",
+                   f"{statistics.median(times['hand']) / args.steps * 1e3:.2f}",
+                   f"{statistics.median(times['compaware']) / args.steps * 1e3:.2f}",
+                   f"{ratio:.3f}", f"≥{LOOP_TARGET} {'ok' if ratio >= LOOP_TARGET else 'NO'}"],
+                  widths), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=10, help="training steps per block")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tables", nargs="+", choices=("regularizers", "loop"),
+                        default=["regularizers", "loop"], help="which tables to print")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    tables = {"regularizers": regularizer_table, "loop": loop_table}
+    for name in args.tables:
+        tables[name](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Do MAC savings become wall-clock savings? Compression × model, measured on this CPU.
+
+    python scripts/bench_speedup.py                 # make bench; a few minutes on 2 cores
+    python scripts/bench_speedup.py --full          # 224×224 inputs (much longer)
+    python scripts/bench_speedup.py --models lenet5 dec8 --rounds 5
+
+For ResNet-50, AlexNet, Dec8 (DecomposeMe) and LeNet-5 (random weights: latency depends on
+shapes, not values), each compressed by ``svd`` (energies), ``prune`` (ratios), SSL's shape
+sparsity (a share of every conv's im2col columns zeroed, smallest norms first, then
+``compress=ssl``'s live-column layers) and the latency-aware variants (``round_to=8``,
+``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
+latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
+ratio (1: the whole MAC saving became time). Both models run in their inference form
+(BatchNorm folded). Dense and compressed are timed interleaved in this process, ``--rounds``
+times, and the median of the per-round ratios is reported, so load from other processes
+hits both alike.
+
+A second table compares inference forms of ResNet-50, dense and pruned: eager with
+BatchNorm, BatchNorm folded, TorchScript frozen and ONNX Runtime (when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from compaware.bench import count_macs  # noqa: E402
+from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
+from compaware.compress.latency import input_shapes  # noqa: E402
+from compaware.compress.prune import stand_in  # noqa: E402
+from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
+from compaware.export import export_onnx, freeze_torchscript  # noqa: E402
+from compaware.fold import fold_batchnorm  # noqa: E402
+from compaware.layers import weight_layers, weight_matrix  # noqa: E402
+from compaware.models.decomposeme import DecomposeMe  # noqa: E402
+from compaware.models.lenet import LeNet5  # noqa: E402
+from compaware.models.tv import torchvision_classifier  # noqa: E402
+
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+import torch.utils.benchmark as benchmark  # noqa: E402
+
+# name → (builder taking the image size, channels, reduced image size, full image size)
+MODELS: dict[str, tuple[Callable[[int], nn.Module], int, int, int]] = {
+    "resnet50": (lambda size: torchvision_classifier("resnet50", 3, 1000, size), 3, 64, 224),
+    "alexnet": (lambda size: torchvision_classifier("alexnet", 3, 1000, size), 3, 112, 224),
+    "dec8": (lambda size: DecomposeMe("dec8", in_channels=3, num_classes=1000,
+                                      image_size=size), 3, 64, 224),
+    "lenet5": (lambda size: LeNet5(1, 10, size), 1, 28, 28),
+}
+
+
+def zero_columns(model: nn.Module, share: float) -> nn.Module:
+    """SSL's shape-wise result, emulated: in every conv, the ``share`` of im2col columns
+    W[:, c, h, w] with the smallest ℓ2 norms set to exactly zero (in place)."""
+    with torch.no_grad():
+        for _, layer in weight_layers(model):
+            if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+                columns = layer.weight.flatten(1)
+                dead = columns.norm(dim=0).argsort()[:int(share * columns.shape[1])]
+                columns[:, dead] = 0
+    return model
+
+
+def ssl_shape(share: float) -> Callable[[nn.Module, tuple], nn.Module]:
+    def compress(model: nn.Module, shape: tuple) -> nn.Module:
+        model = zero_columns(model, share)
+        return ShapeDepth(min_sparsity=0.5)(model)[0]
+    return compress
+
+
+def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], nn.Module]:
+    return lambda model, shape: make(shape)(model)[0]
+
+
+def variants(batch: int) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
+    """The compressions benchmarked: name → (model, input shape) → compressed model."""
+    aware = {"round_to": 8, "latency_aware": True, "latency_batch": batch}
+    return {
+        "none (noise control)": lambda model, shape: copy.deepcopy(model),
+        "svd energy=0.5": compressor(lambda shape: SVD(energy=0.5)),
+        "svd energy=0.3": compressor(lambda shape: SVD(energy=0.3)),
+        "svd energy=0.5 round8": compressor(lambda shape: SVD(energy=0.5, round_to=8)),
+        "svd energy=0.5 round8+aware": compressor(
+            lambda shape: SVD(energy=0.5, input_shape=shape, **aware)),
+        "prune ratio=0.5": compressor(lambda shape: Prune(0.5, input_shape=shape)),
+        "prune ratio=0.7": compressor(lambda shape: Prune(0.7, input_shape=shape)),
+        "prune ratio=0.5 round8": compressor(
+            lambda shape: Prune(0.5, input_shape=shape, round_to=8)),
+        "prune ratio=0.5 round8+aware": compressor(
+            lambda shape: Prune(0.5, input_shape=shape, **aware)),
+        "ssl shape 50%": ssl_shape(0.5),
+        "ssl shape 75%": ssl_shape(0.75),
+    }
+
+
+@torch.inference_mode()
+def interleaved(models: dict[str, Callable], batch: torch.Tensor, rounds: int,
+                block: float) -> dict[str, float]:
+    """Seconds per call of each model, and each one's speed-up over the first.
+
+    The models take turns, one block of about ``block`` seconds each (a
+    ``torch.utils.benchmark`` measurement of a fixed number of calls), ``rounds`` times over,
+    so a burst of load from other processes hits neighbouring blocks of every model alike.
+    Reported: each model's median block, and ``speedup <name>``, the median over the rounds
+    of first model's block ÷ this one's.
+    """
+    timers = {name: benchmark.Timer(stmt="model(batch)", globals={"model": m, "batch": batch},
+                                    num_threads=torch.get_num_threads())
+              for name, m in models.items()}
+    calls = {name: max(1, int(block / timer.timeit(1).median))  # after one warm-up call
+             for name, timer in timers.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.timeit(calls[name]).median)
+    first = next(iter(models))
+    result = {name: statistics.median(t) for name, t in times.items()}
+    for name in models:
+        result[f"speedup {name}"] = statistics.median(
+            a / b for a, b in zip(times[first], times[name], strict=True))
+    return result
+
+
+def row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                     enumerate(zip(cells, widths, strict=True)))
+
+
+SPEEDUP_HEAD = ["model (input)", "compression", "MACs ratio", "lat b1", "lat bN", "eff b1",
+                "eff bN", "≥2×: eff bN≥0.8, b1≥0.7"]
+SPEEDUP_WIDTHS = [18, 28, 10, 7, 7, 7, 7, 22]
+
+
+def speedup_table(args: argparse.Namespace) -> None:
+    print(f"Realization efficiency = latency ratio ÷ MACs ratio; CPU, "
+          f"{torch.get_num_threads()} threads, batch 1 and batch {args.batch_size}, median of "
+          f"{args.rounds} interleaved rounds, BatchNorm folded in both models")
+    print(row(SPEEDUP_HEAD, SPEEDUP_WIDTHS))
+    for name in args.models:
+        build, channels, small, full = MODELS[name]
+        size = full if args.full else small
+        shape = (channels, size, size)
+        torch.manual_seed(0)
+        dense = build(size).eval()
+        dense_macs = count_macs(dense, shape)
+        dense_inference = fold_batchnorm(dense)[0]
+        for label, compress in variants(args.batch_size).items():
+            if args.only and not any(word in label for word in args.only):
+                continue
+            start = time.perf_counter()
+            with threads(args.compress_threads):
+                compressed = compress(dense, shape).eval()
+            macs_ratio = dense_macs / count_macs(compressed, shape)
+            inference = fold_batchnorm(compressed)[0]
+            ratios = []
+            for batch_size in (1, args.batch_size):
+                batch = torch.randn(batch_size, *shape)
+                measured = interleaved({"dense": dense_inference, "compressed": inference},
+                                       batch, args.rounds, args.block)
+                ratios.append(measured["speedup compressed"])
+            efficiency = [r / macs_ratio for r in ratios]
+            verdict = ("—" if macs_ratio < 2 else
+                       "yes" if efficiency[1] >= 0.8 and efficiency[0] >= 0.7 else "no")
+            print(row([f"{name} ({size}px)", label, f"{macs_ratio:.2f}×",
+                       *(f"{r:.2f}×" for r in ratios), *(f"{e:.2f}" for e in efficiency),
+                       verdict], SPEEDUP_WIDTHS), flush=True)
+            logging.info("%s %s: %.0f s", name, label, time.perf_counter() - start)
+
+
+def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:
+    """The same network in each inference form, callable on a batch."""
+    folded = fold_batchnorm(model)[0]
+    forms = {"eager, BatchNorm": model.eval(), "eager, BN folded": folded,
+             "TorchScript frozen": freeze_torchscript(folded, example)}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return forms
+    path = workdir / f"{id(model)}.onnx"
+    export_onnx(folded, example, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    forms["ONNX Runtime"] = lambda x: session.run(None, {"input": x.numpy()})
+    return forms
+
+
+def forms_table(args: argparse.Namespace) -> None:
+    build, channels, small, full = MODELS["resnet50"]
+    size = full if args.full else small
+    shape = (channels, size, size)
+    torch.manual_seed(0)
+    dense = build(size).eval()
+    with threads(args.compress_threads):
+        pruned = Prune(0.5, input_shape=shape)(dense)[0].eval()
+    print(f"\nInference forms of ResNet-50 ({size}px), CPU, {torch.get_num_threads()} threads: "
+          f"ms (speed-up over eager with BatchNorm), median of {args.rounds} interleaved rounds")
+    heads = ["model", "form", "b1 ms", "b1 speedup", f"b{args.batch_size} ms",
+             f"b{args.batch_size} speedup"]
+    widths = [16, 20, 9, 10, 9, 10]
+    print(row(heads, widths))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in (("dense", dense), ("prune ratio=0.5", pruned)):
+            forms = inference_forms(model, torch.zeros(1, *shape), Path(tmp))
+            cells = {form: [] for form in forms}
+            for batch_size in (1, args.batch_size):
+                measured = interleaved(forms, torch.randn(batch_size, *shape), args.rounds,
+                                       args.block)
+                for form in forms:
+                    cells[form] += [f"{measured[form] * 1e3:.2f}",
+                                    f"{measured[f'speedup {form}']:.2f}×"]
+            for form, values in cells.items():
+                print(row([name, form, *values], widths), flush=True)
+
+
+def layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    kh, kw = layer.kernel_size
+    return f"conv {kh}×{kw}" + (f" /{layer.stride[0]}" if layer.stride[0] > 1 else "")
+
+
+@torch.no_grad()
+def layer_kinds_table(args: argparse.Namespace) -> None:
+    """Per layer kind: each conv/linear alone, dense against (a) its SVD pair at energy 0.5 and
+    (b) a layer with half its output and half its input units (what pruning at ratio 0.5 gives
+    a layer inside the network), timed interleaved on its real input shape in the network."""
+    print(f"\nPer layer kind, each layer alone on its input in the network, CPU, "
+          f"{torch.get_num_threads()} threads, batch {args.batch_size} (b1 in brackets): MACs "
+          f"ratio, latency ratio, efficiency, summed over the layers of the kind")
+    heads = ["model", "layer kind", "n", "svd MACs", "svd lat", "svd eff", "half MACs",
+             "half lat", "half eff"]
+    widths = [16, 14, 3, 9, 14, 14, 9, 14, 14]
+    print(row(heads, widths))
+    for name in [m for m in args.models if m != "lenet5"] + (["lenet5"] * ("lenet5" in
+                                                                          args.models)):
+        build, channels, small, full = MODELS[name]
+        size = full if args.full else small
+        torch.manual_seed(0)
+        model = build(size).eval()
+        sums: dict[str, dict[str, list[float]]] = {}
+        for batch_size in (args.batch_size, 1):
+            shapes = input_shapes(model, (channels, size, size), batch_size)
+            for layer_name, layer in weight_layers(model):
+                if getattr(layer, "groups", 1) > 1:
+                    continue
+                u, s, vh = singular_triplets(weight_matrix(layer).float())
+                rank = choose_rank(s, 0.5, 1e-5, None)
+                out_dim, in_dim = weight_matrix(layer).shape
+                if rank * (out_dim + in_dim) >= out_dim * in_dim or min(out_dim, in_dim) < 2:
+                    continue
+                half = stand_in(layer, out_dim // 2, 0 if layer is weight_layers(model)[0][1]
+                                else layer.weight.shape[1] // 2)
+                x = torch.randn(shapes[layer_name])
+                x_half = x[:, :half.weight.shape[1]] if x.dim() == 4 else x[..., :half.in_features]
+                pair = factorize(layer, u, s, vh, rank)
+                forms = {"dense": layer, "svd": pair, "half": lambda _, h=half, xh=x_half: h(xh)}
+                measured = interleaved(forms, x, args.rounds, args.block)
+                macs = {k: layer_macs(m, x) for k, m in (("dense", layer), ("svd", pair))}
+                macs["half"] = layer_macs(half, x_half)
+                entry = sums.setdefault(layer_kind(layer), {})
+                for key in ("dense", "svd", "half"):
+                    entry.setdefault(f"{key} ms b{batch_size}", []).append(measured[key])
+                    if batch_size == 1:
+                        entry.setdefault(f"{key} macs", []).append(macs[key])
+        for kind, entry in sorted(sums.items()):
+            cells = [name, kind, str(len(entry["dense macs"]))]
+            for key in ("svd", "half"):
+                macs_ratio = sum(entry["dense macs"]) / sum(entry[f"{key} macs"])
+                lat = [sum(entry[f"dense ms b{b}"]) / sum(entry[f"{key} ms b{b}"])
+                       for b in (args.batch_size, 1)]
+                cells += [f"{macs_ratio:.2f}×", f"{lat[0]:.2f}× ({lat[1]:.2f}×)",
+                          f"{lat[0] / macs_ratio:.2f} ({lat[1] / macs_ratio:.2f})"]
+            print(row(cells, widths), flush=True)
+
+
+def layer_macs(layer: Callable, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        layer(x[:1])
+    return counter.get_total_flops() // 2
+
+
+class threads:
+    """Run a block with ``count`` torch threads (None: unchanged). Compression's SVDs and
+    tracing run faster single-threaded on a shared machine; timing uses the default."""
+
+    def __init__(self, count: int | None) -> None:
+        self.count, self.before = count, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.count:
+            torch.set_num_threads(self.count)
+
+    def __exit__(self, *_: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--only", nargs="+", help="only compressions whose label has one of "
+                        "these words (svd, prune, ssl, aware, 0.5 …)")
+    parser.add_argument("--full", action="store_true", help="224×224 inputs (ImageNet size)")
+    parser.add_argument("--batch-size", type=int, default=32, help="the batch N")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved repetitions")
+    parser.add_argument("--block", type=float, default=0.05,
+                        help="seconds per measurement block (at least one call)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compress-threads", type=int, default=1,
+                        help="torch threads while compressing (not timed)")
+    parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
+                        default=["speedup", "forms", "layers"], help="which tables to print")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("compaware.layers").setLevel(logging.ERROR)  # fx cannot trace LeNet-5
+    torch.set_num_threads(args.threads)
+    tables = {"speedup": speedup_table, "forms": forms_table, "layers": layer_kinds_table}
+    for name in args.tables:
+        tables[name](args)
+
+
+if __name__ == "__main__":
+    main()

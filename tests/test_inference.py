@@ -1,0 +1,130 @@
+"""The inference path: BatchNorm folding keeps the outputs, ranks and widths round to
+multiples, latency-aware compression keeps a step only where the (here: fake) clock says it
+is faster, and the TorchScript and ONNX exports compute what the model computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compaware.compress import SVD, Prune
+from compaware.compress.latency import round_up
+from compaware.config import UserError
+from compaware.export import export_onnx, freeze_torchscript
+from compaware.fold import fold_batchnorm
+from compaware.models.lenet import LeNet5
+from tests.test_prune import _resnet, randomize_norms
+
+
+class SharedOutput(nn.Module):
+    """A conv whose output feeds a BatchNorm *and* the residual sum: not foldable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    model = _resnet().eval()
+    folded, count = fold_batchnorm(model)
+    assert count == 20  # every BatchNorm of ResNet-18 follows its conv alone
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # a copy was folded
+
+
+def test_a_batchnorm_sharing_its_input_is_not_folded():
+    model = randomize_norms(SharedOutput()).eval()
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x))
+
+
+def test_rounding_to_hardware_friendly_multiples():
+    assert [round_up(n, 8, 50) for n in (1, 8, 9, 47, 49)] == [8, 8, 16, 48, 50]
+    torch.manual_seed(0)
+    model = LeNet5()
+    compressed, report = SVD(rank=3, round_to=8)(model)
+    assert {name: entry["rank"] for name, entry in report.items()} == dict.fromkeys(
+        ("conv1", "conv2", "fc1", "fc2"), 8)
+    assert compressed.fc1[0].out_features == 8
+    _, report = SVD(rank=9, round_to=8)(model)
+    assert report["conv1"]["rank"] == 16 and report["fc2"]["rank"] == 10  # at most full rank
+    pruned, report = Prune(ratio=0.5, round_to=8)(model)
+    assert pruned.conv1.out_channels == 16  # 20 − 10 = 10 kept, rounded up to 16
+    assert pruned.conv2.out_channels == 32 and pruned.fc1.out_features == 256
+
+
+class FakeClock:
+    """Seconds = parameters of the layer, × ``factor`` where ``slow(layer)``: what a real CPU
+    does to a factorized pair or an odd width, caricatured. Counts its calls."""
+
+    def __init__(self, slow, factor: float) -> None:
+        self.slow, self.factor, self.calls = slow, factor, 0
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
+        self.calls += 1
+        size = sum(p.numel() for p in layer.parameters())
+        return size * (self.factor if self.slow(layer) else 1)
+
+
+def test_latency_aware_svd_keeps_a_factorization_only_where_it_is_faster():
+    torch.manual_seed(0)
+    svd = SVD(rank=4, latency_aware=True, input_shape=(1, 28, 28), latency_batch=2)
+    svd.latency.timer = clock = FakeClock(lambda layer: isinstance(layer, nn.Sequential), 20)
+    compressed, report = svd(LeNet5())
+    # fc1: 400,500 parameters → a pair of 5,700, still faster at 20×; conv2 (25,050 → 2,250),
+    # conv1 (520 → 200) and fc2 (5,010 → 2,050) are not
+    assert report["fc1"]["factorized"] and isinstance(compressed.fc1, nn.Sequential)
+    for name in ("conv1", "conv2", "fc2"):
+        assert report[name]["reason"] == "not faster when timed"
+        assert not isinstance(getattr(compressed, name), nn.Sequential)
+    assert report["fc1"]["latency_ms"]["factorized"] < report["fc1"]["latency_ms"]["layer"]
+    assert clock.calls == 2 * 4  # each layer and its pair once
+
+
+def test_latency_aware_prune_keeps_a_group_only_where_it_is_faster():
+    torch.manual_seed(0)
+    odd = FakeClock(lambda layer: layer.weight.shape[0] % 2 == 1, 1000)
+    # conv2 50 → 25 units is an odd width: slower on this clock, so conv2 stays whole
+    prune = Prune(ratio=0.5, latency_aware=True, latency_batch=2)
+    prune.latency.timer = odd
+    pruned, report = prune(LeNet5())
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (10, 50)
+    assert report["conv2"]["reason"] == "not faster when timed"
+    assert pruned.fc1.out_features == 250
+    timed = report["fc1"]["latency_ms"]
+    assert timed["pruned"] < timed["layers"]
+    # rounded to multiples of 8, every width is even: every pruning step is kept
+    prune = Prune(ratio=0.5, latency_aware=True, latency_batch=2, round_to=8)
+    prune.latency.timer = odd
+    pruned, _ = prune(LeNet5())
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (16, 32)
+
+
+def test_latency_aware_needs_an_input_shape():
+    with pytest.raises(UserError, match="compress.input_shape"):
+        SVD(latency_aware=True)
+    with pytest.raises(UserError, match="compress.round_to"):
+        SVD(round_to=0)
+
+
+def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
+    model = fold_batchnorm(_resnet())[0]
+    x = torch.randn(3, 1, 32, 32)
+    expected = model(x)
+    torch.testing.assert_close(freeze_torchscript(model, x[:1])(x), expected,
+                               atol=1e-4, rtol=1e-4)
+    pytest.importorskip("onnx")  # the optional extra compaware[onnx]
+    assert export_onnx(model, x[:1], tmp_path / "m.onnx") > 0
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"input": x.numpy()})  # batch size 3: dynamic
+    torch.testing.assert_close(torch.from_numpy(output), expected, atol=1e-4, rtol=1e-4)
