@@ -55,7 +55,8 @@ def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
 
     def record(name: str) -> Callable:
         def hook(_: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, args[0].shape)
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, args[0].shape)
         return hook
 
     hooks = [module.register_forward_pre_hook(record(name))

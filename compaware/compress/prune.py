@@ -49,7 +49,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import Compressor, Report
 from compaware.compress.depth import remove_zero_branches
-from compaware.compress.latency import LatencyCheck, LatencyOptions, round_up
+from compaware.compress.latency import LatencyCheck, LatencyOptions, input_shapes, round_up
 from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD
 from compaware.config import UserError, check_range
@@ -105,20 +105,23 @@ def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
         return [(dependency_graph(model, input_shape), set())]
     except UntraceableModel as whole:
         try:
-            inputs = _part_inputs(model, input_shape)
+            shapes = input_shapes(model, input_shape, batch_size=1)
         except Exception:  # the model does not even run on this input
             raise whole from None
+        param = next(model.parameters())
         parts: list[tuple[tp.DependencyGraph, set[nn.Module]]] = []
         untraced: list[str] = []
 
         def visit(prefix: str, module: nn.Module) -> None:
             for name, child in module.named_children():
                 where = f"{prefix}{name}"
-                probed = _Probed.around(child, inputs.get(child))
+                example = (torch.zeros(shapes[where], device=param.device, dtype=param.dtype)
+                           if where in shapes else None)
+                probed = _Probed.around(child, example)
                 try:
                     with torch.enable_grad():
                         graph = probed and tp.DependencyGraph().build_dependency(
-                            probed, inputs[child], verbose=False)
+                            probed, example, verbose=False)
                 except Exception:  # as in dependency_graph: deep inside torch
                     graph = None
                 if graph:
@@ -139,24 +142,6 @@ def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
                  "that trace alone, their boundary channels kept (not traced: %s)",
                  type(model).__name__, len(parts), ", ".join(untraced))
         return parts
-
-
-def _part_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[nn.Module, Tensor]:
-    """The input of every submodule called with one tensor, from one forward pass."""
-    inputs: dict[nn.Module, Tensor] = {}
-
-    def record(module: nn.Module, args: tuple) -> None:
-        if len(args) == 1 and isinstance(args[0], Tensor) and module not in inputs:
-            inputs[module] = torch.zeros_like(args[0])
-
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules()]
-    try:
-        with example_in_eval_mode(model, input_shape) as example:
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs
 
 
 class _Probed(nn.Module):
