@@ -206,8 +206,16 @@ def test_bad_options_name_themselves(kwargs, option):
 
 
 def test_an_input_shape_that_does_not_fit_the_model_is_a_clear_error():
-    with pytest.raises(UserError, match=r"compress.input_shape"):
+    with pytest.raises(UserError, match=r"compress.input_shape.*fails at conv1 \(Conv2d\)"):
         Prune(input_shape=(3, 32, 32))(LeNet5())
+
+
+def test_a_model_with_no_traceable_part_stops_naming_what_was_tried(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace")
+    monkeypatch.setattr("torch_pruning.DependencyGraph.build_dependency", refuse)
+    with pytest.raises(UserError, match=r"could not trace LeNet5.*tried: conv1, conv2, fc1"):
+        Prune()(LeNet5())
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -53,7 +53,7 @@ from compaware.compress.latency import LatencyCheck, LatencyOptions, input_shape
 from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD
 from compaware.config import UserError, check_range
-from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
+from compaware.layers import WEIGHT_LAYERS, LayerSelection, describe_failure, weight_layers
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.Depen
             raise UntraceableModel(
                 f"compress: Torch-Pruning could not trace {type(model).__name__} on an input of "
                 f"shape {list(input_shape)} (compress.input_shape, taken from the data): "
-                f"{type(e).__name__}: {e}") from None
+                f"tracing {describe_failure(model, e)}") from None
 
 
 class UntraceableModel(UserError):
@@ -137,7 +137,9 @@ def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
         finally:
             model.train(was_training)
         if not parts:
-            raise whole
+            tried = ", ".join(untraced[:8]) + (", …" if len(untraced) > 8 else "")
+            raise UntraceableModel(f"{whole} No part of it traces alone either (tried: {tried}); "
+                                   f"use compress=svd, or make those layers traceable.") from None
         log.info("prune: Torch-Pruning cannot trace %s as a whole; pruning inside %d parts "
                  "that trace alone, their boundary channels kept (not traced: %s)",
                  type(model).__name__, len(parts), ", ".join(untraced))
