@@ -19,7 +19,7 @@ import argparse
 import csv
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -81,6 +81,15 @@ class Run:
         times = cpu[batch]
         return times["dense"] / times["compressed"] if times["compressed"] else None
 
+    def efficiency(self, batch: str = "batch_N") -> float | None:
+        """Realization efficiency: the run's ``efficiency`` entry, or for runs written before
+        it existed, the same quotient (latency ratio ÷ MACs ratio) from their numbers."""
+        recorded = (self.results.get("efficiency") or {}).get(batch)
+        if recorded is not None:
+            return recorded
+        latency, macs = self.latency_ratio(batch), self.ratio("macs")
+        return latency / macs if latency and macs else None
+
 
 def _choice(choices: dict, config: dict, group: str) -> str:
     """The config option a run used (``regularizer=lowrank`` → "lowrank").
@@ -123,6 +132,21 @@ def load_run(run_dir: Path) -> Run:
                results=results, error=results.get("error", ""))
 
 
+# Overrides the table shows in other columns (the groups) or that name a file, not a choice.
+NOT_A_SETTING = ("data=", "model=", "regularizer=", "compress=", "init_from=")
+
+
+def distinguishing_settings(runs: list[Run]) -> list[Run]:
+    """``runs`` with each setting cut to what tells the run apart: the overrides every run
+    shares (the sweep's common ground, e.g. ``experiment=``) and those in
+    :data:`NOT_A_SETTING` are left out, so a row reads ``regularizer.lam=5``."""
+    split = [run.setting.split() for run in runs]
+    common = set.intersection(*map(set, split)) if len(runs) > 1 else set()
+    return [replace(run, setting=" ".join(o for o in items if o not in common
+                                          and not o.startswith(NOT_A_SETTING)))
+            for run, items in zip(runs, split, strict=True)]
+
+
 def find_runs(dirs: list[Path]) -> list[Run]:
     """Every run below ``dirs``: folders with a results.json or Hydra's ``.hydra`` record."""
     run_dirs: set[Path] = set()
@@ -154,7 +178,6 @@ COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
 
 def table_row(run: Run) -> dict[str, str]:
     acc = run.results.get("accuracy", {})
-    efficiency = run.results.get("efficiency") or {}  # latency ratio ÷ MACs ratio
     return {
         "data": run.data, "model": run.model, "method": run.method, "setting": run.setting,
         "acc dense": _fmt(acc.get("dense")), "acc compressed": _fmt(acc.get("compressed")),
@@ -164,8 +187,8 @@ def table_row(run: Run) -> dict[str, str]:
         "storage ratio": _fmt(run.ratio("bytes"), suffix="×"),
         "latency ratio b1": _fmt(run.latency_ratio("batch_1"), suffix="×"),
         "latency ratio bN": _fmt(run.latency_ratio("batch_N"), suffix="×"),
-        "efficiency b1": _fmt(efficiency.get("batch_1")),
-        "efficiency bN": _fmt(efficiency.get("batch_N")), "run": str(run.path),
+        "efficiency b1": _fmt(run.efficiency("batch_1")),
+        "efficiency bN": _fmt(run.efficiency("batch_N")), "run": str(run.path),
     }
 
 
@@ -182,6 +205,7 @@ def _group_key(run: Run) -> tuple[str, str, bool, str]:
 def write_report(runs: list[Run], out: Path) -> list[Path]:
     """Write the tables and plots for ``runs`` into ``out``; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
+    runs = distinguishing_settings(runs)
     done = sorted((r for r in runs if r.status == "completed"),
                   key=lambda r: (*_group_key(r), -(r.ratio("params") or 0)))
     failed = [r for r in runs if r.status != "completed"]

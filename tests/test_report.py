@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compaware.report import find_runs, main, pareto_front
+from compaware.report import Run, distinguishing_settings, find_runs, main, pareto_front
 from tests.conftest import run_cli
 
 
@@ -78,6 +78,15 @@ def test_report_on_a_fake_sweep(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {r["method"] for r in rows} == {"lowrank → svd", "none → svd"}
     assert (tmp_path / "out" / "pareto_digits_lenet5.png").stat().st_size > 10_000
+
+
+def test_settings_keep_only_what_tells_the_runs_apart():
+    runs = [Run(Path(str(i)), "completed", setting=f"experiment=cmp model=lenet5 init_from=a/b "
+                f"regularizer=lowrank regularizer.lam={lam}") for i, lam in enumerate((1, 5))]
+    assert [r.setting for r in distinguishing_settings(runs)] == ["regularizer.lam=1",
+                                                                  "regularizer.lam=5"]
+    single = distinguishing_settings(runs[:1])[0]
+    assert single.setting == "experiment=cmp regularizer.lam=1"  # nothing to compare with
 
 
 def test_report_refuses_an_empty_directory(tmp_path):
