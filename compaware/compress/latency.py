@@ -4,8 +4,8 @@ Fewer MACs is not always less time: a rank-r pair of convs runs two kernels and 
 intermediate activation, a pruned layer of 37 channels misses the vector width its GEMM is
 tiled for. So a latency-aware compressor times each candidate change of a layer on the
 device the model is on, at the layer's real input shape, and keeps the change only where
-the layer (for pruning: every layer the change touches) gets faster. Each original layer is
-timed once and the time cached; each candidate once.
+the layer (for pruning: every layer the change touches) gets faster, timing candidate and
+original in alternating rounds.
 
 :class:`LayerTimer` measures with ``torch.utils.benchmark``; a compressor holds one in its
 ``timer`` attribute, which tests replace by a fake to check the decisions without a clock.
@@ -14,6 +14,7 @@ timed once and the time cached; each candidate once.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -75,15 +76,16 @@ def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
 
 
 class LatencyCheck:
-    """Times conv and linear layers of ``model`` on their own input shape; each layer as it
-    is once (cached by name and weight shape)."""
+    """Times conv and linear layers of ``model`` on their own input shape, a candidate
+    replacement against what it replaces in alternating rounds."""
+
+    rounds = 3  # a burst of load on a shared machine then hits both sides, not one
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                  timer: Timer) -> None:
         self.shapes = input_shapes(model, input_shape, batch_size)
         self.timer = timer
         self.device = next(model.parameters()).device
-        self.cache: dict[tuple[str, Size], float] = {}
 
     def input_of(self, name: str, layer: nn.Module) -> list[int]:
         """The input shape of layer ``name``, with as many channels (features) as ``layer``
@@ -95,14 +97,17 @@ class LatencyCheck:
             shape[1] = layer.in_channels
         return shape
 
-    def time(self, layer: nn.Module, shape: list[int]) -> float:
-        return self.timer(layer, torch.randn(shape, device=self.device))
-
-    def time_layer(self, name: str, layer: nn.Module) -> float:
-        key = (name, layer.weight.shape)
-        if key not in self.cache:
-            self.cache[key] = self.time(layer, self.input_of(name, layer))
-        return self.cache[key]
+    def compare(self, before: list[tuple[nn.Module, list[int]]],
+                after: list[tuple[nn.Module, list[int]]]) -> tuple[float, float]:
+        """Seconds of the layers ``before`` and of their replacements ``after`` (each a layer
+        and its input shape), summed per side: the median of :attr:`rounds` rounds that time
+        one side, then the other."""
+        inputs = [[(layer, torch.randn(shape, device=self.device)) for layer, shape in side]
+                  for side in (before, after)]
+        rounds = [[sum(self.timer(layer, x) for layer, x in side) for side in inputs]
+                  for _ in range(self.rounds)]
+        before_s, after_s = (statistics.median(times) for times in zip(*rounds, strict=True))
+        return before_s, after_s
 
 
 class LatencyOptions:

@@ -133,8 +133,8 @@ class SVD(Compressor):
                 continue
             pair = factorize(layer, u, s, vh, rank)
             if check is not None:
-                before = check.time_layer(name, layer)
-                after = check.time(pair, check.input_of(name, layer))
+                shape = check.input_of(name, layer)
+                before, after = check.compare([(layer, shape)], [(pair, shape)])
                 report[name]["latency_ms"] = {"layer": before * 1e3, "factorized": after * 1e3}
                 if after >= before:
                     report[name].update(factorized=False, reason="not faster when timed")
