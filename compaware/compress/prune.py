@@ -117,8 +117,8 @@ def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
                 where = f"{prefix}{name}"
                 example = (torch.zeros(shapes[where], device=param.device, dtype=param.dtype)
                            if where in shapes else None)
-                probed = _Probed.around(child, example)
-                try:
+                try:  # the part's own forward may fail too (several inputs, say)
+                    probed = _Probed.around(child, example)
                     with torch.enable_grad():
                         graph = probed and tp.DependencyGraph().build_dependency(
                             probed, example, verbose=False)
