@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from compaware.config import BenchConfig
 from compaware.export import export_model
 from compaware.fold import fold_batchnorm
-from compaware.layers import weight_layers
+from compaware.layers import eval_mode, weight_layers
 
 
 def count_params(model: nn.Module) -> int:
@@ -32,11 +32,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on a single input of ``input_shape`` (C, H, W)."""
     param = next(model.parameters())
     x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
         model(x)
-    model.train(was_training)
     return counter.get_total_flops() // 2
 
 

@@ -12,6 +12,8 @@ import logging
 import re
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch.fx
 from torch import Tensor, nn
@@ -151,3 +153,16 @@ def failing_layer(model: nn.Module, error: BaseException) -> str | None:
         return None
     kind = type(culprit).__name__
     return f"{names[id(culprit)]} ({kind})" if names[id(culprit)] else f"the model's own {kind}"
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode meanwhile, then back in the mode it was in: forward passes
+    that only look at the model (tracing, recording shapes) must not move BatchNorm's
+    running statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

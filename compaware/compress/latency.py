@@ -21,6 +21,7 @@ import torch
 from torch import Size, nn
 
 from compaware.config import UserError, check_range
+from compaware.layers import eval_mode
 
 Timer = Callable[[nn.Module, torch.Tensor], float]
 
@@ -63,13 +64,10 @@ def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
     hooks = [module.register_forward_pre_hook(record(name))
              for name, module in model.named_modules() if name]
     param = next(model.parameters())
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(batch_size, *input_shape, device=param.device, dtype=param.dtype))
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return shapes

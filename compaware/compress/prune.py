@@ -53,7 +53,13 @@ from compaware.compress.latency import LatencyCheck, LatencyOptions, input_shape
 from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD
 from compaware.config import UserError, check_range
-from compaware.layers import WEIGHT_LAYERS, LayerSelection, describe_failure, weight_layers
+from compaware.layers import (
+    WEIGHT_LAYERS,
+    LayerSelection,
+    describe_failure,
+    eval_mode,
+    weight_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +72,8 @@ def example_in_eval_mode(model: nn.Module, input_shape: tuple[int, ...]):
     """One zero input of ``input_shape`` for ``model``, which is in eval mode meanwhile: a
     training-mode forward would move BatchNorm's running statistics."""
     param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         yield torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-    finally:
-        model.train(was_training)
 
 
 def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
@@ -130,12 +132,8 @@ def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
                     untraced.append(where)
                     visit(f"{where}.", child)
 
-        was_training = model.training
-        model.eval()  # forward passes here must not move BatchNorm's running statistics
-        try:
+        with eval_mode(model):
             visit("", model)
-        finally:
-            model.train(was_training)
         if not parts:
             tried = ", ".join(untraced[:8]) + (", …" if len(untraced) > 8 else "")
             raise UntraceableModel(f"{whole} No part of it traces alone either (tried: {tried}); "

@@ -14,7 +14,7 @@ from torch import nn
 
 from compaware.config import UserError, instantiate
 from compaware.data import DataInfo
-from compaware.layers import describe_failure
+from compaware.layers import describe_failure, eval_mode
 
 LARGEST_SIZE_TRIED = 512
 
@@ -66,12 +66,9 @@ def smallest_fitting_size(model: nn.Module, channels: int, failing: int) -> int 
 @torch.no_grad()
 def _forward_error(model: nn.Module, channels: int, size: int) -> Exception | None:
     """The exception one eval-mode forward pass of a blank image raises, if any."""
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.zeros(1, channels, size, size))
-    except Exception as e:  # whatever torch raises deep inside: reported by the caller
-        return e
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            model(torch.zeros(1, channels, size, size))
+        except Exception as e:  # whatever torch raises deep inside: reported by the caller
+            return e
     return None
