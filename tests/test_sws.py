@@ -18,7 +18,7 @@ from compaware.config import ScheduleConfig, UserError
 from compaware.data import DataInfo, build_data
 from compaware.loop import evaluate, make_optimizer
 from compaware.models import build_model
-from compaware.regularizers import L2, SoftWeightSharing
+from compaware.regularizers import L2, SoftWeightSharing, sws
 from compaware.regularizers.sws import LOG_PRECISION_RANGE, Mixture, _chunk_terms, _NegLogMixture
 from compaware.train import train
 
@@ -59,14 +59,57 @@ def test_negative_log_prior_matches_torch_distributions():
     assert prior.penalty(model).item() == pytest.approx(0.003 / 1000 * got.item())
 
 
-def test_chunked_gradient_is_the_exact_gradient():
+@pytest.mark.parametrize("far", [0.0, 40.0], ids=["near", "far"])
+def test_chunked_gradient_is_the_exact_gradient(far):
+    """``far``: some weights so far from every mean that all their terms underflow under the
+    kernel's common shift; they are recomputed with their own (the textbook log-sum-exp)."""
     torch.manual_seed(0)
-    args = (torch.randn(50, dtype=torch.float64, requires_grad=True),
-            torch.randn(5, dtype=torch.float64, requires_grad=True),
+    w = torch.randn(50, dtype=torch.float64)
+    w[::9] += far
+    args = (w.requires_grad_(), torch.randn(5, dtype=torch.float64, requires_grad=True),
             torch.randn(5, dtype=torch.float64, requires_grad=True),
             torch.randn(5, dtype=torch.float64).log_softmax(0).requires_grad_())
+    with torch.no_grad():
+        smallest_total = _chunk_terms(w, args[1], args[2].exp(),
+                                      args[3] + 0.5 * (args[2] - sws.LOG_2PI))[-1]
+    assert (smallest_total < sws.UNDERFLOW) == bool(far)
     assert torch.autograd.gradcheck(
         lambda *a: _NegLogMixture.apply(*a, 7, _chunk_terms), args)
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_weights_far_from_every_component_get_the_exact_prior(compile):
+    model = _model()
+    prior = _prior(model, compile=compile)
+    with torch.no_grad():  # narrow components; three weights 50–100 σ from every mean
+        prior.log_precisions.fill_(10.0)
+        model[1].weight[0, :3] = torch.tensor([0.9, -0.8, 1.2])
+    mixture = prior.mixture()
+    weights = prior.flat_weights(model)
+    expected = -MixtureSameFamily(Categorical(logits=mixture.log_pis),
+                                  Normal(mixture.means, mixture.stds)).log_prob(weights).sum()
+    (grad_expected,) = torch.autograd.grad(expected, model[1].weight)
+    nll = _NegLogMixture.apply(weights, *(t.detach() for t in (
+        mixture.means, mixture.log_precisions, mixture.log_pis)), prior.chunk_size, prior.kernel)
+    (grad,) = torch.autograd.grad(nll, model[1].weight)
+    assert torch.isfinite(nll)
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-4, atol=1e-3)
+
+
+def test_a_failed_compilation_falls_back_to_the_same_prior(monkeypatch, caplog):
+    def broken(kernel, **_):
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(kernel, RuntimeError("no compiler"),
+                                                          None)
+        return run
+
+    model = _model()
+    expected = _prior(model, compile=False).negative_log_prior(model)
+    monkeypatch.setattr(torch, "compile", broken)
+    prior = _prior(model, compile=True)
+    torch.testing.assert_close(prior.negative_log_prior(model), expected)
+    assert "torch.compile failed here" in caplog.text and "no compiler" in caplog.text
 
 
 def test_a_collapsing_component_keeps_the_loss_finite():
