@@ -54,12 +54,43 @@ def test_subgradient_is_the_official_one_and_zero_at_a_zero_group():
     w = torch.randn(3, 2, 3, 3)
     w[1] = 0  # an all-zero filter
     model = _conv_model(w)
-    SSL(filter=0.1).penalty(model).backward()
+    reg = SSL(filter=0.1)
+    reg.penalty(model)
+    reg.after_backward(model)
     grad = model[0].weight.grad
     assert torch.isfinite(grad).all()
     assert torch.equal(grad[1], torch.zeros_like(grad[1]))
     for n in (0, 2):  # λ · w / ‖w_g‖
         torch.testing.assert_close(grad[n], 0.1 * w[n] / w[n].norm())
+
+
+def test_subgradient_added_after_backward_is_autograd_of_the_group_lasso():
+    """All three kinds on a conv (with a zero filter) and a linear layer: what
+    ``after_backward`` adds to the gradients is autograd's gradient of the hand-written sum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = 0
+    reg = SSL(filter=0.3, channel=0.2, shape=0.1, lam=2.0)
+    conv, linear = model[0], model[2]
+    expected = 0.0
+    for layer in (conv, linear):
+        w = layer.weight.flatten(2) if layer.weight.dim() == 4 else layer.weight[..., None]
+        rows = (w.pow(2).sum((1, 2)) + layer.bias.pow(2)).sqrt()
+        expected = expected + 2.0 * (0.3 * rows.sum() + 0.2 * w.norm(dim=(0, 2)).sum()
+                                     + 0.1 * w.norm(dim=0).sum())
+    params = [conv.weight, conv.bias, linear.weight, linear.bias]
+    # the zero filter's norm has no gradient at 0: autograd's is NaN there, SSL's is 0
+    reference = [torch.nan_to_num(g, nan=0.0) for g in torch.autograd.grad(expected, params)]
+    before = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, before, strict=True):
+        p.grad = g.clone()
+    value = reg.penalty(model)
+    reg.after_backward(model)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    for p, g, r in zip(params, before, reference, strict=True):
+        torch.testing.assert_close(p.grad, g + r)
 
 
 def test_filter_group_holds_the_bias_unless_told_otherwise():

@@ -4,7 +4,8 @@ Where each hook runs (see ``compaware/loop.py``)::
 
     regularizer.setup(model, data_info)                   # start of the stage, before the
                                                           # optimizer is built
-    loss = cross_entropy + regularizer.penalty(model)    # every step, differentiable
+    loss = cross_entropy + regularizer.penalty(model)    # every step, differentiable (or
+                                                          # its gradient added after backward)
     loss.backward()
     regularizer.after_backward(model)                     # every step: may edit the gradients
     optimizer.step()
@@ -75,7 +76,8 @@ class Regularizer:
         depends on the starting weights or on the data (nothing here)."""
 
     def penalty(self, model: nn.Module) -> Tensor:
-        """Differentiable term added to the loss at every step (zero here)."""
+        """Term added to the loss at every step (zero here): differentiable, or a value whose
+        gradient ``after_backward`` adds itself (SSL's, for speed)."""
         return torch.zeros((), device=next(model.parameters()).device)
 
     def after_backward(self, model: nn.Module) -> None:
