@@ -10,10 +10,11 @@ sparsity (a share of every conv's im2col columns zeroed, smallest norms first, t
 ``compress=ssl``'s live-column layers) and the latency-aware variants (``round_to=8``,
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
-ratio (1: the whole MAC saving became time). Both models run in their inference form
-(BatchNorm folded). Dense and compressed are timed interleaved in this process, ``--rounds``
-times, and the median of the per-round ratios is reported, so load from other processes
-hits both alike.
+ratio (1: the whole MAC saving became time). Both models run in one inference form,
+BatchNorm folded: eager PyTorch by default, TorchScript frozen or ONNX Runtime with
+``--form``. Dense and compressed are timed interleaved in this process, ``--rounds`` times,
+and the median of the per-round ratios is reported, so load from other processes hits both
+alike.
 
 A second table compares inference forms of ResNet-50, dense and pruned: eager with
 BatchNorm, BatchNorm folded, TorchScript frozen and ONNX Runtime (when installed).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import logging
 import statistics
 import sys
@@ -145,9 +147,14 @@ SPEEDUP_WIDTHS = [18, 28, 10, 7, 7, 7, 7, 22]
 
 
 def speedup_table(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _speedup_table(args, Path(tmp))
+
+
+def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
     print(f"Realization efficiency = latency ratio ÷ MACs ratio; CPU, "
           f"{torch.get_num_threads()} threads, batch 1 and batch {args.batch_size}, median of "
-          f"{args.rounds} interleaved rounds, BatchNorm folded in both models")
+          f"{args.rounds} interleaved rounds, both models {FORMS[args.form]}")
     print(row(SPEEDUP_HEAD, SPEEDUP_WIDTHS))
     for name in args.models:
         build, channels, small, full = MODELS[name]
@@ -156,7 +163,6 @@ def speedup_table(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         dense = build(size).eval()
         dense_macs = count_macs(dense, shape)
-        dense_inference = fold_batchnorm(dense)[0]
         for label, compress in variants(args.batch_size).items():
             if args.only and not any(word in label for word in args.only):
                 continue
@@ -164,12 +170,12 @@ def speedup_table(args: argparse.Namespace) -> None:
             with threads(args.compress_threads):
                 compressed = compress(dense, shape).eval()
             macs_ratio = dense_macs / count_macs(compressed, shape)
-            inference = fold_batchnorm(compressed)[0]
             ratios = []
             for batch_size in (1, args.batch_size):
-                batch = torch.randn(batch_size, *shape)
-                measured = interleaved({"dense": dense_inference, "compressed": inference},
-                                       batch, args.rounds, args.block)
+                batch = torch.randn(batch_size, *shape)  # traced forms are traced at its size
+                forms = {name: inference_form(model, args.form, batch, workdir)
+                         for name, model in (("dense", dense), ("compressed", compressed))}
+                measured = interleaved(forms, batch, args.rounds, args.block)
                 ratios.append(measured["speedup compressed"])
             efficiency = [r / macs_ratio for r in ratios]
             verdict = ("—" if macs_ratio < 2 else
@@ -180,21 +186,34 @@ def speedup_table(args: argparse.Namespace) -> None:
             logging.info("%s %s: %.0f s", name, label, time.perf_counter() - start)
 
 
-def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:
-    """The same network in each inference form, callable on a batch."""
+FORMS = {"eager": "eager, BN folded", "torchscript": "TorchScript frozen",
+         "onnxruntime": "ONNX Runtime"}
+
+
+def inference_form(model: nn.Module, form: str, example: torch.Tensor,
+                   workdir: Path) -> Callable[[torch.Tensor], object]:
+    """``model`` in an inference form (a key of FORMS), BatchNorm folded, callable on a batch."""
     folded = fold_batchnorm(model)[0]
-    forms = {"eager, BatchNorm": model.eval(), "eager, BN folded": folded,
-             "TorchScript frozen": freeze_torchscript(folded, example)}
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return forms
+    if form == "eager":
+        return folded
+    if form == "torchscript":
+        return freeze_torchscript(folded, example)
+    import onnxruntime as ort
+
     path = workdir / f"{id(model)}.onnx"
     export_onnx(folded, example, path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    forms["ONNX Runtime"] = lambda x: session.run(None, {"input": x.numpy()})
+    return lambda x: session.run(None, {"input": x.numpy()})
+
+
+def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:
+    """The same network in each inference form (ONNX Runtime when installed)."""
+    forms = {"eager, BatchNorm": model.eval()}
+    for form, label in FORMS.items():
+        if form != "onnxruntime" or importlib.util.find_spec("onnxruntime"):
+            forms[label] = inference_form(model, form, example, workdir)
     return forms
 
 
@@ -214,14 +233,14 @@ def forms_table(args: argparse.Namespace) -> None:
     print(row(heads, widths))
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in (("dense", dense), ("prune ratio=0.5", pruned)):
-            forms = inference_forms(model, torch.zeros(1, *shape), Path(tmp))
-            cells = {form: [] for form in forms}
+            cells: dict[str, list[str]] = {}
             for batch_size in (1, args.batch_size):
-                measured = interleaved(forms, torch.randn(batch_size, *shape), args.rounds,
-                                       args.block)
+                batch = torch.randn(batch_size, *shape)
+                forms = inference_forms(model, batch, Path(tmp))
+                measured = interleaved(forms, batch, args.rounds, args.block)
                 for form in forms:
-                    cells[form] += [f"{measured[form] * 1e3:.2f}",
-                                    f"{measured[f'speedup {form}']:.2f}×"]
+                    cells.setdefault(form, []).extend(
+                        [f"{measured[form] * 1e3:.2f}", f"{measured[f'speedup {form}']:.2f}×"])
             for form, values in cells.items():
                 print(row([name, form, *values], widths), flush=True)
 
@@ -321,6 +340,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compress-threads", type=int, default=1,
                         help="torch threads while compressing (not timed)")
+    parser.add_argument("--form", choices=list(FORMS), default="eager",
+                        help="the inference form of both models in the speedup table")
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")
     args = parser.parse_args()
