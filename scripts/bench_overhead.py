@@ -2,6 +2,7 @@
 
     python scripts/bench_overhead.py                  # make bench-overhead; a few minutes
     python scripts/bench_overhead.py --models lenet5 --rounds 7
+    python scripts/bench_overhead.py --models resnet50 --only sws --tables regularizers
 
 Table 1, per model: the training step time with each regularizer ÷ with ``none`` (same
 model, same batch, compaware's own step: forward, loss + penalty, backward, optimizer step,
@@ -171,7 +172,7 @@ def regularizer_table(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = build()
         trainings = {label: training(copy.deepcopy(model), regularizer(label), info)
-                     for label in REGULARIZERS}
+                     for label in REGULARIZERS if label == "none" or label in args.only}
         times = interleaved({label: compaware_steps(train, batches, NoWriter())
                              for label, train in trainings.items()}, args.rounds)
         step = statistics.median(times["none"]) / args.steps
@@ -217,6 +218,8 @@ def loop_table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--only", nargs="+", choices=list(REGULARIZERS),
+                        default=list(REGULARIZERS), help="these regularizers (and none)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per block")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
