@@ -44,6 +44,7 @@ from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
 from compaware.compress.latency import input_shapes  # noqa: E402
 from compaware.compress.prune import stand_in  # noqa: E402
 from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
+from compaware.config import UserError  # noqa: E402
 from compaware.export import export_onnx, freeze_torchscript  # noqa: E402
 from compaware.fold import fold_batchnorm  # noqa: E402
 from compaware.layers import weight_layers, weight_matrix  # noqa: E402
@@ -163,6 +164,11 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
         torch.manual_seed(0)
         dense = build(size).eval()
         dense_macs = count_macs(dense, shape)
+        try:
+            inference_form(dense, args.form, torch.zeros(1, *shape), workdir)
+        except UserError as e:  # e.g. an op the ONNX exporter does not support at this size
+            print(f"{name} ({size}px): no {FORMS[args.form]} form: {str(e)[:200]}", flush=True)
+            continue
         for label, compress in variants(args.batch_size).items():
             if args.only and not any(word in label for word in args.only):
                 continue
