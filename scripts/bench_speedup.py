@@ -179,8 +179,8 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
             ratios = []
             for batch_size in (1, args.batch_size):
                 batch = torch.randn(batch_size, *shape)  # traced forms are traced at its size
-                forms = {name: inference_form(model, args.form, batch, workdir)
-                         for name, model in (("dense", dense), ("compressed", compressed))}
+                forms = {role: inference_form(model, args.form, batch, workdir)
+                         for role, model in (("dense", dense), ("compressed", compressed))}
                 measured = interleaved(forms, batch, args.rounds, args.block)
                 ratios.append(measured["speedup compressed"])
             efficiency = [r / macs_ratio for r in ratios]
