@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from compaware.config import BenchConfig
-from compaware.export import export_model
+from compaware.config import BenchConfig, UserError
+from compaware.export import export_model, export_onnx
 from compaware.fold import fold_batchnorm
 from compaware.layers import eval_mode, weight_layers
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> int:
@@ -74,6 +77,46 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     return results
 
 
+def onnxruntime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...],
+                        batch_size: int, min_run_time: float, threads: int) -> dict | None:
+    """:func:`compare_latency` of the models exported to ONNX and run by ONNX Runtime's CPU
+    provider, the deployment form in which compression paid most (docs/performance.md).
+    Each model is exported at the batch size it is timed at (a traced module may fix it).
+    None, with a warning, without onnxruntime or where a model cannot be exported: the
+    run's other results stand."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("bench.onnxruntime=true, but onnxruntime is not installed (pip install "
+                    "'compaware[onnx]'): no ONNX Runtime latency.")
+        return None
+    import torch.utils.benchmark as benchmark
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    results: dict = {"threads": threads, "batch_size": batch_size, "device": "cpu"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, size in (("batch_1", 1), ("batch_N", batch_size)):
+            batch = torch.randn(size, *input_shape)
+            results[key] = {}
+            for name, model in models.items():
+                path = Path(tmp) / f"{name}_{size}.onnx"
+                try:
+                    export_onnx(model, batch, path)
+                except UserError as e:
+                    log.warning("bench.onnxruntime=true, but there is no ONNX Runtime "
+                                "latency: %s", e)
+                    return None
+                session = ort.InferenceSession(str(path), options,
+                                               providers=["CPUExecutionProvider"])
+                timer = benchmark.Timer(stmt="session.run(None, feed)", num_threads=threads,
+                                        globals={"session": session,
+                                                 "feed": {"input": batch.numpy()}})
+                results[key][name] = timer.blocked_autorange(
+                    min_run_time=min_run_time).median * 1e3
+    return results
+
+
 def compression_rates(dense: nn.Module, compressed: nn.Module, stored_bytes: int) -> dict:
     """The rates of PAPERS.md H that do not need a clock: ``params_ratio`` = dense parameters /
     non-zero parameters of the compressed model (Han 2015), ``nonzero_fraction`` = its
@@ -99,7 +142,8 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
             run_dir: Path) -> dict:
     """Parameters, MACs, bytes of the standalone file ``model_<name>.pt2`` (written to
     ``run_dir``), layer shapes and latency of each model, and the realization efficiency
-    (:func:`efficiency`, on the CPU), as the results.json sections.
+    (:func:`efficiency`, on the CPU; ``efficiency_onnxruntime`` under ONNX Runtime with
+    ``bench.onnxruntime=true``), as the results.json sections.
 
     Parameters, MACs and shapes are those of the models as trained; the standalone files and
     the latencies are those of their inference form, BatchNorm folded (compaware/fold.py),
@@ -115,10 +159,15 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
         costs["structure"][name] = layer_shapes(model)
     threads = cfg.threads or torch.get_num_threads()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    costs["latency_ms"] = {"cpu": None, "cuda": None}
+    costs["latency_ms"] = {"cpu": None, "cuda": None, "onnxruntime": None}
     if cfg.latency:
         for device in devices:
             costs["latency_ms"][device.type] = compare_latency(
                 inference, input_shape, cfg.batch_size, device, cfg.min_run_time, threads)
+        if cfg.onnxruntime:
+            costs["latency_ms"]["onnxruntime"] = onnxruntime_latency(
+                inference, input_shape, cfg.batch_size, cfg.min_run_time, threads)
     costs["efficiency"] = efficiency(costs["macs"], costs["latency_ms"]["cpu"])
+    costs["efficiency_onnxruntime"] = efficiency(costs["macs"],
+                                                 costs["latency_ms"]["onnxruntime"])
     return costs

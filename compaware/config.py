@@ -125,6 +125,7 @@ class BenchConfig:
     batch_size: int = 32  # the "batch_N" of latency_ms
     min_run_time: float = 0.3  # seconds per measurement (torch.utils.benchmark)
     threads: int | None = None  # None: torch's default for this machine
+    onnxruntime: bool = False  # also time both models under ONNX Runtime (compaware[onnx])
 
 
 @dataclass

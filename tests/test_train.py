@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from compaware import checkpoint, loop
+from compaware import bench, checkpoint, loop
 from compaware.config import CONF_DIR, UserError, instantiate
 from compaware.data import DataInfo
 from compaware.models import build_model
+from compaware.summary import format_summary
 from compaware.train import train
 
 CONF = Path(CONF_DIR)
@@ -60,10 +62,36 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
     assert any(event.name.startswith("events") for event in (tmp_path / "run" / "tb").iterdir())
 
 
+def test_onnxruntime_latency_and_efficiency_on_request(make_cfg):
+    pytest.importorskip("onnxruntime")
+    results = train(make_cfg("compress.rank=2", "bench.onnxruntime=true"))
+    ort = results["latency_ms"]["onnxruntime"]
+    macs_ratio = results["macs"]["dense"] / results["macs"]["compressed"]
+    for batch in ("batch_1", "batch_N"):
+        assert ort[batch]["dense"] > 0 and ort[batch]["compressed"] > 0
+        assert results["efficiency_onnxruntime"][batch] == pytest.approx(
+            ort[batch]["dense"] / ort[batch]["compressed"] / macs_ratio)
+    assert "onnxruntime ms, batch 1" in format_summary(results)
+
+
+def test_no_onnx_form_leaves_the_other_results(monkeypatch, caplog):
+    def refuse(*_):
+        raise UserError("The model cannot be exported to ONNX: an op it lacks.")
+
+    monkeypatch.setattr(bench, "export_onnx", refuse)
+    models = {"dense": torch.nn.Linear(4, 2)}
+    assert bench.onnxruntime_latency(models, (4,), 2, 0.01, 1) is None
+    assert "an op it lacks" in caplog.text
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert bench.onnxruntime_latency(models, (4,), 2, 0.01, 1) is None
+    assert "onnxruntime is not installed" in caplog.text
+
+
 def test_finetune_epochs_zero_skips_finetuning(make_cfg):
     results = train(make_cfg("schedule.finetune_epochs=0", "bench.latency=false"))
     assert results["accuracy"]["finetuned"] is None
-    assert results["latency_ms"] == {"cpu": None, "cuda": None}
+    assert results["latency_ms"] == {"cpu": None, "cuda": None, "onnxruntime": None}
+    assert results["efficiency_onnxruntime"] == {"batch_1": None, "batch_N": None}
 
 
 class _Interrupted(Exception):
