@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import BenchConfig, UserError
-from compaware.export import export_model, export_onnx
+from compaware.export import export_model, onnxruntime_forward
 from compaware.fold import fold_batchnorm
 from compaware.layers import eval_mode, weight_layers
 
@@ -41,9 +42,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
-               threads: int) -> float:
-    """Median wall time of one forward pass of ``batch`` in milliseconds (eval mode).
+def median_ms(forward: Callable[[torch.Tensor], object], batch: torch.Tensor,
+              min_run_time: float, threads: int) -> float:
+    """Median wall time of ``forward(batch)`` in milliseconds.
 
     ``torch.utils.benchmark`` warms up, synchronises CUDA and reports the median of
     blocked runs, which is robust to the noise of a shared machine.
@@ -53,10 +54,16 @@ def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch.utils.benchmark as benchmark
 
-    model.eval()
-    timer = benchmark.Timer(stmt="model(batch)", globals={"model": model, "batch": batch},
+    timer = benchmark.Timer(stmt="forward(batch)", globals={"forward": forward, "batch": batch},
                             num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
+               threads: int) -> float:
+    """Median wall time of one forward pass of ``batch`` in milliseconds (eval mode)."""
+    model.eval()
+    return median_ms(model, batch, min_run_time, threads)
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -84,36 +91,20 @@ def onnxruntime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ..
     Each model is exported at the batch size it is timed at (a traced module may fix it).
     None, with a warning, without onnxruntime or where a model cannot be exported: the
     run's other results stand."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        log.warning("bench.onnxruntime=true, but onnxruntime is not installed (pip install "
-                    "'compaware[onnx]'): no ONNX Runtime latency.")
-        return None
-    import torch.utils.benchmark as benchmark
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
     results: dict = {"threads": threads, "batch_size": batch_size, "device": "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
         for key, size in (("batch_1", 1), ("batch_N", batch_size)):
             batch = torch.randn(size, *input_shape)
             results[key] = {}
             for name, model in models.items():
-                path = Path(tmp) / f"{name}_{size}.onnx"
                 try:
-                    export_onnx(model, batch, path)
+                    forward = onnxruntime_forward(model, batch, Path(tmp) / f"{name}_{size}.onnx",
+                                                  threads)
                 except UserError as e:
                     log.warning("bench.onnxruntime=true, but there is no ONNX Runtime "
                                 "latency: %s", e)
                     return None
-                session = ort.InferenceSession(str(path), options,
-                                               providers=["CPUExecutionProvider"])
-                timer = benchmark.Timer(stmt="session.run(None, feed)", num_threads=threads,
-                                        globals={"session": session,
-                                                 "feed": {"input": batch.numpy()}})
-                results[key][name] = timer.blocked_autorange(
-                    min_run_time=min_run_time).median * 1e3
+                results[key][name] = median_ms(forward, batch, min_run_time, threads)
     return results
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,3 +92,20 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> in
             raise UserError(f"The model cannot be exported to ONNX: "
                             f"{describe_failure(model, e)}.") from None
     return path.stat().st_size
+
+
+def onnxruntime_forward(model: nn.Module, example: torch.Tensor, path: str | Path,
+                        threads: int) -> Callable[[torch.Tensor], list]:
+    """``model`` exported to ONNX at ``path`` (:func:`export_onnx`, traced at ``example``'s
+    batch size, which a traced module may fix) and run by ONNX Runtime's CPU provider with
+    ``threads`` intra-op threads: a forward function of a CPU batch. A missing onnxruntime
+    or a model that cannot be exported stops with a :class:`UserError`."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed: pip install 'compaware[onnx]'.") from None
+    export_onnx(model, example, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x.numpy()})

@@ -45,7 +45,7 @@ from compaware.compress.latency import input_shapes  # noqa: E402
 from compaware.compress.prune import stand_in  # noqa: E402
 from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
 from compaware.config import UserError  # noqa: E402
-from compaware.export import export_onnx, freeze_torchscript  # noqa: E402
+from compaware.export import freeze_torchscript, onnxruntime_forward  # noqa: E402
 from compaware.fold import fold_batchnorm  # noqa: E402
 from compaware.layers import weight_layers, weight_matrix  # noqa: E402
 from compaware.models.decomposeme import DecomposeMe  # noqa: E402
@@ -164,8 +164,9 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
         torch.manual_seed(0)
         dense = build(size).eval()
         dense_macs = count_macs(dense, shape)
-        try:
-            inference_form(dense, args.form, torch.zeros(1, *shape), workdir)
+        batches = [torch.randn(batch_size, *shape) for batch_size in (1, args.batch_size)]
+        try:  # traced forms are traced at the batch size they are timed at
+            dense_forms = [inference_form(dense, args.form, batch, workdir) for batch in batches]
         except UserError as e:  # e.g. an op the ONNX exporter does not support at this size
             print(f"{name} ({size}px): no {FORMS[args.form]} form: {str(e)[:200]}", flush=True)
             continue
@@ -177,10 +178,9 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
                 compressed = compress(dense, shape).eval()
             macs_ratio = dense_macs / count_macs(compressed, shape)
             ratios = []
-            for batch_size in (1, args.batch_size):
-                batch = torch.randn(batch_size, *shape)  # traced forms are traced at its size
-                forms = {role: inference_form(model, args.form, batch, workdir)
-                         for role, model in (("dense", dense), ("compressed", compressed))}
+            for batch, dense_form in zip(batches, dense_forms, strict=True):
+                forms = {"dense": dense_form,
+                         "compressed": inference_form(compressed, args.form, batch, workdir)}
                 measured = interleaved(forms, batch, args.rounds, args.block)
                 ratios.append(measured["speedup compressed"])
             efficiency = [r / macs_ratio for r in ratios]
@@ -204,14 +204,8 @@ def inference_form(model: nn.Module, form: str, example: torch.Tensor,
         return folded
     if form == "torchscript":
         return freeze_torchscript(folded, example)
-    import onnxruntime as ort
-
-    path = workdir / f"{id(model)}.onnx"
-    export_onnx(folded, example, path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"input": x.numpy()})
+    return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
+                               torch.get_num_threads())
 
 
 def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compaware import bench, checkpoint, loop
+from compaware import bench, checkpoint, export, loop
 from compaware.config import CONF_DIR, UserError, instantiate
 from compaware.data import DataInfo
 from compaware.models import build_model
@@ -78,7 +78,7 @@ def test_no_onnx_form_leaves_the_other_results(monkeypatch, caplog):
     def refuse(*_):
         raise UserError("The model cannot be exported to ONNX: an op it lacks.")
 
-    monkeypatch.setattr(bench, "export_onnx", refuse)
+    monkeypatch.setattr(export, "export_onnx", refuse)
     models = {"dense": torch.nn.Linear(4, 2)}
     assert bench.onnxruntime_latency(models, (4,), 2, 0.01, 1) is None
     assert "an op it lacks" in caplog.text

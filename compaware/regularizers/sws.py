@@ -137,18 +137,18 @@ def _compiled(kernel: Callable) -> Callable:
     """``kernel`` fused by ``torch.compile``; where compilation fails (no C++ compiler, an
     unsupported platform) a warning, and ``kernel`` itself from then on: same results."""
     compiled = torch.compile(kernel, dynamic=False)
-    use = [compiled]
 
     def run(*args: Tensor) -> tuple[Tensor, ...]:
+        nonlocal compiled
         try:
-            return use[0](*args)
+            return compiled(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = e.inner_exception
             reason = f"{type(inner).__name__}: {str(inner).strip()[:300]}"
             log.warning("regularizer.compile=true, but torch.compile failed here (%s); the "
                         "prior runs uncompiled (same results, slower). Set "
                         "regularizer.compile=false to skip the attempt.", reason)
-            use[0] = kernel
+            compiled = kernel
             return kernel(*args)
 
     return run
