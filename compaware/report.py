@@ -81,11 +81,13 @@ class Run:
         times = cpu[batch]
         return times["dense"] / times["compressed"] if times["compressed"] else None
 
-    def efficiency(self, batch: str = "batch_N") -> float | None:
-        """Realization efficiency: the run's ``efficiency`` entry, or for runs written before
-        it existed, the same quotient (latency ratio ÷ MACs ratio) from their numbers."""
-        recorded = (self.results.get("efficiency") or {}).get(batch)
-        if recorded is not None:
+    def efficiency(self, batch: str = "batch_N", section: str = "efficiency") -> float | None:
+        """Realization efficiency: the run's ``efficiency`` entry (``efficiency_onnxruntime``:
+        under ONNX Runtime, where ``bench.onnxruntime=true`` measured it), or for runs
+        written before the entry existed, the same quotient (latency ratio ÷ MACs ratio) from
+        their CPU numbers."""
+        recorded = (self.results.get(section) or {}).get(batch)
+        if recorded is not None or section != "efficiency":
             return recorded
         latency, macs = self.latency_ratio(batch), self.ratio("macs")
         return latency / macs if latency and macs else None
@@ -173,7 +175,8 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
 COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
            "acc fine-tuned", "params ratio", "MACs ratio", "storage ratio",
            "latency ratio b1", "latency ratio bN", "efficiency b1", "efficiency bN",
-           "run")
+           "ORT efficiency b1", "ORT efficiency bN", "run")
+ONNXRUNTIME_COLUMNS = ("ORT efficiency b1", "ORT efficiency bN")  # shown where measured
 
 
 def table_row(run: Run) -> dict[str, str]:
@@ -188,7 +191,10 @@ def table_row(run: Run) -> dict[str, str]:
         "latency ratio b1": _fmt(run.latency_ratio("batch_1"), suffix="×"),
         "latency ratio bN": _fmt(run.latency_ratio("batch_N"), suffix="×"),
         "efficiency b1": _fmt(run.efficiency("batch_1")),
-        "efficiency bN": _fmt(run.efficiency("batch_N")), "run": str(run.path),
+        "efficiency bN": _fmt(run.efficiency("batch_N")),
+        "ORT efficiency b1": _fmt(run.efficiency("batch_1", "efficiency_onnxruntime")),
+        "ORT efficiency bN": _fmt(run.efficiency("batch_N", "efficiency_onnxruntime")),
+        "run": str(run.path),
     }
 
 
@@ -220,7 +226,9 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           "Ratios are dense / compressed (higher: smaller or faster). Accuracy is top-1 (%) on "
           "the test set; the fine-tuned column is the model that ships. Post-hoc baselines "
           f"are the runs with regularizer {', '.join(BASELINE_REGULARIZERS)}.", ""]
-    md += _markdown_table(rows, COLUMNS[:-1]) if rows else ["No completed runs."]
+    measured = {c for row in rows for c in ONNXRUNTIME_COLUMNS if row[c] != "—"}
+    shown = tuple(c for c in COLUMNS[:-1] if c not in ONNXRUNTIME_COLUMNS or measured)
+    md += _markdown_table(rows, shown) if rows else ["No completed runs."]
     md += ["", "## Pareto frontier per method (final accuracy vs params ratio)", "",
            "Runs at chance accuracy (a collapsed model) are left out of the frontiers and "
            "the plots.", ""]

@@ -88,9 +88,11 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
     return lambda model, shape: make(shape)(model)[0]
 
 
-def variants(batch: int) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
-    """The compressions benchmarked: name → (model, input shape) → compressed model."""
-    aware = {"round_to": 8, "latency_aware": True, "latency_batch": batch}
+def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
+    """The compressions benchmarked: name → (model, input shape) → compressed model. The
+    latency-aware ones time their layers in the form benchmarked (eager for TorchScript)."""
+    aware = {"round_to": 8, "latency_aware": True, "latency_batch": batch,
+             "latency_form": "onnxruntime" if form == "onnxruntime" else "eager"}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
         "svd energy=0.5": compressor(lambda shape: SVD(energy=0.5)),
@@ -98,12 +100,16 @@ def variants(batch: int) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
         "svd energy=0.5 round8": compressor(lambda shape: SVD(energy=0.5, round_to=8)),
         "svd energy=0.5 round8+aware": compressor(
             lambda shape: SVD(energy=0.5, input_shape=shape, **aware)),
+        "svd energy=0.3 round8+aware": compressor(
+            lambda shape: SVD(energy=0.3, input_shape=shape, **aware)),
         "prune ratio=0.5": compressor(lambda shape: Prune(0.5, input_shape=shape)),
         "prune ratio=0.7": compressor(lambda shape: Prune(0.7, input_shape=shape)),
         "prune ratio=0.5 round8": compressor(
             lambda shape: Prune(0.5, input_shape=shape, round_to=8)),
         "prune ratio=0.5 round8+aware": compressor(
             lambda shape: Prune(0.5, input_shape=shape, **aware)),
+        "prune ratio=0.7 round8+aware": compressor(
+            lambda shape: Prune(0.7, input_shape=shape, **aware)),
         "ssl shape 50%": ssl_shape(0.5),
         "ssl shape 75%": ssl_shape(0.75),
     }
@@ -170,7 +176,7 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
         except UserError as e:  # e.g. an op the ONNX exporter does not support at this size
             print(f"{name} ({size}px): no {FORMS[args.form]} form: {str(e)[:200]}", flush=True)
             continue
-        for label, compress in variants(args.batch_size).items():
+        for label, compress in variants(args.batch_size, args.form).items():
             if args.only and not any(word in label for word in args.only):
                 continue
             start = time.perf_counter()

@@ -1,15 +1,18 @@
 """The inference path: BatchNorm folding keeps the outputs, ranks and widths round to
-multiples, latency-aware compression keeps a step only where the (here: fake) clock says it
-is faster, and the TorchScript and ONNX exports compute what the model computes."""
+multiples, latency-aware compression keeps a step only where the clock (a fake one, or ONNX
+Runtime's) says it is faster, and the TorchScript and ONNX exports compute what the model
+computes."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 from torch import nn
 
-from compaware.compress import SVD, Prune
-from compaware.compress.latency import LatencyCheck, round_up
+from compaware.compress import SVD, Prune, latency
+from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
 from compaware.config import UserError
 from compaware.export import export_onnx, freeze_torchscript
 from compaware.fold import fold_batchnorm
@@ -114,6 +117,52 @@ def test_latency_aware_needs_an_input_shape():
         SVD(latency_aware=True)
     with pytest.raises(UserError, match="compress.round_to"):
         SVD(round_to=0)
+
+
+def test_latency_form_takes_eager_or_onnxruntime(monkeypatch):
+    with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*eager, onnxruntime"):
+        SVD(latency_form="tensorrt")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else
+                        find_spec(name, *args))
+    with pytest.raises(UserError, match="onnxruntime is not installed"):
+        Prune(0.5, latency_aware=True, latency_form="onnxruntime")
+    Prune(0.5, latency_form="onnxruntime")  # not latency-aware: nothing is timed
+
+
+def test_onnxruntime_layer_timer_exports_a_layer_once_per_shape(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    exports = []
+
+    def counted(layer, x, path, threads):
+        exports.append(tuple(layer.weight.shape))
+        return forward(layer, x, path, threads)
+
+    forward = latency.onnxruntime_forward
+    monkeypatch.setattr(latency, "onnxruntime_forward", counted)
+    timer = LayerTimer("onnxruntime", min_run_time=0.01)
+    layer, x = nn.Linear(64, 32), torch.randn(8, 64)
+    assert timer(layer, x) > 0 and timer(layer, x) > 0
+    assert exports == [(32, 64)]
+    layer.weight = nn.Parameter(layer.weight[:16].detach())  # narrowed in place, as pruned
+    layer.bias = nn.Parameter(layer.bias[:16].detach())
+    assert timer(layer, x) > 0
+    assert exports == [(32, 64), (16, 64)]
+
+
+def test_latency_aware_svd_times_layers_under_onnxruntime():
+    pytest.importorskip("onnxruntime")
+    svd = SVD(rank=4, latency_aware=True, input_shape=(1, 28, 28), latency_batch=4,
+              latency_form="onnxruntime")
+    svd.latency.timer.min_run_time = 0.01
+    compressed, report = svd(LeNet5())
+    for name, entry in report.items():  # real clock: each decision follows its own timing
+        timed = entry["latency_ms"]
+        assert timed["layer"] > 0 and timed["factorized"] > 0
+        faster = timed["factorized"] < timed["layer"]
+        assert entry["factorized"] == faster
+        assert isinstance(getattr(compressed, name), nn.Sequential) == faster
 
 
 def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):

@@ -17,11 +17,11 @@ from compaware.regularizers import L1, L2, LowRank, Regularizer
 from compaware.regularizers.lowrank import rank_of_spectrum, shrink_singular_values
 
 
+@pytest.mark.parametrize("threshold", [0.8, 1e-3, 100.0])  # some, none, all σ zeroed
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6), (5, 5)])
-def test_nuclear_prox_matches_closed_form(shape):
+def test_nuclear_prox_matches_closed_form(shape, threshold):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g, dtype=torch.float64)
-    threshold = 0.8
     u, s, vh = np.linalg.svd(w.numpy(), full_matrices=False)
     expected = (u * np.maximum(s - threshold, 0)) @ vh
     result = shrink_singular_values(w, threshold)

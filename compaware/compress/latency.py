@@ -5,7 +5,10 @@ intermediate activation, a pruned layer of 37 channels misses the vector width i
 tiled for. So a latency-aware compressor times each candidate change of a layer on the
 device the model is on, at the layer's real input shape, and keeps the change only where
 the layer (for pruning: every layer the change touches) gets faster, timing candidate and
-original in alternating rounds.
+original in alternating rounds. The layers are timed in the form the model will run in
+(``compress.latency_form``): eager PyTorch, or exported to ONNX and run by ONNX Runtime,
+whose kernels favour other shapes (a choice made in eager PyTorch cost ResNet-50's SVD
+2.47× → 2.36× at batch 32 under ONNX Runtime; docs/performance.md).
 
 :class:`LayerTimer` measures with ``torch.utils.benchmark``; a compressor holds one in its
 ``timer`` attribute, which tests replace by a fake to check the decisions without a clock.
@@ -13,14 +16,19 @@ original in alternating rounds.
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import statistics
+import tempfile
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Size, nn
 
+from compaware.bench import median_ms
 from compaware.config import UserError, check_range
+from compaware.export import onnxruntime_forward
 from compaware.layers import eval_mode
 
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -32,21 +40,35 @@ def round_up(size: int, multiple: int, limit: int) -> int:
     return min(-(-size // multiple) * multiple, limit)
 
 
-class LayerTimer:
-    """Median seconds of one eval-mode forward pass of a layer (``torch.utils.benchmark``)."""
+LATENCY_FORMS = ("eager", "onnxruntime")
 
-    def __init__(self, min_run_time: float = 0.05) -> None:
-        self.min_run_time = min_run_time
+
+class LayerTimer:
+    """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
+    in ``form``: ``eager`` (the module in eval mode) or ``onnxruntime`` (the module exported
+    to ONNX, run by ONNX Runtime's CPU provider; each layer is exported once per weight and
+    input shape, and the session kept while the layer lives)."""
+
+    def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
+        self.form, self.min_run_time = form, min_run_time
+        self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @torch.inference_mode()
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
-        # imported here: torch.utils.benchmark loads cpp_extension, which warns about CUDA_HOME
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        import torch.utils.benchmark as benchmark
+        forward = layer.eval() if self.form == "eager" else self.onnxruntime(layer, x)
+        return median_ms(forward, x, self.min_run_time, torch.get_num_threads()) / 1e3
 
-        timer = benchmark.Timer(stmt="layer(x)", globals={"layer": layer.eval(), "x": x},
-                                num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=self.min_run_time).median
+    def onnxruntime(self, layer: nn.Module, x: torch.Tensor) -> Callable:
+        """``layer``'s ONNX Runtime session, exported anew only when its shapes changed (a
+        pruned layer is narrowed in place between two timings)."""
+        shapes = (tuple(x.shape), *(tuple(p.shape) for p in layer.parameters()))
+        cached = self.sessions.get(layer)
+        if cached is None or cached[0] != shapes:
+            with tempfile.TemporaryDirectory() as folder:  # the session holds the model
+                forward = onnxruntime_forward(layer, x, Path(folder) / "layer.onnx",
+                                              torch.get_num_threads())
+            cached = self.sessions[layer] = (shapes, forward)
+        return cached[1]
 
 
 def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
@@ -110,20 +132,33 @@ class LatencyCheck:
 
 class LatencyOptions:
     """The options a latency-aware compressor shares: ``round_to`` (ranks or channel counts
-    rounded up to a multiple of it; 1: not rounded), ``latency_aware`` and ``latency_batch``
-    (the batch size the layers are timed at), checked once here."""
+    rounded up to a multiple of it; 1: not rounded), ``latency_aware``, ``latency_batch``
+    (the batch size the layers are timed at) and ``latency_form`` (what they are timed in:
+    one of :data:`LATENCY_FORMS`), checked once here."""
 
     def __init__(self, round_to: int, latency_aware: bool, latency_batch: int,
-                 input_shape: tuple[int, ...] | None) -> None:
+                 input_shape: tuple[int, ...] | None, latency_form: str = "eager") -> None:
         check_range("compress.round_to", round_to, 1, integer=True)
         check_range("compress.latency_batch", latency_batch, 1, integer=True)
+        if latency_form not in LATENCY_FORMS:
+            raise UserError(f"compress.latency_form={latency_form!r} is not a form compaware "
+                            f"can time layers in; compress.latency_form takes one of "
+                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch, or exported to ONNX "
+                            f"and run by ONNX Runtime).")
         if latency_aware and not input_shape:
             raise UserError("compress.latency_aware=true times each layer on its input, so it "
                             "needs compress.input_shape (C, H, W of one sample; the configs "
                             "take it from the data).")
+        missing = [package for package in ("onnx", "onnxruntime")
+                   if importlib.util.find_spec(package) is None]
+        if latency_aware and latency_form == "onnxruntime" and missing:
+            raise UserError(f"compress.latency_form=onnxruntime times layers exported to ONNX "
+                            f"under ONNX Runtime, and {' and '.join(missing)} is not "
+                            f"installed: pip install 'compaware[onnx]', or set "
+                            f"compress.latency_form=eager.")
         self.round_to, self.latency_aware = int(round_to), bool(latency_aware)
         self.latency_batch = int(latency_batch)
-        self.timer: Timer = LayerTimer()  # tests put a fake clock here
+        self.timer: Timer = LayerTimer(latency_form)  # tests put a fake clock here
 
     def latency_check(self, model: nn.Module, input_shape: tuple[int, ...]) -> LatencyCheck | None:
         """A :class:`LatencyCheck` on ``model`` when latency-aware, else None."""

@@ -338,14 +338,15 @@ class Prune(Compressor):
     version (:func:`~compaware.compress.shape.drop_dead_columns`); the gather it needs costs
     time, so nearly dense layers stay as they are. ``round_to``: each layer keeps a multiple
     of this many units. ``latency_aware``: a group is pruned only where its convs and linears,
-    timed at ``latency_batch`` samples, get faster (compaware/compress/latency.py).
+    timed at ``latency_batch`` samples in ``latency_form``, get faster
+    (compaware/compress/latency.py).
     """
 
     def __init__(self, ratio: float = 0.0, threshold: float = 1e-5,
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
                  min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
-                 latency_batch: int = 32) -> None:
+                 latency_batch: int = 32, latency_form: str = "eager") -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
@@ -359,7 +360,8 @@ class Prune(Compressor):
         self.depth, self.shape, self.min_sparsity = depth, shape, float(min_sparsity)
         self.input_shape = tuple(int(size) for size in input_shape)
         self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
-        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, self.input_shape)
+        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, self.input_shape,
+                                      latency_form)
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
@@ -431,11 +433,12 @@ class PruneSVD(Compressor):
                  rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
-                 round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32) -> None:
+                 round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
+                 latency_form: str = "eager") -> None:
         self.prune = Prune(ratio, threshold, input_shape, layers, skip_first, depth, shape,
-                           min_sparsity, round_to, latency_aware, latency_batch)
+                           min_sparsity, round_to, latency_aware, latency_batch, latency_form)
         self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last, round_to,
-                       latency_aware, latency_batch, input_shape)
+                       latency_aware, latency_batch, input_shape, latency_form)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         model, pruned = self.prune.compress(model)

@@ -89,21 +89,22 @@ class SVD(Compressor):
     Rank per layer: see :func:`choose_rank` (``energy``, ``threshold``, ``rank``), then
     rounded up to a multiple of ``round_to``. With ``latency_aware``, a layer is factorized
     only where the pair is faster than the layer, timed at ``latency_batch`` samples of
-    ``input_shape`` (compaware/compress/latency.py).
+    ``input_shape`` in ``latency_form`` (compaware/compress/latency.py).
     Layers it cannot factorize are skipped and reported with the reason (module docstring).
     """
 
     def __init__(self, energy: float = 1.0, rank: int | None = None, threshold: float = 1e-5,
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
-                 input_shape: tuple[int, ...] | None = None) -> None:
+                 input_shape: tuple[int, ...] | None = None, latency_form: str = "eager") -> None:
         check_range("compress.energy", energy, 0, 1, low_open=True)
         if rank is not None:
             check_range("compress.rank", rank, 1, integer=True)
         check_range("compress.threshold", threshold, 0, 1)
         self.energy, self.rank, self.threshold = float(energy), rank, float(threshold)
         self.select = LayerSelection("compress", layers, skip_first, skip_last)
-        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, input_shape)
+        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, input_shape,
+                                      latency_form)
         self.input_shape = tuple(input_shape) if input_shape else None
 
     @torch.no_grad()
