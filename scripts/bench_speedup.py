@@ -11,13 +11,15 @@ sparsity (a share of every conv's im2col columns zeroed, smallest norms first, t
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
 ratio (1: the whole MAC saving became time). Both models run in one inference form,
-BatchNorm folded: eager PyTorch by default, TorchScript frozen or ONNX Runtime with
-``--form``. Dense and compressed are timed interleaved in this process, ``--rounds`` times,
-and the median of the per-round ratios is reported, so load from other processes hits both
-alike.
+BatchNorm folded: eager PyTorch in NHWC (channels_last, what a run's benchmark times) by
+default, NCHW eager, TorchScript frozen or ONNX Runtime with ``--form``; the latency-aware
+variants time their layers in that form. Dense and compressed are timed interleaved in this
+process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
+from other processes hits both alike.
 
 A second table compares inference forms of ResNet-50, dense and pruned: eager with
-BatchNorm, BatchNorm folded, TorchScript frozen and ONNX Runtime (when installed).
+BatchNorm, BatchNorm folded (NCHW and channels_last), TorchScript frozen and ONNX Runtime
+(when installed).
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from compaware.bench import count_macs  # noqa: E402
+from compaware.bench import channels_last_forward, count_macs  # noqa: E402
 from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
-from compaware.compress.latency import input_shapes  # noqa: E402
+from compaware.compress.latency import LATENCY_FORMS, input_shapes  # noqa: E402
 from compaware.compress.prune import stand_in  # noqa: E402
 from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
 from compaware.config import UserError  # noqa: E402
@@ -90,9 +92,9 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
 
 def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
     """The compressions benchmarked: name → (model, input shape) → compressed model. The
-    latency-aware ones time their layers in the form benchmarked (eager for TorchScript)."""
+    latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript)."""
     aware = {"round_to": 8, "latency_aware": True, "latency_batch": batch,
-             "latency_form": "onnxruntime" if form == "onnxruntime" else "eager"}
+             "latency_form": form if form in LATENCY_FORMS else "eager"}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
         "svd energy=0.5": compressor(lambda shape: SVD(energy=0.5)),
@@ -198,8 +200,8 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
             logging.info("%s %s: %.0f s", name, label, time.perf_counter() - start)
 
 
-FORMS = {"eager": "eager, BN folded", "torchscript": "TorchScript frozen",
-         "onnxruntime": "ONNX Runtime"}
+FORMS = {"eager": "eager, BN folded", "channels_last": "eager, BN folded, NHWC",
+         "torchscript": "TorchScript frozen", "onnxruntime": "ONNX Runtime"}
 
 
 def inference_form(model: nn.Module, form: str, example: torch.Tensor,
@@ -208,6 +210,8 @@ def inference_form(model: nn.Module, form: str, example: torch.Tensor,
     folded = fold_batchnorm(model)[0]
     if form == "eager":
         return folded
+    if form == "channels_last":
+        return channels_last_forward(folded)
     if form == "torchscript":
         return freeze_torchscript(folded, example)
     return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
@@ -235,7 +239,7 @@ def forms_table(args: argparse.Namespace) -> None:
           f"ms (speed-up over eager with BatchNorm), median of {args.rounds} interleaved rounds")
     heads = ["model", "form", "b1 ms", "b1 speedup", f"b{args.batch_size} ms",
              f"b{args.batch_size} speedup"]
-    widths = [16, 20, 9, 10, 9, 10]
+    widths = [16, 22, 9, 10, 9, 10]
     print(row(heads, widths))
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in (("dense", dense), ("prune ratio=0.5", pruned)):
@@ -346,7 +350,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compress-threads", type=int, default=1,
                         help="torch threads while compressing (not timed)")
-    parser.add_argument("--form", choices=list(FORMS), default="eager",
+    parser.add_argument("--form", choices=list(FORMS), default="channels_last",
                         help="the inference form of both models in the speedup table")
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")

@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from compaware.bench import channels_last_forward
 from compaware.compress import SVD, Prune, latency
 from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
+from compaware.compress.shape import LiveColumnConv2d
 from compaware.config import UserError
 from compaware.export import export_onnx, freeze_torchscript
 from compaware.fold import fold_batchnorm
@@ -119,9 +121,29 @@ def test_latency_aware_needs_an_input_shape():
         SVD(round_to=0)
 
 
-def test_latency_form_takes_eager_or_onnxruntime(monkeypatch):
-    with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*eager, onnxruntime"):
+def test_channels_last_forward_computes_what_the_model_computes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    live = LiveColumnConv2d(conv, torch.tensor([0, 4, 9, 13, 26]))  # compress=ssl's layer
+    x = torch.randn(2, 1, 32, 32)
+    for model, batch in ((fold_batchnorm(_resnet())[0], x), (LeNet5(1, 10, 32).eval(), x),
+                         (SVD(energy=0.5)(LeNet5(1, 10, 32))[0].eval(), x),
+                         (live, torch.randn(2, 3, 9, 9))):
+        forward = channels_last_forward(model)
+        with torch.no_grad():
+            torch.testing.assert_close(forward(batch), model(batch), atol=1e-5, rtol=1e-4)
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert all(w.is_contiguous() for w in convs)  # timed on a copy: the model is as it was
+
+
+def test_latency_form_takes_channels_last_eager_or_onnxruntime(monkeypatch):
+    with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*channels_last, eager, "
+                                        "onnxruntime"):
         SVD(latency_form="tensorrt")
+    conv, x = nn.Conv2d(8, 8, 3), torch.randn(4, 8, 16, 16)
+    for form in ("channels_last", "eager"):
+        assert LayerTimer(form, min_run_time=0.01)(conv, x) > 0
+    assert conv.weight.is_contiguous()
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "onnxruntime" else

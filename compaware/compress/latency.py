@@ -6,9 +6,10 @@ tiled for. So a latency-aware compressor times each candidate change of a layer 
 device the model is on, at the layer's real input shape, and keeps the change only where
 the layer (for pruning: every layer the change touches) gets faster, timing candidate and
 original in alternating rounds. The layers are timed in the form the model will run in
-(``compress.latency_form``): eager PyTorch, or exported to ONNX and run by ONNX Runtime,
-whose kernels favour other shapes (a choice made in eager PyTorch cost ResNet-50's SVD
-2.47× → 2.36× at batch 32 under ONNX Runtime; docs/performance.md).
+(``compress.latency_form``): eager PyTorch in NHWC (``channels_last``, what a run's
+benchmark times by default) or NCHW (``eager``), or exported to ONNX and run by ONNX
+Runtime. Each favours other shapes: choices timed in eager PyTorch cost ResNet-50's SVD
+2.47× → 2.36× at batch 32 under ONNX Runtime (docs/performance.md).
 
 :class:`LayerTimer` measures with ``torch.utils.benchmark``; a compressor holds one in its
 ``timer`` attribute, which tests replace by a fake to check the decisions without a clock.
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Size, nn
 
-from compaware.bench import median_ms
+from compaware.bench import channels_last_forward, median_ms
 from compaware.config import UserError, check_range
 from compaware.export import onnxruntime_forward
 from compaware.layers import eval_mode
@@ -40,22 +41,26 @@ def round_up(size: int, multiple: int, limit: int) -> int:
     return min(-(-size // multiple) * multiple, limit)
 
 
-LATENCY_FORMS = ("eager", "onnxruntime")
+LATENCY_FORMS = ("channels_last", "eager", "onnxruntime")
 
 
 class LayerTimer:
     """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
-    in ``form``: ``eager`` (the module in eval mode) or ``onnxruntime`` (the module exported
-    to ONNX, run by ONNX Runtime's CPU provider; each layer is exported once per weight and
-    input shape, and the session kept while the layer lives)."""
+    in ``form``: ``channels_last`` (a copy in NHWC, :func:`compaware.bench.channels_last_forward`),
+    ``eager`` (the module in eval mode) or ``onnxruntime`` (the module exported to ONNX, run
+    by ONNX Runtime's CPU provider; each layer is exported once per weight and input shape,
+    and the session kept while the layer lives)."""
 
-    def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
+    def __init__(self, form: str = "channels_last", min_run_time: float = 0.05) -> None:
         self.form, self.min_run_time = form, min_run_time
         self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @torch.inference_mode()
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
-        forward = layer.eval() if self.form == "eager" else self.onnxruntime(layer, x)
+        layer.eval()
+        forward = (layer if self.form == "eager" else
+                   channels_last_forward(layer) if self.form == "channels_last" else
+                   self.onnxruntime(layer, x))
         return median_ms(forward, x, self.min_run_time, torch.get_num_threads()) / 1e3
 
     def onnxruntime(self, layer: nn.Module, x: torch.Tensor) -> Callable:
@@ -137,14 +142,15 @@ class LatencyOptions:
     one of :data:`LATENCY_FORMS`), checked once here."""
 
     def __init__(self, round_to: int, latency_aware: bool, latency_batch: int,
-                 input_shape: tuple[int, ...] | None, latency_form: str = "eager") -> None:
+                 input_shape: tuple[int, ...] | None,
+                 latency_form: str = "channels_last") -> None:
         check_range("compress.round_to", round_to, 1, integer=True)
         check_range("compress.latency_batch", latency_batch, 1, integer=True)
         if latency_form not in LATENCY_FORMS:
             raise UserError(f"compress.latency_form={latency_form!r} is not a form compaware "
                             f"can time layers in; compress.latency_form takes one of "
-                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch, or exported to ONNX "
-                            f"and run by ONNX Runtime).")
+                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch in NHWC or NCHW, or "
+                            f"exported to ONNX and run by ONNX Runtime).")
         if latency_aware and not input_shape:
             raise UserError("compress.latency_aware=true times each layer on its input, so it "
                             "needs compress.input_shape (C, H, W of one sample; the configs "
@@ -155,7 +161,7 @@ class LatencyOptions:
             raise UserError(f"compress.latency_form=onnxruntime times layers exported to ONNX "
                             f"under ONNX Runtime, and {' and '.join(missing)} is not "
                             f"installed: pip install 'compaware[onnx]', or set "
-                            f"compress.latency_form=eager.")
+                            f"compress.latency_form=channels_last.")
         self.round_to, self.latency_aware = int(round_to), bool(latency_aware)
         self.latency_batch = int(latency_batch)
         self.timer: Timer = LayerTimer(latency_form)  # tests put a fake clock here
