@@ -63,11 +63,12 @@ def channels_last_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Te
     """A copy of ``model`` with its 4-D weights in NHWC (``torch.channels_last``), as a
     forward function that converts a 4-D input the same way.
 
-    oneDNN's CPU convolutions work in NHWC: given NCHW they reorder every activation and
-    weight on each call, a memory-bound cost that does not shrink with the MACs. In NHWC
-    ResNet-50 pruned at 0.5 realised 0.77 / 0.90 of its MAC saving at batch 1 / 32 against
-    0.66 / 0.81 in NCHW (docs/performance.md). The conversion of the input is timed with
-    the model (a copy of the input, small next to a conv net's work)."""
+    oneDNN's CPU convolutions work in NHWC: given NCHW they reorder activations and weights
+    on each call, a memory-bound cost that does not shrink with the MACs. At batch 32 NHWC
+    made ResNet-50 1.08× (dense) and 1.15× (pruned at 0.5) faster; at batch 1 it made the
+    dense model 1.17× slower (docs/performance.md), so it is a choice, not a default. The
+    conversion of the input is timed with the model (a copy of the input, small next to a
+    conv net's work)."""
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

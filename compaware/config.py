@@ -126,7 +126,7 @@ class BenchConfig:
     min_run_time: float = 0.3  # seconds per measurement (torch.utils.benchmark)
     threads: int | None = None  # None: torch's default for this machine
     onnxruntime: bool = False  # also time both models under ONNX Runtime (compaware[onnx])
-    channels_last: bool = True  # CPU: 4-D weights and activations in NHWC, oneDNN's own layout
+    channels_last: bool = False  # CPU: time with 4-D weights and activations in NHWC
 
 
 @dataclass

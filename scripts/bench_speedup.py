@@ -11,8 +11,8 @@ sparsity (a share of every conv's im2col columns zeroed, smallest norms first, t
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
 ratio (1: the whole MAC saving became time). Both models run in one inference form,
-BatchNorm folded: eager PyTorch in NHWC (channels_last, what a run's benchmark times) by
-default, NCHW eager, TorchScript frozen or ONNX Runtime with ``--form``; the latency-aware
+BatchNorm folded: eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
+(``channels_last``), TorchScript frozen or ONNX Runtime with ``--form``; the latency-aware
 variants time their layers in that form. Dense and compressed are timed interleaved in this
 process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
 from other processes hits both alike.
@@ -350,7 +350,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compress-threads", type=int, default=1,
                         help="torch threads while compressing (not timed)")
-    parser.add_argument("--form", choices=list(FORMS), default="channels_last",
+    parser.add_argument("--form", choices=list(FORMS), default="eager",
                         help="the inference form of both models in the speedup table")
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")

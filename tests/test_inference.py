@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from compaware.bench import channels_last_forward
+from compaware.bench import channels_last_forward, compare_latency
 from compaware.compress import SVD, Prune, latency
 from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
 from compaware.compress.shape import LiveColumnConv2d
@@ -134,10 +134,13 @@ def test_channels_last_forward_computes_what_the_model_computes():
             torch.testing.assert_close(forward(batch), model(batch), atol=1e-5, rtol=1e-4)
         convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert all(w.is_contiguous() for w in convs)  # timed on a copy: the model is as it was
+    timed = compare_latency({"lenet5": LeNet5()}, (1, 28, 28), 2, torch.device("cpu"), 0.01, 1,
+                            channels_last=True)  # bench.channels_last=true
+    assert timed["channels_last"] and timed["batch_1"]["lenet5"] > 0
 
 
-def test_latency_form_takes_channels_last_eager_or_onnxruntime(monkeypatch):
-    with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*channels_last, eager, "
+def test_latency_form_takes_eager_channels_last_or_onnxruntime(monkeypatch):
+    with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*eager, channels_last, "
                                         "onnxruntime"):
         SVD(latency_form="tensorrt")
     conv, x = nn.Conv2d(8, 8, 3), torch.randn(4, 8, 16, 16)

@@ -6,10 +6,11 @@ tiled for. So a latency-aware compressor times each candidate change of a layer 
 device the model is on, at the layer's real input shape, and keeps the change only where
 the layer (for pruning: every layer the change touches) gets faster, timing candidate and
 original in alternating rounds. The layers are timed in the form the model will run in
-(``compress.latency_form``): eager PyTorch in NHWC (``channels_last``, what a run's
-benchmark times by default) or NCHW (``eager``), or exported to ONNX and run by ONNX
-Runtime. Each favours other shapes: choices timed in eager PyTorch cost ResNet-50's SVD
-2.47× → 2.36× at batch 32 under ONNX Runtime (docs/performance.md).
+(``compress.latency_form``): eager PyTorch (``eager``, NCHW, what a run's benchmark times by
+default; ``channels_last``, NHWC, for ``bench.channels_last=true``), or exported to ONNX and
+run by ONNX Runtime (``onnxruntime``). Each favours other shapes: choices timed in eager
+PyTorch cost ResNet-50's SVD 2.47× → 2.36× at batch 32 under ONNX Runtime
+(docs/performance.md).
 
 :class:`LayerTimer` measures with ``torch.utils.benchmark``; a compressor holds one in its
 ``timer`` attribute, which tests replace by a fake to check the decisions without a clock.
@@ -41,17 +42,17 @@ def round_up(size: int, multiple: int, limit: int) -> int:
     return min(-(-size // multiple) * multiple, limit)
 
 
-LATENCY_FORMS = ("channels_last", "eager", "onnxruntime")
+LATENCY_FORMS = ("eager", "channels_last", "onnxruntime")
 
 
 class LayerTimer:
     """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
-    in ``form``: ``channels_last`` (a copy in NHWC, :func:`compaware.bench.channels_last_forward`),
-    ``eager`` (the module in eval mode) or ``onnxruntime`` (the module exported to ONNX, run
-    by ONNX Runtime's CPU provider; each layer is exported once per weight and input shape,
-    and the session kept while the layer lives)."""
+    in ``form``: ``eager`` (the module in eval mode), ``channels_last`` (a copy in NHWC,
+    :func:`compaware.bench.channels_last_forward`) or ``onnxruntime`` (the module exported to
+    ONNX, run by ONNX Runtime's CPU provider; each layer is exported once per weight and
+    input shape, and the session kept while the layer lives)."""
 
-    def __init__(self, form: str = "channels_last", min_run_time: float = 0.05) -> None:
+    def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
         self.form, self.min_run_time = form, min_run_time
         self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -143,7 +144,7 @@ class LatencyOptions:
 
     def __init__(self, round_to: int, latency_aware: bool, latency_batch: int,
                  input_shape: tuple[int, ...] | None,
-                 latency_form: str = "channels_last") -> None:
+                 latency_form: str = "eager") -> None:
         check_range("compress.round_to", round_to, 1, integer=True)
         check_range("compress.latency_batch", latency_batch, 1, integer=True)
         if latency_form not in LATENCY_FORMS:
@@ -161,7 +162,7 @@ class LatencyOptions:
             raise UserError(f"compress.latency_form=onnxruntime times layers exported to ONNX "
                             f"under ONNX Runtime, and {' and '.join(missing)} is not "
                             f"installed: pip install 'compaware[onnx]', or set "
-                            f"compress.latency_form=channels_last.")
+                            f"compress.latency_form=eager.")
         self.round_to, self.latency_aware = int(round_to), bool(latency_aware)
         self.latency_batch = int(latency_batch)
         self.timer: Timer = LayerTimer(latency_form)  # tests put a fake clock here

@@ -346,7 +346,7 @@ class Prune(Compressor):
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
                  min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
-                 latency_batch: int = 32, latency_form: str = "channels_last") -> None:
+                 latency_batch: int = 32, latency_form: str = "eager") -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
@@ -434,7 +434,7 @@ class PruneSVD(Compressor):
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
-                 latency_form: str = "channels_last") -> None:
+                 latency_form: str = "eager") -> None:
         self.prune = Prune(ratio, threshold, input_shape, layers, skip_first, depth, shape,
                            min_sparsity, round_to, latency_aware, latency_batch, latency_form)
         self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last, round_to,

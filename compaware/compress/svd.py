@@ -97,7 +97,7 @@ class SVD(Compressor):
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  input_shape: tuple[int, ...] | None = None,
-                 latency_form: str = "channels_last") -> None:
+                 latency_form: str = "eager") -> None:
         check_range("compress.energy", energy, 0, 1, low_open=True)
         if rank is not None:
             check_range("compress.rank", rank, 1, integer=True)
