@@ -67,6 +67,15 @@ MODELS: dict[str, tuple[Callable[[int], nn.Module], int, int, int]] = {
 }
 
 
+def dense_model(name: str, full: bool) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Model ``name`` with seeded random weights in eval mode, and its input (C, H, W) at the
+    reduced (or, with ``full``, the full) image size."""
+    build, channels, small, large = MODELS[name]
+    size = large if full else small
+    torch.manual_seed(0)
+    return build(size).eval(), (channels, size, size)
+
+
 def zero_columns(model: nn.Module, share: float) -> nn.Module:
     """SSL's shape-wise result, emulated: in every conv, the ``share`` of im2col columns
     W[:, c, h, w] with the smallest ℓ2 norms set to exactly zero (in place)."""
@@ -166,11 +175,8 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
           f"{args.rounds} interleaved rounds, both models {FORMS[args.form]}")
     print(row(SPEEDUP_HEAD, SPEEDUP_WIDTHS))
     for name in args.models:
-        build, channels, small, full = MODELS[name]
-        size = full if args.full else small
-        shape = (channels, size, size)
-        torch.manual_seed(0)
-        dense = build(size).eval()
+        dense, shape = dense_model(name, args.full)
+        size = shape[-1]
         dense_macs = count_macs(dense, shape)
         batches = [torch.randn(batch_size, *shape) for batch_size in (1, args.batch_size)]
         try:  # traced forms are traced at the batch size they are timed at
@@ -238,11 +244,8 @@ def forms_table(args: argparse.Namespace) -> None:
     widths = [30, 22, 9, 10, 9, 10]
     print(row(heads, widths))
     for model_name in args.models:
-        build, channels, small, full = MODELS[model_name]
-        size = full if args.full else small
-        shape = (channels, size, size)
-        torch.manual_seed(0)
-        dense = build(size).eval()
+        dense, shape = dense_model(model_name, args.full)
+        size = shape[-1]
         with threads(args.compress_threads):
             pruned = Prune(0.5, input_shape=shape)(dense)[0].eval()
         with tempfile.TemporaryDirectory() as tmp:
@@ -282,13 +285,10 @@ def layer_kinds_table(args: argparse.Namespace) -> None:
     print(row(heads, widths))
     for name in [m for m in args.models if m != "lenet5"] + (["lenet5"] * ("lenet5" in
                                                                           args.models)):
-        build, channels, small, full = MODELS[name]
-        size = full if args.full else small
-        torch.manual_seed(0)
-        model = build(size).eval()
+        model, shape = dense_model(name, args.full)
         sums: dict[str, dict[str, list[float]]] = {}
         for batch_size in (args.batch_size, 1):
-            shapes = input_shapes(model, (channels, size, size), batch_size)
+            shapes = input_shapes(model, shape, batch_size)
             for layer_name, layer in weight_layers(model):
                 if getattr(layer, "groups", 1) > 1:
                     continue
