@@ -1,7 +1,7 @@
 """The inference path: BatchNorm folding keeps the outputs, ranks and widths round to
 multiples, latency-aware compression keeps a step only where the clock (a fake one, or ONNX
-Runtime's) says it is faster, and the TorchScript and ONNX exports compute what the model
-computes."""
+Runtime's) says it is faster, and the NHWC copies, TorchScript and ONNX exports compute what
+the model computes."""
 
 from __future__ import annotations
 
