@@ -89,46 +89,54 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(m.weight.shape) for name, m in weight_layers(model)}
 
 
+def side_by_side_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...],
+                    batch_size: int, device: torch.device, min_run_time: float, threads: int,
+                    forward_of: Callable[[str, nn.Module, torch.Tensor], Callable]) -> dict:
+    """``{batch_1: {name: ms}, batch_N: {name: ms}}``: each model's ``forward_of(name, model,
+    batch)`` timed at batch 1 and ``batch_size`` on ``device``, side by side in one process,
+    with ``threads``, ``batch_size`` and ``device`` recorded."""
+    results: dict = {"threads": threads, "batch_size": batch_size, "device": str(device)}
+    for key, size in (("batch_1", 1), ("batch_N", batch_size)):
+        batch = torch.randn(size, *input_shape, device=device)
+        results[key] = {name: median_ms(forward_of(name, model, batch), batch, min_run_time,
+                                        threads)
+                        for name, model in models.items()}
+    return results
+
+
 def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch_size: int,
                     device: torch.device, min_run_time: float, threads: int,
                     channels_last: bool = False) -> dict:
-    """``{batch_1: {name: ms}, batch_N: {name: ms}}`` for each model, measured side by side
-    in one process on ``device``; with ``channels_last``, in NHWC
+    """:func:`side_by_side_ms` of the models in eager PyTorch on ``device`` (copies: the
+    models stay where they are); with ``channels_last``, in NHWC
     (:func:`channels_last_forward`)."""
-    results: dict = {"threads": threads, "batch_size": batch_size, "device": str(device),
-                     "channels_last": channels_last}
-    for key, size in (("batch_1", 1), ("batch_N", batch_size)):
-        batch = torch.randn(size, *input_shape, device=device)
-        results[key] = {}
-        for name, model in models.items():
-            model = copy.deepcopy(model).to(device).eval()
-            forward = channels_last_forward(model) if channels_last else model
-            results[key][name] = median_ms(forward, batch, min_run_time, threads)
-    return results
+    def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
+        model = copy.deepcopy(model).to(device).eval()
+        return channels_last_forward(model) if channels_last else model
+
+    results = side_by_side_ms(models, input_shape, batch_size, device, min_run_time, threads,
+                              forward_of)
+    return {**results, "channels_last": channels_last}
 
 
 def onnxruntime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...],
                         batch_size: int, min_run_time: float, threads: int) -> dict | None:
-    """:func:`compare_latency` of the models exported to ONNX and run by ONNX Runtime's CPU
+    """:func:`side_by_side_ms` of the models exported to ONNX and run by ONNX Runtime's CPU
     provider, the deployment form in which compression paid most (docs/performance.md).
     Each model is exported at the batch size it is timed at (a traced module may fix it).
     None, with a warning, without onnxruntime or where a model cannot be exported: the
     run's other results stand."""
-    results: dict = {"threads": threads, "batch_size": batch_size, "device": "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
-        for key, size in (("batch_1", 1), ("batch_N", batch_size)):
-            batch = torch.randn(size, *input_shape)
-            results[key] = {}
-            for name, model in models.items():
-                try:
-                    forward = onnxruntime_forward(model, batch, Path(tmp) / f"{name}_{size}.onnx",
-                                                  threads)
-                except UserError as e:
-                    log.warning("bench.onnxruntime=true, but there is no ONNX Runtime "
-                                "latency: %s", e)
-                    return None
-                results[key][name] = median_ms(forward, batch, min_run_time, threads)
-    return results
+        def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
+            return onnxruntime_forward(model, batch, Path(tmp) / f"{name}_{len(batch)}.onnx",
+                                       threads)
+
+        try:
+            return side_by_side_ms(models, input_shape, batch_size, torch.device("cpu"),
+                                   min_run_time, threads, forward_of)
+        except UserError as e:
+            log.warning("bench.onnxruntime=true, but there is no ONNX Runtime latency: %s", e)
+            return None
 
 
 def compression_rates(dense: nn.Module, compressed: nn.Module, stored_bytes: int) -> dict:

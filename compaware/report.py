@@ -172,11 +172,11 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
         else f"{value:{spec}}{suffix}"
 
 
+ONNXRUNTIME_COLUMNS = ("ORT efficiency b1", "ORT efficiency bN")  # shown where measured
 COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
            "acc fine-tuned", "params ratio", "MACs ratio", "storage ratio",
            "latency ratio b1", "latency ratio bN", "efficiency b1", "efficiency bN",
-           "ORT efficiency b1", "ORT efficiency bN", "run")
-ONNXRUNTIME_COLUMNS = ("ORT efficiency b1", "ORT efficiency bN")  # shown where measured
+           *ONNXRUNTIME_COLUMNS, "run")
 
 
 def table_row(run: Run) -> dict[str, str]:

@@ -157,8 +157,9 @@ class LatencyOptions:
                             "needs compress.input_shape (C, H, W of one sample; the configs "
                             "take it from the data).")
         missing = [package for package in ("onnx", "onnxruntime")
-                   if importlib.util.find_spec(package) is None]
-        if latency_aware and latency_form == "onnxruntime" and missing:
+                   if latency_aware and latency_form == "onnxruntime"
+                   and importlib.util.find_spec(package) is None]
+        if missing:
             raise UserError(f"compress.latency_form=onnxruntime times layers exported to ONNX "
                             f"under ONNX Runtime, and {' and '.join(missing)} is not "
                             f"installed: pip install 'compaware[onnx]', or set "
