@@ -150,7 +150,7 @@ class LatencyOptions:
         if latency_form not in LATENCY_FORMS:
             raise UserError(f"compress.latency_form={latency_form!r} is not a form compaware "
                             f"can time layers in; compress.latency_form takes one of "
-                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch in NHWC or NCHW, or "
+                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch in NCHW or NHWC, or "
                             f"exported to ONNX and run by ONNX Runtime).")
         if latency_aware and not input_shape:
             raise UserError("compress.latency_aware=true times each layer on its input, so it "
