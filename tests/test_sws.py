@@ -4,6 +4,7 @@ safety, its learnable state, and the quantization that follows it."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,13 @@ from compaware.data import DataInfo, build_data
 from compaware.loop import evaluate, make_optimizer
 from compaware.models import build_model
 from compaware.regularizers import L2, SoftWeightSharing, sws
-from compaware.regularizers.sws import LOG_PRECISION_RANGE, Mixture, _chunk_terms, _NegLogMixture
+from compaware.regularizers.sws import (
+    LOG_PRECISION_RANGE,
+    Mixture,
+    _chunk_terms,
+    _NegLogMixture,
+    mixture_sums,
+)
 from compaware.train import train
 
 INFO = DataInfo("synthetic", 1, 8, 10, train_size=1000)
@@ -74,13 +81,34 @@ def test_chunked_gradient_is_the_exact_gradient(far):
                                       args[3] + 0.5 * (args[2] - sws.LOG_2PI))[-1]
     assert (smallest_total < sws.UNDERFLOW) == bool(far)
     assert torch.autograd.gradcheck(
-        lambda *a: _NegLogMixture.apply(*a, 7, _chunk_terms), args)
+        lambda *a: _NegLogMixture.apply(*a, mixture_sums("eager", 7)), args)
 
 
-@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
-def test_weights_far_from_every_component_get_the_exact_prior(compile):
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the native kernel")
+@pytest.mark.parametrize("far", [0.0, 40.0], ids=["near", "far"])
+def test_native_kernel_gives_the_eager_sums(far):
+    """float32 C kernel against the float64 torch one: blocks of 32 with a short last one,
+    partial sums moved to double every 256 blocks, a block recomputed where a weight's terms
+    all underflow."""
+    torch.manual_seed(0)
+    w = torch.randn(20_011) * 0.5
+    w[::997] += far
+    means = torch.randn(6)
+    precisions = torch.rand(6) * 20 + 1
+    log_norms = torch.randn(6).log_softmax(0) + 0.5 * (precisions.log() - sws.LOG_2PI)
+    got = mixture_sums("native", 1 << 17)(w, means, precisions, log_norms)
+    expected = mixture_sums("eager", 4096)(*(t.double() for t in (w, means, precisions,
+                                                                   log_norms)))
+    assert sws._native_kernel() is not None  # the C kernel ran, not its fallback
+    assert all(g.dtype == torch.float32 for g in got)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["native", "compiled", "eager"])
+def test_weights_far_from_every_component_get_the_exact_prior(kernel):
     model = _model()
-    prior = _prior(model, compile=compile)
+    prior = _prior(model, kernel=kernel)
     with torch.no_grad():  # narrow components; three weights 50–100 σ from every mean
         prior.log_precisions.fill_(10.0)
         model[1].weight[0, :3] = torch.tensor([0.9, -0.8, 1.2])
@@ -90,7 +118,7 @@ def test_weights_far_from_every_component_get_the_exact_prior(compile):
                                   Normal(mixture.means, mixture.stds)).log_prob(weights).sum()
     (grad_expected,) = torch.autograd.grad(expected, model[1].weight)
     nll = _NegLogMixture.apply(weights, *(t.detach() for t in (
-        mixture.means, mixture.log_precisions, mixture.log_pis)), prior.chunk_size, prior.kernel)
+        mixture.means, mixture.log_precisions, mixture.log_pis)), prior.sums)
     (grad,) = torch.autograd.grad(nll, model[1].weight)
     assert torch.isfinite(nll)
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-2)
@@ -105,11 +133,30 @@ def test_a_failed_compilation_falls_back_to_the_same_prior(monkeypatch, caplog):
         return run
 
     model = _model()
-    expected = _prior(model, compile=False).negative_log_prior(model)
+    expected = _prior(model, kernel="eager").negative_log_prior(model)
     monkeypatch.setattr(torch, "compile", broken)
-    prior = _prior(model, compile=True)
+    prior = _prior(model, kernel="compiled")
     torch.testing.assert_close(prior.negative_log_prior(model), expected)
     assert "torch.compile failed here" in caplog.text and "no compiler" in caplog.text
+
+
+def test_without_a_c_compiler_the_native_kernel_falls_back(monkeypatch, caplog, tmp_path):
+    model = _model()
+    expected = _prior(model, kernel="eager").negative_log_prior(model)
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    sws._native_kernel.cache_clear()
+    try:
+        prior = _prior(model, kernel="native")
+        torch.testing.assert_close(prior.negative_log_prior(model), expected)
+    finally:
+        sws._native_kernel.cache_clear()  # the next test builds with the real compiler
+    assert "C kernel is unavailable here" in caplog.text and "no-such-cc" in caplog.text
+
+
+def test_an_unknown_kernel_is_refused_with_the_choices():
+    with pytest.raises(UserError, match="regularizer.kernel.*native.*compiled.*eager"):
+        SoftWeightSharing(kernel="fast")
 
 
 def test_a_collapsing_component_keeps_the_loss_finite():

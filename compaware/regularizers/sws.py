@@ -10,31 +10,38 @@ other means, the log-precisions γ_j = log λ_j and the mixing logits are learne
 own learning rate, as the authors' tutorial does. The weights cluster around the means and
 most of them around zero, so ``compress=quantize`` can then snap every weight to a mean.
 
-−log p(w) is computed chunk by chunk with the log-sum-exp trick, and its gradient in the same
-pass (:class:`_NegLogMixture`), so memory holds one chunk × (J+1) block at a time, never
-(number of weights) × (J+1).
+−log p(w) is computed with the log-sum-exp trick, and its gradient in the same pass
+(:class:`_NegLogMixture`): on a CPU by a hand-written C kernel (``mixture.c``, block by block
+of 32 weights), else chunk by chunk by ``torch.compile``'s kernel or eagerly, so memory never
+holds (number of weights) × (J+1) terms.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from compaware.config import UserError, check_range
+from compaware import native
+from compaware.config import UserError, check_choice, check_range
 from compaware.data import DataInfo
 from compaware.regularizers.base import Regularizer
 
 log = logging.getLogger(__name__)
 
 LOG_2PI = math.log(2 * math.pi)
-EAGER_CHUNK, COMPILED_CHUNK = 16384, 1 << 17  # default weights per chunk of the prior
+KERNELS = ("native", "compiled", "eager")  # what computes the prior: regularizer.kernel
+MIXTURE_SOURCE = Path(__file__).with_name("mixture.c")
+EAGER_CHUNK, COMPILED_CHUNK = 16384, 1 << 17  # default weights per chunk of the torch kernels
 UNDERFLOW = 1e-30  # a shifted total Σ_j e^(q_j − shift) below this: shift each weight alone
 # γ = log(1/σ²) stays within σ ∈ [1e-4, 10]. A component whose variance collapses onto its
 # weights would send −log p to −∞; the Gamma hyper-prior pushes back, and the bound keeps every
@@ -145,26 +152,21 @@ def _compiled(kernel: Callable) -> Callable:
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = e.inner_exception
             reason = f"{type(inner).__name__}: {str(inner).strip()[:300]}"
-            log.warning("regularizer.compile=true, but torch.compile failed here (%s); the "
-                        "prior runs uncompiled (same results, slower). Set "
-                        "regularizer.compile=false to skip the attempt.", reason)
+            log.warning("torch.compile failed here (%s); the prior runs uncompiled (same "
+                        "results, slower). Set regularizer.kernel=eager to skip the attempt.",
+                        reason)
             compiled = kernel
             return kernel(*args)
 
     return run
 
 
-class _NegLogMixture(torch.autograd.Function):
-    """−Σ_i log Σ_j π_j N(w_i | μ_j, e^{−γ_j}), with gradients computed chunk by chunk in the
-    forward pass: d/dw_i = Σ_j r_ij λ_j d_ij, d/dμ_j = −λ_j Σ_i r_ij d_ij,
-    d/dγ_j = −½ Σ_i r_ij + ½ λ_j Σ_i r_ij d_ij², d/d(log π_j) = −Σ_i r_ij."""
+def _chunked(kernel: Callable, chunk_size: int) -> Callable:
+    """The prior's sums over ``w`` (see :func:`mixture_sums`), chunk by chunk with ``kernel``
+    (:func:`_chunk_terms`, compiled or not)."""
 
-    @staticmethod
-    def forward(ctx, w: Tensor, means: Tensor, log_precisions: Tensor, log_pis: Tensor,
-                chunk_size: int, kernel: Callable) -> Tensor:
-        precisions = log_precisions.exp()
-        log_norms = log_pis + 0.5 * (log_precisions - LOG_2PI)
-        total = w.new_zeros(())
+    def sums(w: Tensor, means: Tensor, precisions: Tensor, log_norms: Tensor):
+        log_total = w.new_zeros(())
         grad_w = torch.empty_like(w)
         sum_r, sum_rd, sum_rdd = (torch.zeros_like(means) for _ in range(3))
         for start in range(0, w.numel(), chunk_size):
@@ -173,19 +175,89 @@ class _NegLogMixture(torch.autograd.Function):
             if terms[-1] < UNDERFLOW:  # a weight far from every component: shift each alone
                 terms = _chunk_terms(chunk, means, precisions, log_norms, own_shift=True)
             lse, grad_chunk, r, rd, rdd, _ = terms
-            total -= lse
+            log_total += lse
             grad_w[start:start + len(chunk)] = grad_chunk
             sum_r += r
             sum_rd += rd
             sum_rdd += rdd
+        return log_total, grad_w, sum_r, sum_rd, sum_rdd
+
+    return sums
+
+
+@functools.cache
+def _native_kernel() -> Callable | None:
+    """``mixture_sums`` of ``mixture.c``, built and loaded once per process; None, with a
+    warning saying why, where it cannot be built."""
+    try:
+        function = native.load(MIXTURE_SOURCE).mixture_sums
+    except native.NativeUnavailable as e:
+        log.warning("regularizer.kernel=native, but the C kernel is unavailable here (%s); "
+                    "the prior runs on torch's kernel (same results, slower). Set "
+                    "regularizer.kernel=compiled to skip the attempt.", e)
+        return None
+    pointer = ctypes.c_void_p
+    function.argtypes = [pointer, ctypes.c_long, ctypes.c_int, pointer, pointer, pointer,
+                         ctypes.c_float, pointer, pointer, pointer, pointer]
+    function.restype = ctypes.c_double
+    return function
+
+
+def _native(fallback: Callable) -> Callable:
+    """The prior's sums by the C kernel for float32 weights on the CPU; by ``fallback`` for
+    other weights (a GPU's) and where the kernel cannot be built."""
+
+    def sums(w: Tensor, means: Tensor, precisions: Tensor, log_norms: Tensor):
+        kernel = _native_kernel() if w.device.type == "cpu" and w.dtype == torch.float32 else None
+        if kernel is None:
+            return fallback(w, means, precisions, log_norms)
+        w = w.contiguous()
+        means, precisions, log_norms = (t.to(torch.float32).contiguous()
+                                        for t in (means, precisions, log_norms))
+        grad_w = torch.empty_like(w)
+        sum_r, sum_rd, sum_rdd = (torch.empty(len(means), dtype=torch.float64) for _ in range(3))
+        log_total = kernel(w.data_ptr(), w.numel(), len(means), means.data_ptr(),
+                           precisions.data_ptr(), log_norms.data_ptr(), float(log_norms.max()),
+                           grad_w.data_ptr(), sum_r.data_ptr(), sum_rd.data_ptr(),
+                           sum_rdd.data_ptr())
+        dtype = means.dtype
+        return (w.new_tensor(log_total), grad_w, sum_r.to(dtype), sum_rd.to(dtype),
+                sum_rdd.to(dtype))
+
+    return sums
+
+
+def mixture_sums(kernel: str, chunk_size: int) -> Callable:
+    """What computes the prior, by ``regularizer.kernel``: a function of (w, means,
+    precisions, log_norms) returning Σ_i log Σ_j π_j N(w_i | μ_j, 1/λ_j), the gradient
+    Σ_j r_ij λ_j d_ij of each weight, and per component Σ_i r_ij, Σ_i r_ij d_ij, Σ_i r_ij d_ij²
+    (r the responsibilities, d = w − μ)."""
+    if kernel == "eager":
+        return _chunked(_chunk_terms, chunk_size)
+    compiled = _chunked(_compiled(_chunk_terms), chunk_size)
+    return _native(compiled) if kernel == "native" else compiled
+
+
+class _NegLogMixture(torch.autograd.Function):
+    """−Σ_i log Σ_j π_j N(w_i | μ_j, e^{−γ_j}), with gradients computed in the forward pass
+    (by ``sums``, one of :func:`mixture_sums`): d/dw_i = Σ_j r_ij λ_j d_ij,
+    d/dμ_j = −λ_j Σ_i r_ij d_ij, d/dγ_j = −½ Σ_i r_ij + ½ λ_j Σ_i r_ij d_ij²,
+    d/d(log π_j) = −Σ_i r_ij."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, means: Tensor, log_precisions: Tensor, log_pis: Tensor,
+                sums: Callable) -> Tensor:
+        precisions = log_precisions.exp()
+        log_norms = log_pis + 0.5 * (log_precisions - LOG_2PI)
+        log_total, grad_w, sum_r, sum_rd, sum_rdd = sums(w, means, precisions, log_norms)
         ctx.save_for_backward(grad_w, -precisions * sum_rd,
                               -0.5 * sum_r + 0.5 * precisions * sum_rdd, -sum_r)
-        return total
+        return -log_total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        return (*(grad * g for g in ctx.saved_tensors), None, None)
+        return (*(grad * g for g in ctx.saved_tensors), None)
 
 
 class SoftWeightSharing(Regularizer):
@@ -198,11 +270,14 @@ class SoftWeightSharing(Regularizer):
     ``gamma_zero`` and ``gamma`` are the (α, β) of the Gamma hyper-priors on the zero
     component's precision and the others'. The weights learn at the stage's lr
     (``schedule.lr``), the means, log-precisions and mixing logits at ``lr_means``,
-    ``lr_log_precisions`` and ``lr_mixing``. ``compile`` fuses the computation of the prior
-    with ``torch.compile`` (4–5× faster on a CPU after a few seconds of compilation; needs a
-    C++ compiler, and runs uncompiled with a warning without one). ``chunk_size`` weights are
-    processed at a time: by default 2^17 compiled and 16,384 uncompiled, blocks that stay in
-    cache (2^20 made the prior of ResNet-50's 23.5 M weights 2× slower).
+    ``lr_log_precisions`` and ``lr_mixing``. ``kernel`` computes the prior: ``native``, a
+    hand-written C kernel built on first use with the system's C compiler (on a CPU; 2–3×
+    faster than ``compiled``), ``compiled``, one fused by ``torch.compile`` (4–5× faster than
+    ``eager`` after a few seconds of compilation, and what a GPU runs under ``native``), or
+    ``eager``; each warns and falls back to the next where it cannot be built.
+    ``chunk_size`` weights are processed at a time by the torch kernels: by default 2^17
+    compiled and 16,384 eager, blocks that stay in cache (2^20 made the prior of ResNet-50's
+    23.5 M weights 2× slower).
     """
 
     every = "step"  # prox: keep the log-precisions within LOG_PRECISION_RANGE
@@ -213,7 +288,7 @@ class SoftWeightSharing(Regularizer):
                  init_std: float = 0.25, gamma_zero: list[float] = (5000.0, 2.0),
                  gamma: list[float] = (250.0, 0.1), lr_means: float = 1e-4,
                  lr_log_precisions: float = 3e-3, lr_mixing: float = 3e-3,
-                 chunk_size: int | None = None, compile: bool = True, layers: str = "all",
+                 chunk_size: int | None = None, kernel: str = "native", layers: str = "all",
                  skip_first: bool = False, skip_last: bool = False) -> None:
         check_range("regularizer.tau", tau, 0)
         super().__init__(tau, layers, skip_first, skip_last)
@@ -234,13 +309,14 @@ class SoftWeightSharing(Regularizer):
         for option, lr in (("lr_means", lr_means), ("lr_log_precisions", lr_log_precisions),
                            ("lr_mixing", lr_mixing)):
             check_range(f"regularizer.{option}", lr, 0)
+        check_choice("regularizer.kernel", kernel, KERNELS)
         if chunk_size is not None:
             check_range("regularizer.chunk_size", chunk_size, 1, integer=True)
         self.tau, self.components, self.pi_zero = float(tau), int(components), float(pi_zero)
         self.biases, self.init_std = bool(biases), float(init_std)
-        self.chunk_size = chunk_size or (COMPILED_CHUNK if compile else EAGER_CHUNK)
+        self.chunk_size = chunk_size or (EAGER_CHUNK if kernel == "eager" else COMPILED_CHUNK)
         self.lrs = (lr_means, lr_log_precisions, lr_mixing)
-        self.kernel = _compiled(_chunk_terms) if compile else _chunk_terms
+        self.sums = mixture_sums(kernel, self.chunk_size)
         self.train_size = 0
         self.means = self.log_precisions = self.mixing_logits = None
 
@@ -306,8 +382,7 @@ class SoftWeightSharing(Regularizer):
         """−log p(w) − Σ_j log Gamma(λ_j | α, β), up to constants (before the τ/N scaling)."""
         mixture = self._mixture()
         nll = _NegLogMixture.apply(self.flat_weights(model), mixture.means,
-                                   mixture.log_precisions, mixture.log_pis, self.chunk_size,
-                                   self.kernel)
+                                   mixture.log_precisions, mixture.log_pis, self.sums)
         gamma = mixture.log_precisions
         (alpha0, beta0), (alpha, beta) = self.hyper_priors
         alphas = gamma.new_tensor([alpha0] + [alpha] * self.components)
