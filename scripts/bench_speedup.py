@@ -7,13 +7,15 @@
 For ResNet-50, AlexNet, Dec8 (DecomposeMe) and LeNet-5 (random weights: latency depends on
 shapes, not values), each compressed by ``svd`` (energies), ``prune`` (ratios), SSL's shape
 sparsity (a share of every conv's im2col columns zeroed, smallest norms first, then
-``compress=ssl``'s live-column layers) and the latency-aware variants (``round_to=8``,
+``compress=ssl``'s live-column layers) and the latency-aware variants (``round_to=8`` and
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
 ratio (1: the whole MAC saving became time). Both models run in one inference form,
 BatchNorm folded: eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
-(``channels_last``), TorchScript frozen or ONNX Runtime with ``--form``; the latency-aware
-variants time their layers in that form. Dense and compressed are timed interleaved in this
+(``channels_last``), each model in whichever of the two layouts runs it faster at each batch
+size (``fastest``: what a deployment would pick), TorchScript frozen or ONNX Runtime with
+``--form``; the latency-aware variants time their layers in that form (in NCHW for
+``fastest`` and TorchScript). Dense and compressed are timed interleaved in this
 process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
 from other processes hits both alike.
 
@@ -78,7 +80,8 @@ def dense_model(name: str, full: bool) -> tuple[nn.Module, tuple[int, int, int]]
 
 def zero_columns(model: nn.Module, share: float) -> nn.Module:
     """SSL's shape-wise result, emulated: in every conv, the ``share`` of im2col columns
-    W[:, c, h, w] with the smallest ℓ2 norms set to exactly zero (in place)."""
+    W[:, c, h, w] with the smallest ℓ2 norms set to exactly zero (in a copy)."""
+    model = copy.deepcopy(model)
     with torch.no_grad():
         for _, layer in weight_layers(model):
             if isinstance(layer, nn.Conv2d) and layer.groups == 1:
@@ -88,10 +91,13 @@ def zero_columns(model: nn.Module, share: float) -> nn.Module:
     return model
 
 
-def ssl_shape(share: float) -> Callable[[nn.Module, tuple], nn.Module]:
+def ssl_shape(share: float, **latency) -> Callable[[nn.Module, tuple], nn.Module]:
+    """SSL's shape-wise result (``zero_columns``) compressed by ``compress=ssl``; ``latency``:
+    its latency-aware options (the input shape is added)."""
     def compress(model: nn.Module, shape: tuple) -> nn.Module:
         model = zero_columns(model, share)
-        return ShapeDepth(min_sparsity=0.5)(model)[0]
+        options = {"input_shape": shape, **latency} if latency else {}
+        return ShapeDepth(min_sparsity=0.5, **options)(model)[0]
     return compress
 
 
@@ -102,8 +108,9 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
 def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
     """The compressions benchmarked: name → (model, input shape) → compressed model. The
     latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript)."""
-    aware = {"round_to": 8, "latency_aware": True, "latency_batch": batch,
-             "latency_form": form if form in LATENCY_FORMS else "eager"}
+    aware_timing = {"latency_aware": True, "latency_batch": batch,
+                    "latency_form": form if form in LATENCY_FORMS else "eager"}
+    aware = {"round_to": 8, **aware_timing}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
         "svd energy=0.5": compressor(lambda shape: SVD(energy=0.5)),
@@ -123,6 +130,8 @@ def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn
             lambda shape: Prune(0.7, input_shape=shape, **aware)),
         "ssl shape 50%": ssl_shape(0.5),
         "ssl shape 75%": ssl_shape(0.75),
+        "ssl shape 50% +aware": ssl_shape(0.5, **aware_timing),
+        "ssl shape 75% +aware": ssl_shape(0.75, **aware_timing),
     }
 
 
@@ -207,6 +216,7 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
 
 
 FORMS = {"eager": "eager, BN folded", "channels_last": "eager, BN folded, NHWC",
+         "fastest": "eager, BN folded, each in its faster layout (NCHW or NHWC) per batch size",
          "torchscript": "TorchScript frozen", "onnxruntime": "ONNX Runtime"}
 
 
@@ -218,16 +228,31 @@ def inference_form(model: nn.Module, form: str, example: torch.Tensor,
         return folded
     if form == "channels_last":
         return channels_last_forward(folded)
+    if form == "fastest":
+        return faster_layout(folded, example)
     if form == "torchscript":
         return freeze_torchscript(folded, example)
     return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
                                torch.get_num_threads())
 
 
+def faster_layout(model: nn.Module, batch: torch.Tensor,
+                  rounds: int = 3) -> Callable[[torch.Tensor], object]:
+    """``model`` in NCHW or NHWC, whichever runs ``batch`` faster here (interleaved rounds):
+    the layout a deployment would pick, chosen for each model and batch size, so that
+    neither the dense nor the compressed model is timed in the layout that suits it less."""
+    layouts = {"NCHW": model, "NHWC": channels_last_forward(model)}
+    chosen = "NHWC" if interleaved(layouts, batch, rounds, 0.05)["speedup NHWC"] > 1 else "NCHW"
+    logging.info("%s at batch %d: %s", type(model).__name__, len(batch), chosen)
+    return layouts[chosen]
+
+
 def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:
     """The same network in each inference form (ONNX Runtime when installed)."""
     forms = {"eager, BatchNorm": model.eval()}
     for form, label in FORMS.items():
+        if form == "fastest":  # NCHW or NHWC: both are in the table already
+            continue
         if form != "onnxruntime" or importlib.util.find_spec("onnxruntime"):
             try:
                 forms[label] = inference_form(model, form, example, workdir)
@@ -360,8 +385,11 @@ def main() -> None:
                         help="the inference form of both models in the speedup table")
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")
+    parser.add_argument("--verbose", action="store_true", help="also log each row's time and, "
+                        "with --form fastest, the layout chosen for each model")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s")
     logging.getLogger("compaware.layers").setLevel(logging.ERROR)  # fx cannot trace LeNet-5
     torch.set_num_threads(args.threads)
     tables = {"speedup": speedup_table, "forms": forms_table, "layers": layer_kinds_table}

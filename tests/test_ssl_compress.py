@@ -15,7 +15,7 @@ from compaware.bench import count_macs, count_params
 from compaware.compress import Prune, ShapeDepth
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.shape import LiveColumnConv2d, LiveInputLinear, drop_dead_columns
-from compaware.config import instantiate
+from compaware.config import UserError, instantiate
 from compaware.data import DataInfo
 from compaware.export import export_model, load_exported
 from compaware.models import build_model
@@ -23,6 +23,7 @@ from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5
 from compaware.residual import branch_parameters, residual_blocks
 from compaware.train import train
+from tests.test_inference import FakeClock
 
 
 def _kill_columns(layer: nn.Module, fraction: float, seed: int = 0) -> torch.Tensor:
@@ -229,3 +230,27 @@ def test_prune_removes_filters_channels_shapes_and_blocks_together():
     compressed, report = Prune(input_shape=(3, 32, 32))(resnet)
     assert [n for n, r in report.items() if r.get("removed")] == ["layer1.1", "layer3.2"]
     torch.testing.assert_close(compressed(x), resnet(x), atol=1e-5, rtol=1e-4)
+
+
+def test_latency_aware_shape_step_keeps_a_live_column_layer_only_where_it_is_faster():
+    """On a clock where a live-column conv costs 5× its parameters, conv1 (7 of 25 columns
+    live: 3.6× fewer parameters) stays a conv, conv2 (10 %: 10×) and fc1 (a live-input linear
+    costs its parameters) are replaced."""
+    model, _ = _shape_sparse_lenet()
+    shape_step = ShapeDepth(latency_aware=True, latency_batch=2, input_shape=(1, 28, 28))
+    shape_step.latency.timer = FakeClock(lambda layer: isinstance(layer, LiveColumnConv2d), 5)
+    compressed, report = shape_step(model)
+    assert isinstance(compressed.conv1, nn.Conv2d)
+    assert report["conv1"]["reason"] == "not faster when timed"
+    assert not report["conv1"]["replaced"] and report["conv1"]["live_columns"] == 7
+    assert isinstance(compressed.conv2, LiveColumnConv2d)
+    assert isinstance(compressed.fc1, LiveInputLinear)
+    timed = report["conv2"]["latency_ms"]
+    assert timed["live_columns"] < timed["layer"]
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(compressed(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_latency_aware_shape_step_needs_the_input_shape():
+    with pytest.raises(UserError, match="compress.input_shape"):
+        ShapeDepth(latency_aware=True)

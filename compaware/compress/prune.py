@@ -385,9 +385,11 @@ class Prune(Compressor):
                 log.info("prune %s: %d → %d units", name, before[name], units)
         if self.shape:
             for name, columns in drop_dead_columns(model, self.select(model), 0.0,
-                                                   self.min_sparsity).items():
+                                                   self.min_sparsity, check).items():
                 if columns.get("live_columns", 0) < columns.get("columns", 0):
-                    report[name].update(columns)  # only layers with dead columns
+                    timed = {**report[name].get("latency_ms", {}),  # the unit pruning's too
+                             **columns.get("latency_ms", {})}
+                    report[name].update(columns, **({"latency_ms": timed} if timed else {}))
         check_still_runs(model, self.input_shape)
         return model, report
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compaware.compress.base import Report
+from compaware.compress.latency import LatencyCheck
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -119,12 +120,14 @@ def unsupported(layer: nn.Module) -> str | None:
 
 @torch.no_grad()
 def drop_dead_columns(model: nn.Module, layers: list[tuple[str, nn.Module]],
-                      threshold: float = 0.0, min_sparsity: float = 0.0) -> Report:
+                      threshold: float = 0.0, min_sparsity: float = 0.0,
+                      check: LatencyCheck | None = None) -> Report:
     """Replace, in ``model``, each of ``layers`` (qualified name, module) that has columns
     with every |w| ≤ ``threshold`` (0: exact zeros, outputs unchanged) by its live-column
     version, where at least ``min_sparsity`` of its columns are dead (the gather costs time:
-    a nearly dense layer is faster as it is). Returns per layer: ``columns``,
-    ``live_columns``, ``replaced``, and a ``reason`` where it was not."""
+    a nearly dense layer is faster as it is) and, given a latency ``check``, where it times
+    faster than the layer. Returns per layer: ``columns``, ``live_columns``, ``replaced``,
+    ``latency_ms`` where timed, and a ``reason`` where it was not replaced."""
     report: Report = {}
     for name, layer in layers:
         reason = unsupported(layer)
@@ -137,8 +140,16 @@ def drop_dead_columns(model: nn.Module, layers: list[tuple[str, nn.Module]],
         report[name] = {"columns": columns, "live_columns": len(live),
                         "replaced": dead > 0 and dead >= min_sparsity}
         if report[name]["replaced"]:
-            smaller = (LiveInputLinear if isinstance(layer, nn.Linear) else LiveColumnConv2d)
-            model.set_submodule(name, smaller(layer, live))
+            live_layer = (LiveInputLinear if isinstance(layer, nn.Linear)
+                          else LiveColumnConv2d)(layer, live)
+            if check is not None:
+                shape = check.input_of(name, layer)
+                as_is, live_s = check.compare([(layer, shape)], [(live_layer, shape)])
+                report[name]["latency_ms"] = {"layer": as_is * 1e3, "live_columns": live_s * 1e3}
+                if live_s >= as_is:
+                    report[name].update(replaced=False, reason="not faster when timed")
+                    continue
+            model.set_submodule(name, live_layer)
         elif dead > 0:
             report[name]["reason"] = f"{dead:.0%} of the columns dead, below min_sparsity"
     return report
