@@ -30,7 +30,11 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     pairs = batchnorm_pairs(folded, exclusive=True)
     for layer_name, norm_name in pairs:
         layer, norm = folded.get_submodule(layer_name), folded.get_submodule(norm_name)
-        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-        folded.set_submodule(layer_name, fuse(layer, norm))
+        if hasattr(layer, "fold_batchnorm"):  # a compressed layer (compress/shape.py)
+            layer = layer.fold_batchnorm(norm)
+        else:
+            fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+            layer = fuse(layer, norm)
+        folded.set_submodule(layer_name, layer)
         folded.set_submodule(norm_name, nn.Identity())
     return folded, len(pairs)

@@ -80,16 +80,26 @@ def batchnorm_after(model: nn.Module) -> dict[str, nn.Module]:
     return {layer: modules[norm] for layer, norm in batchnorm_pairs(model)}
 
 
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, keeping a module whose class sets ``fx_leaf = True`` as one call: a
+    compressed layer whose forward computes shapes in Python, which fx cannot trace through
+    (``compaware/compress/shape.py``), would otherwise fail the whole model's trace."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return getattr(m, "fx_leaf", False) or super().is_leaf_module(m, module_qualified_name)
+
+
 def batchnorm_pairs(model: nn.Module, exclusive: bool = False) -> list[tuple[str, str]]:
-    """``(layer, batchnorm)`` names for each conv/linear whose output goes straight into a
-    BatchNorm, from the ``torch.fx`` trace (empty when fx cannot trace the model).
+    """``(layer, batchnorm)`` names for each conv/linear (or compressed layer with a
+    ``fold_batchnorm`` method) whose output goes straight into a BatchNorm, from the
+    ``torch.fx`` trace (empty when fx cannot trace the model).
 
     ``exclusive``: only pairs where the BatchNorm is the sole reader of the layer's output and
     each of the two modules runs once per forward pass: what folding the BatchNorm into the
     layer needs to leave every output unchanged.
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as e:  # fx fails in many ways on data-dependent Python code
         log.warning("torch.fx cannot trace %s (%s): no BatchNorm is tied to the layer before it",
                     type(model).__name__, e)
@@ -101,7 +111,8 @@ def batchnorm_pairs(model: nn.Module, exclusive: bool = False) -> list[tuple[str
         if node.op == "call_module" and isinstance(modules[node.target], _BatchNorm):
             source = node.args[0]
             if (isinstance(source, torch.fx.Node) and source.op == "call_module"
-                    and isinstance(modules[source.target], WEIGHT_LAYERS)):
+                    and (isinstance(modules[source.target], WEIGHT_LAYERS)
+                         or hasattr(modules[source.target], "fold_batchnorm"))):
                 alone = (len(source.users) == 1 and calls[source.target] == 1
                          and calls[node.target] == 1)
                 if alone or not exclusive:

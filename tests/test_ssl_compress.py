@@ -18,6 +18,7 @@ from compaware.compress.shape import LiveColumnConv2d, LiveInputLinear, drop_dea
 from compaware.config import UserError, instantiate
 from compaware.data import DataInfo
 from compaware.export import export_model, load_exported
+from compaware.fold import fold_batchnorm
 from compaware.models import build_model
 from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5
@@ -254,3 +255,25 @@ def test_latency_aware_shape_step_keeps_a_live_column_layer_only_where_it_is_fas
 def test_latency_aware_shape_step_needs_the_input_shape():
     with pytest.raises(UserError, match="compress.input_shape"):
         ShapeDepth(latency_aware=True)
+
+
+def test_batchnorm_folds_into_live_column_layers_too():
+    """fx keeps a live-column layer as one call (its forward does shape arithmetic fx cannot
+    trace), so a compressed ResNet still folds every BatchNorm, the live-column convs' too."""
+    torch.manual_seed(0)
+    model = resnet20()
+    for name in ("layer1.0.conv1", "layer2.1.conv2"):
+        _kill_columns(model.get_submodule(name), 0.75)
+    with torch.no_grad():  # non-trivial statistics, so that folding changes the weights
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    compressed, _ = ShapeDepth()(model.eval())
+    assert isinstance(compressed.get_submodule("layer2.1.conv2"), LiveColumnConv2d)
+    folded, count = fold_batchnorm(compressed)
+    assert count == sum(isinstance(m, nn.BatchNorm2d) for m in compressed.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(folded(x), compressed(x), atol=1e-4, rtol=1e-4)

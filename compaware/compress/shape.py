@@ -26,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_linear_bn_eval
 
 from compaware.compress.base import Report
 from compaware.compress.latency import LatencyCheck
@@ -54,6 +55,8 @@ class LiveColumnConv2d(nn.Module):
     ``gemm`` holds W_live and the bias as an ``nn.Linear``, so tools that list conv and
     linear layers (results.json ``structure``) see the smaller layer.
     """
+
+    fx_leaf = True  # its forward computes shapes in Python: one call to torch.fx
 
     def __init__(self, conv: nn.Conv2d, live: Tensor) -> None:
         super().__init__()
@@ -86,9 +89,17 @@ class LiveColumnConv2d(nn.Module):
         return out.view(len(w), len(positions), batch).permute(2, 0, 1).reshape(
             batch, len(w), out_h, out_w)
 
+    def fold_batchnorm(self, norm: nn.Module) -> LiveColumnConv2d:
+        """This layer with the eval-mode BatchNorm that reads its output folded in (its
+        per-channel scale and shift go into the GEMM's rows and bias), as for a conv."""
+        self.gemm = fuse_linear_bn_eval(self.gemm, norm)
+        return self
+
 
 class LiveInputLinear(nn.Module):
     """``linear`` reading only the inputs in ``live``."""
+
+    fx_leaf = True
 
     def __init__(self, linear: nn.Linear, live: Tensor) -> None:
         super().__init__()
@@ -98,6 +109,11 @@ class LiveInputLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x.index_select(-1, self.live))
+
+    def fold_batchnorm(self, norm: nn.Module) -> LiveInputLinear:
+        """This layer with the eval-mode BatchNorm that reads its output folded in."""
+        self.linear = fuse_linear_bn_eval(self.linear, norm)
+        return self
 
 
 def live_columns(weight: Tensor, threshold: float = 0.0) -> Tensor:
