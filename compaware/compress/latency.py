@@ -135,6 +135,19 @@ class LatencyCheck:
         before_s, after_s = (statistics.median(times) for times in zip(*rounds, strict=True))
         return before_s, after_s
 
+    def keeps(self, name: str, layer: nn.Module, replacement: nn.Module, entry: dict,
+              flag: str, label: str) -> bool:
+        """Whether ``replacement`` of layer ``name`` is faster than ``layer``, timed on the
+        layer's input. Notes both times in the layer's report ``entry`` (``latency_ms``: the
+        replacement's under ``label``) and, where it is not faster, sets ``entry[flag]`` to
+        False with the reason."""
+        shape = self.input_of(name, layer)
+        before, after = self.compare([(layer, shape)], [(replacement, shape)])
+        entry["latency_ms"] = {"layer": before * 1e3, label: after * 1e3}
+        if after >= before:
+            entry.update({flag: False, "reason": "not faster when timed"})
+        return after < before
+
 
 class LatencyOptions:
     """The options a latency-aware compressor shares: ``round_to`` (ranks or channel counts

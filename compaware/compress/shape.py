@@ -158,14 +158,9 @@ def drop_dead_columns(model: nn.Module, layers: list[tuple[str, nn.Module]],
         if report[name]["replaced"]:
             live_layer = (LiveInputLinear if isinstance(layer, nn.Linear)
                           else LiveColumnConv2d)(layer, live)
-            if check is not None:
-                shape = check.input_of(name, layer)
-                as_is, live_s = check.compare([(layer, shape)], [(live_layer, shape)])
-                report[name]["latency_ms"] = {"layer": as_is * 1e3, "live_columns": live_s * 1e3}
-                if live_s >= as_is:
-                    report[name].update(replaced=False, reason="not faster when timed")
-                    continue
-            model.set_submodule(name, live_layer)
+            if check is None or check.keeps(name, layer, live_layer, report[name], "replaced",
+                                            "live_columns"):
+                model.set_submodule(name, live_layer)
         elif dead > 0:
             report[name]["reason"] = f"{dead:.0%} of the columns dead, below min_sparsity"
     return report

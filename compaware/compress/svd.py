@@ -134,12 +134,7 @@ class SVD(Compressor):
                 report[name]["reason"] = "not cheaper at this rank"
                 continue
             pair = factorize(layer, u, s, vh, rank)
-            if check is not None:
-                shape = check.input_of(name, layer)
-                before, after = check.compare([(layer, shape)], [(pair, shape)])
-                report[name]["latency_ms"] = {"layer": before * 1e3, "factorized": after * 1e3}
-                if after >= before:
-                    report[name].update(factorized=False, reason="not faster when timed")
-                    continue
-            model.set_submodule(name, pair)
+            if check is None or check.keeps(name, layer, pair, report[name], "factorized",
+                                            "factorized"):
+                model.set_submodule(name, pair)
         return model, report
