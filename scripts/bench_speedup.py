@@ -390,7 +390,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")
-    logging.getLogger("compaware.layers").setLevel(logging.ERROR)  # fx cannot trace LeNet-5
     torch.set_num_threads(args.threads)
     tables = {"speedup": speedup_table, "forms": forms_table, "layers": layer_kinds_table}
     for name in args.tables:

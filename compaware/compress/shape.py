@@ -99,8 +99,6 @@ class LiveColumnConv2d(nn.Module):
 class LiveInputLinear(nn.Module):
     """``linear`` reading only the inputs in ``live``."""
 
-    fx_leaf = True
-
     def __init__(self, linear: nn.Linear, live: Tensor) -> None:
         super().__init__()
         w = linear.weight
@@ -109,11 +107,6 @@ class LiveInputLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x.index_select(-1, self.live))
-
-    def fold_batchnorm(self, norm: nn.Module) -> LiveInputLinear:
-        """This layer with the eval-mode BatchNorm that reads its output folded in."""
-        self.linear = fuse_linear_bn_eval(self.linear, norm)
-        return self
 
 
 def live_columns(weight: Tensor, threshold: float = 0.0) -> Tensor:
