@@ -277,3 +277,18 @@ def test_batchnorm_folds_into_live_column_layers_too():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(folded(x), compressed(x), atol=1e-4, rtol=1e-4)
+
+
+def test_batchnorm_folds_into_a_live_input_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU())
+    _kill_columns(model[0], 0.5)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    compressed, _ = ShapeDepth()(model.eval())
+    assert isinstance(compressed[0], LiveInputLinear)
+    folded, count = fold_batchnorm(compressed)
+    assert count == 1 and isinstance(folded[1], nn.Identity)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(folded(x), compressed(x), atol=1e-5, rtol=1e-5)
