@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compaware import checkpoint
 from compaware.bench import count_macs, count_params
@@ -42,10 +43,30 @@ def _kill_columns(layer: nn.Module, fraction: float, seed: int = 0) -> torch.Ten
     nn.Conv2d(5, 7, 1, bias=False),
     nn.Conv2d(2, 4, 5, stride=3),
 ])
-def test_live_column_conv_equals_the_conv(conv):
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_live_column_conv_equals_the_conv(conv, batch, memory_format):
     live = _kill_columns(conv, 0.6)
-    x = torch.randn(3, conv.in_channels, 17, 14)
-    torch.testing.assert_close(LiveColumnConv2d(conv, live)(x), conv(x), atol=1e-5, rtol=1e-4)
+    x = torch.randn(batch, conv.in_channels, 17, 14).contiguous(memory_format=memory_format)
+    out = LiveColumnConv2d(conv, live)(x)
+    torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the GEMM's NHWC, no copy
+
+
+def test_the_gather_index_is_kept_per_input_size_and_never_from_a_trace():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    layer = LiveColumnConv2d(conv, _kill_columns(conv, 0.5))
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:  # what tracers run on
+        layer(fake.from_tensor(torch.randn(2, 3, 8, 8)))
+    assert layer.indices == {}  # a fake index kept would make the next real output fake
+    program = torch.export.export(layer, (torch.randn(2, 3, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(program.module()(x), conv(x), atol=1e-5, rtol=1e-4)
+    for size in (8, 6, 8):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-4)
+    assert len(layer.indices) == 2
 
 
 def test_live_input_linear_equals_the_linear():

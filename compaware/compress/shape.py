@@ -3,8 +3,8 @@
 A conv is a GEMM on its im2col matrix: W (N, C·kh·kw) times the unfolded input
 (C·kh·kw, L), L output positions. A zero column c·kh·kw + h·kw + w of W (SSL's shape-wise
 group W[:, c, h, w]) multiplies one row of the unfolded input by zero, so that row need
-not be formed nor multiplied: :class:`LiveColumnConv2d` gathers the im2col rows of the
-live columns only and does one GEMM of N × k by k × L (k live columns), exactly the conv's
+not be formed nor multiplied: :class:`LiveColumnConv2d` gathers the im2col entries of the
+live columns only and does one GEMM of L × k by k × N (k live columns), exactly the conv's
 output for N·k·L MACs instead of N·C·kh·kw·L. A linear layer's columns are its inputs:
 :class:`LiveInputLinear` gathers the live inputs and multiplies by the N × k weight.
 
@@ -48,10 +48,15 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
 class LiveColumnConv2d(nn.Module):
     """``conv`` computing only the im2col columns in ``live`` (indices into C·kh·kw).
 
-    The forward forms the im2col matrix of the live rows alone, with one gather from the
-    zero-padded input (live column (c, i, j) at output position (y, x) reads
-    x_pad[c, y·stride + i·dilation, x·stride + j·dilation]), for the whole batch at once,
-    then does one GEMM: W_live (N × k) · columns (k × L·B).
+    The forward works in NHWC (channels-last) order, where the im2col matrix of the live
+    columns is one gather from the zero-padded input: output position (y, x) of image b
+    reads x_pad[b, y·stride + i·dilation, x·stride + j·dilation, c] for live column
+    (c, i, j). Then one GEMM, columns (B·L × k) · W_liveᵀ (k × N), gives the output in NHWC
+    order, returned as a channels-last NCHW tensor (a view, no copy). NHWC is what makes the
+    layer fast: gathering along an image's own row needs no transpose of the input or the
+    output (an NCHW version with the batch as the GEMM's inner dimension spent more time
+    transposing than multiplying; scripts/bench_speedup.py, docs/performance.md), and a
+    network running channels-last hands its layers NHWC inputs for free.
     ``gemm`` holds W_live and the bias as an ``nn.Linear``, so tools that list conv and
     linear layers (results.json ``structure``) see the smaller layer.
     """
@@ -71,23 +76,41 @@ class LiveColumnConv2d(nn.Module):
         self.register_buffer("row", live % (kh * kw) // kw * conv.dilation[0])
         self.register_buffer("col", live % kw * conv.dilation[1])
         self.gemm = _linear(w.flatten(1)[:, live], conv.bias)
+        self.indices: dict = {}  # gather_index's, per input size and device (not state)
 
     def forward(self, x: Tensor) -> Tensor:
-        (ph, pw), (sh, sw) = self.padding, self.stride
-        x = F.pad(x, (pw, pw, ph, ph))
-        batch, _, height, width = x.shape
+        (ph, pw), batch = self.padding, x.shape[0]
+        pixels = x.permute(0, 2, 3, 1)  # NHWC; contiguous when x is channels-last
+        if ph or pw:
+            pixels = F.pad(pixels, (0, 0, pw, pw, ph, ph))
+        index, out_h, out_w = self.gather_index(*pixels.shape[1:], x)
+        columns = pixels.reshape(batch, -1).gather(1, index.expand(batch, -1))
+        columns = columns.view(batch * out_h * out_w, self.channel.shape[0])
+        w, bias = self.gemm.weight, self.gemm.bias
+        out = columns @ w.t() if bias is None else torch.addmm(bias, columns, w.t())
+        return out.view(batch, out_h, out_w, w.shape[0]).permute(0, 3, 1, 2)
+
+    def gather_index(self, height: int, width: int, channels: int,
+                     x: Tensor) -> tuple[Tensor, int, int]:
+        """Where, in one padded NHWC image of ``height`` × ``width`` × ``channels``, each
+        output position reads each live column (an (L·k,) index), and the output's height
+        and width. Kept per input size and device: built afresh on every call, its few
+        small ops took about 30 % of an SSL-compressed ResNet-50's time at batch 1. Not
+        kept when ``x`` is not a plain tensor: an index made of the fake tensors that
+        tracers run on would outlive the trace."""
+        key = (height, width, channels, x.device)
+        if key in self.indices:
+            return self.indices[key]
+        (sh, sw), device = self.stride, x.device
         out_h = (height - self.span[0]) // sh + 1
         out_w = (width - self.span[1]) // sw + 1
-        starts = self.channel * (height * width) + self.row * width + self.col  # (k,)
-        rows = torch.arange(out_h, device=x.device) * (sh * width)
-        positions = (rows[:, None] + torch.arange(out_w, device=x.device) * sw).flatten()
-        index = (starts[:, None] + positions).flatten()  # (k · L,)
-        pixels = x.flatten(1).t().contiguous()  # one row of `batch` values per input pixel
-        columns = pixels.index_select(0, index).view(len(starts), len(positions) * batch)
-        w, bias = self.gemm.weight, self.gemm.bias
-        out = w @ columns if bias is None else torch.addmm(bias[:, None], w, columns)
-        return out.view(len(w), len(positions), batch).permute(2, 0, 1).reshape(
-            batch, len(w), out_h, out_w)
+        offsets = (self.row * width + self.col) * channels + self.channel  # (k,)
+        rows = torch.arange(out_h, device=device) * (sh * width)
+        positions = (rows[:, None] + torch.arange(out_w, device=device) * sw).flatten()
+        found = (positions[:, None] * channels + offsets).flatten(), out_h, out_w
+        if type(x) is Tensor:
+            self.indices[key] = found
+        return found
 
     def fold_batchnorm(self, norm: nn.Module) -> LiveColumnConv2d:
         """This layer with the eval-mode BatchNorm that reads its output folded in (its
