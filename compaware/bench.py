@@ -106,17 +106,31 @@ def side_by_side_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...],
 
 def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch_size: int,
                     device: torch.device, min_run_time: float, threads: int,
-                    channels_last: bool = False) -> dict:
+                    layout: str = "nchw") -> dict:
     """:func:`side_by_side_ms` of the models in eager PyTorch on ``device`` (copies: the
-    models stay where they are); with ``channels_last``, in NHWC
-    (:func:`channels_last_forward`)."""
-    def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
-        model = copy.deepcopy(model).to(device).eval()
-        return channels_last_forward(model) if channels_last else model
+    models stay where they are), in ``layout``: ``nchw``, ``nhwc``
+    (:func:`channels_last_forward`) or ``fastest``: each model in whichever of the two runs
+    it faster at each batch size, recorded under ``layouts``. NHWC makes some models faster
+    and others slower, and differently at batch 1 and batch 32 (docs/performance.md): timed
+    in one fixed layout, a compressed model can look better or worse than it deploys."""
+    def forward_in(form: str) -> Callable:
+        def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
+            model = copy.deepcopy(model).to(device).eval()
+            return channels_last_forward(model) if form == "nhwc" else model
+        return forward_of
 
-    results = side_by_side_ms(models, input_shape, batch_size, device, min_run_time, threads,
-                              forward_of)
-    return {**results, "channels_last": channels_last}
+    forms = ("nchw", "nhwc") if layout == "fastest" else (layout,)
+    timed = {form: side_by_side_ms(models, input_shape, batch_size, device, min_run_time,
+                                   threads, forward_in(form)) for form in forms}
+    results = {**timed[forms[0]], "layout": layout}
+    if layout == "fastest":
+        results["layouts"] = {}
+        for key in ("batch_1", "batch_N"):
+            faster = {name: min(forms, key=lambda form: timed[form][key][name])
+                      for name in models}
+            results[key] = {name: timed[form][key][name] for name, form in faster.items()}
+            results["layouts"][key] = faster
+    return results
 
 
 def onnxruntime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...],
@@ -186,7 +200,7 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
         for device in devices:
             costs["latency_ms"][device.type] = compare_latency(
                 inference, input_shape, cfg.batch_size, device, cfg.min_run_time, threads,
-                cfg.channels_last and device.type == "cpu")
+                cfg.layout if device.type == "cpu" else "nchw")
         if cfg.onnxruntime:
             costs["latency_ms"]["onnxruntime"] = onnxruntime_latency(
                 inference, input_shape, cfg.batch_size, cfg.min_run_time, threads)

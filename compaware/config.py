@@ -126,7 +126,7 @@ class BenchConfig:
     min_run_time: float = 0.3  # seconds per measurement (torch.utils.benchmark)
     threads: int | None = None  # None: torch's default for this machine
     onnxruntime: bool = False  # also time both models under ONNX Runtime (compaware[onnx])
-    channels_last: bool = False  # CPU: time with 4-D weights and activations in NHWC
+    layout: str = "nchw"  # CPU timing: nchw | nhwc | fastest (each model in its faster one)
 
 
 @dataclass
@@ -228,6 +228,7 @@ def validate(cfg: DictConfig) -> None:
     check_range("bench.min_run_time", b.min_run_time, 0, low_open=True)
     if b.threads is not None:
         check_range("bench.threads", b.threads, 1, integer=True)
+    check_choice("bench.layout", b.layout, ("nchw", "nhwc", "fastest"))
     check_choice("objective.ratio", cfg.objective.ratio, ("params", "macs", "bytes"))
     check_range("objective.weight", cfg.objective.weight, 0)
     if cfg.resume and cfg.init_from:

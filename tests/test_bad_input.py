@@ -122,6 +122,7 @@ EXPLICIT = [
     (["bench.batch_size=0"], ["bench.batch_size"]),
     (["bench.min_run_time=0"], ["bench.min_run_time"]),
     (["bench.threads=0"], ["bench.threads"]),
+    (["bench.layout=nhcw"], ["bench.layout", "nchw, nhwc, fastest", "nhwc"]),
     (["model=torchvision", "model.name=resnet"], ["model.name", "resnet18"]),
     # conflicting options
     (["data.channels=3"], ["data.channels", "data=digits"]),

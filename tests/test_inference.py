@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from compaware import bench
 from compaware.bench import channels_last_forward, compare_latency
 from compaware.compress import SVD, Prune, latency
 from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
@@ -135,8 +136,20 @@ def test_channels_last_forward_computes_what_the_model_computes():
         convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert all(w.is_contiguous() for w in convs)  # timed on a copy: the model is as it was
     timed = compare_latency({"lenet5": LeNet5()}, (1, 28, 28), 2, torch.device("cpu"), 0.01, 1,
-                            channels_last=True)  # bench.channels_last=true
-    assert timed["channels_last"] and timed["batch_1"]["lenet5"] > 0
+                            layout="nhwc")  # bench.layout=nhwc
+    assert timed["layout"] == "nhwc" and timed["batch_1"]["lenet5"] > 0
+
+
+def test_the_fastest_layout_keeps_each_models_faster_time_per_batch_size(monkeypatch):
+    def fake_ms(forward, batch, min_run_time, threads):  # NCHW faster at batch 1, NHWC at 4
+        in_nchw = isinstance(forward, nn.Module)  # NHWC: channels_last_forward's function
+        return 1.0 if in_nchw == (len(batch) == 1) else 2.0
+    monkeypatch.setattr(bench, "median_ms", fake_ms)
+    timed = compare_latency({"dense": LeNet5(), "compressed": LeNet5()}, (1, 28, 28), 4,
+                            torch.device("cpu"), 0.01, 1, layout="fastest")  # bench.layout
+    assert timed["layouts"] == {"batch_1": {"dense": "nchw", "compressed": "nchw"},
+                                "batch_N": {"dense": "nhwc", "compressed": "nhwc"}}
+    assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
 
 
 def test_latency_form_takes_eager_channels_last_or_onnxruntime(monkeypatch):

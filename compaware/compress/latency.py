@@ -7,7 +7,7 @@ device the model is on, at the layer's real input shape, and keeps the change on
 the layer (for pruning: every layer the change touches) gets faster, timing candidate and
 original in alternating rounds. The layers are timed in the form the model will run in
 (``compress.latency_form``): eager PyTorch (``eager``, NCHW, what a run's benchmark times by
-default; ``channels_last``, NHWC, for ``bench.channels_last=true``), or exported to ONNX and
+default; ``channels_last``, NHWC, for ``bench.layout=nhwc``), or exported to ONNX and
 run by ONNX Runtime (``onnxruntime``). Each favours other shapes: choices timed in eager
 PyTorch cost ResNet-50's SVD 2.47× → 2.36× at batch 32 under ONNX Runtime
 (docs/performance.md).
