@@ -49,6 +49,7 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
     assert on_disk["bytes"]["dense"] == (tmp_path / "run" / "model_dense.pt2").stat().st_size
     cpu = on_disk["latency_ms"]["cpu"]
     assert cpu["threads"] >= 1 and cpu["layout"] == "nchw"  # bench.layout=nchw
+    assert "CPU threads, nchw layout" in format_summary(on_disk)
     for batch in ("batch_1", "batch_N"):
         assert cpu[batch]["dense"] > 0 and cpu[batch]["compressed"] > 0
         speedup = cpu[batch]["dense"] / cpu[batch]["compressed"]
