@@ -53,8 +53,8 @@ class LiveColumnConv2d(nn.Module):
     reads x_pad[b, y·stride + i·dilation, x·stride + j·dilation, c] for live column
     (c, i, j). Then one GEMM, columns (B·L × k) · W_liveᵀ (k × N), gives the output in NHWC
     order, returned as a channels-last NCHW tensor (a view, no copy). NHWC is what makes the
-    layer fast: gathering along an image's own row needs no transpose of the input or the
-    output (an NCHW version with the batch as the GEMM's inner dimension spent more time
+    layer fast: gathering within each image's own NHWC pixels needs no transpose of the input
+    or the output (an NCHW version with the batch as the GEMM's inner dimension spent more time
     transposing than multiplying; scripts/bench_speedup.py, docs/performance.md), and a
     network running channels-last hands its layers NHWC inputs for free.
     ``gemm`` holds W_live and the bias as an ``nn.Linear``, so tools that list conv and
