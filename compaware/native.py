@@ -2,13 +2,14 @@
 ctypes.
 
 For the rare loop where torch's operators, compiled or not, leave most of a CPU unused
-(soft weight-sharing's mixture prior: ``compaware/regularizers/mixture.c``). A kernel is a
-plain C function over raw float arrays: no torch headers, so it builds in about a second.
-The library is cached under ``$XDG_CACHE_HOME/compaware`` (``~/.cache/compaware``), keyed
-by the source, the flags and this CPU (it is built with ``-march=native``), and written
-atomically, so concurrent processes share one build. Any failure (no compiler, a build
-error, an unwritable cache) raises :class:`NativeUnavailable` with the reason; callers fall
-back to their torch code.
+(soft weight-sharing's mixture prior: ``compaware/regularizers/mixture.c``) or read memory
+more often than the maths needs (SSL's group sums:
+``compaware/regularizers/group_sums.c``). A kernel is a plain C function over raw float
+arrays: no torch headers, so it builds in about a second. The library is cached under
+``$XDG_CACHE_HOME/compaware`` (``~/.cache/compaware``), keyed by the source, the flags and
+this CPU (it is built with ``-march=native``), and written atomically, so concurrent
+processes share one build. Any failure (no compiler, a build error, an unwritable cache)
+raises :class:`NativeUnavailable` with the reason; callers fall back to their torch code.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ and that training really zeroes filters, channels, shapes and residual branches.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from compaware.data import build_data
 from compaware.loop import Stage, fit
 from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5
-from compaware.regularizers import SSL
+from compaware.regularizers import SSL, group_sums
 from compaware.residual import branch_parameters, residual_blocks
 
 
@@ -91,6 +93,47 @@ def test_subgradient_added_after_backward_is_autograd_of_the_group_lasso():
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
     for p, g, r in zip(params, before, reference, strict=True):
         torch.testing.assert_close(p.grad, g + r)
+
+
+def _penalty_and_gradients(model: nn.Module, reg: SSL) -> list[torch.Tensor]:
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    value = reg.penalty(model)
+    reg.after_backward(model)
+    return [value] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the C kernel")
+def test_c_kernel_gives_torch_s_sums_and_subgradient(monkeypatch):
+    """3×3, 1×1 and linear weights, biases, a BatchNorm in a depth group, a zero filter, a
+    channels-last (non-contiguous) weight: the C kernel's passes equal torch's."""
+    torch.manual_seed(0)
+    model = resnet20()
+    model.conv1.to(memory_format=torch.channels_last)  # torch's code path inside the C run
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[3] = 0
+    reg = SSL(filter=0.3, channel=0.2, shape=0.1, depth=0.05, skip_last=False)
+    native = _penalty_and_gradients(model, reg)
+    assert group_sums._kernel() is not None  # the C kernel ran, not its fallback
+    monkeypatch.setattr(group_sums, "_native", lambda *tensors: None)
+    for got, expected in zip(native, _penalty_and_gradients(model, reg), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_c_compiler_the_group_sums_fall_back(monkeypatch, caplog, tmp_path):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 2, 5, 5))
+    reg = SSL(filter=0.1, channel=0.1, shape=0.1)
+    expected = _penalty_and_gradients(model, reg)
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    group_sums._kernel.cache_clear()
+    try:
+        for got, want in zip(_penalty_and_gradients(model, reg), expected, strict=True):
+            torch.testing.assert_close(got, want)
+    finally:
+        group_sums._kernel.cache_clear()  # the next test builds with the real compiler
+    assert "C kernel is unavailable here" in caplog.text and "no-such-cc" in caplog.text
 
 
 def test_filter_group_holds_the_bias_unless_told_otherwise():

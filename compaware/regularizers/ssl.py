@@ -38,13 +38,15 @@ from torch import Tensor, nn
 
 from compaware.config import UserError, check_choice, check_range
 from compaware.layers import is_grouped
+from compaware.regularizers import group_sums
 from compaware.regularizers.base import ProximalRegularizer
 from compaware.residual import BRANCHES, branch_is_zero, branch_parameters, residual_blocks
 
 KINDS = ("filter", "channel", "shape", "depth")
 LAYER_KINDS = KINDS[:3]
 METHODS = ("subgradient", "proximal")
-Subgradient = list[tuple[Tensor, Tensor]]  # (weight, factor): d/dweight = weight · factor
+# (weight, rows, columns): d/dweight[i, j...] = weight[i, j...] · (rows[i] + columns[j...])
+Subgradient = list[tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class GroupFamily:
     name: str
     members: tuple[tuple[Tensor, tuple[int, ...]], ...]
 
-    def norms(self, summaries: dict[int, Tensor] | None = None) -> Tensor:
+    def norms(self, summaries: dict[int, tuple] | None = None) -> Tensor:
         """‖w_g‖₂ of every group. ``summaries``: a cache shared by the families of one
         penalty, see :func:`_square_sums`."""
         summaries = {} if summaries is None else summaries
@@ -75,24 +77,19 @@ class GroupFamily:
             t.mul_(factor.reshape([t.shape[d] if d in axes else 1 for d in range(t.dim())]))
 
 
-def _square_sums(t: Tensor, axes: tuple[int, ...], summaries: dict[int, Tensor]) -> Tensor:
-    """Σ t² over every axis not in ``axes``.
+def _square_sums(t: Tensor, axes: tuple[int, ...], summaries: dict[int, tuple]) -> Tensor:
+    """Σ t² over every axis not in ``axes``: () (depth groups), (0,) (filters, a bias) or axes
+    from 1 on (channels, shapes).
 
-    Filter, channel and depth sums come from one summary per tensor, cached in
-    ``summaries``: Σ t² over the kernel axes, out × in, read from the weight in one pass
-    without writing its square. Only shape groups (which keep the kernel axes) read the
-    weight again."""
-    if any(d >= 2 for d in axes):
-        summed = tuple(d for d in range(t.dim()) if d not in axes)
-        return torch.linalg.vector_norm(t, dim=summed).square() if summed else t.square()
+    All come from t's row and column sums of squares (:func:`group_sums.square_sums`, one
+    pass over the weight), cached in ``summaries`` for the families of one penalty."""
     if id(t) not in summaries:
-        if t.dim() > 2 and t[0, 0].numel() > 1:
-            summaries[id(t)] = torch.linalg.vector_norm(t, dim=tuple(range(2, t.dim()))).square()
-        else:  # a linear or 1×1 weight, a bias, a BatchNorm's γ or β
-            summaries[id(t)] = t.reshape(t.shape[:2]).square()
-    summary = summaries[id(t)]
-    summed = tuple(d for d in range(summary.dim()) if d not in axes)
-    return summary.sum(summed) if summed else summary
+        summaries[id(t)] = group_sums.square_sums(t)
+    rows, columns = summaries[id(t)]
+    if axes in ((), (0,)):
+        return rows if axes else rows.sum()
+    summed = tuple(d - 1 for d in range(1, t.dim()) if d not in axes)
+    return columns.sum(summed) if summed else columns
 
 
 def layer_families(name: str, layer: nn.Module, filter_bias: bool) -> list[GroupFamily]:
@@ -169,22 +166,27 @@ class SSL(ProximalRegularizer):
 
     @torch.no_grad()
     def group_lasso(self, families: list[GroupFamily]) -> tuple[Tensor, Subgradient]:
-        """lam · Σ strength · Σ‖w_g‖ over ``families``, and its subgradient as (tensor,
-        factor) pairs: d/dw = w · factor, factor = Σ_families lam · strength / ‖w_g‖ over the
-        groups w belongs to (0 for a zero group), one small tensor per weight that broadcasts
-        over it."""
-        summaries: dict[int, Tensor] = {}
-        factors: dict[int, tuple[Tensor, Tensor]] = {}
+        """lam · Σ strength · Σ‖w_g‖ over ``families``, and its subgradient: d/dw = w ·
+        Σ lam · strength / ‖w_g‖ over the groups w belongs to (0 for a zero group), a sum
+        that is a row factor (filter and depth groups) plus a column factor (channel and
+        shape groups) for each weight."""
+        summaries: dict[int, tuple] = {}
+        factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         terms = []
         for family in families:
             strength = self.lam * self.strength[family.kind]
             norms = family.norms(summaries)
             terms.append(strength * norms.sum())
-            inverse = strength / norms
-            inverse[norms == 0] = 0
+            inverse = torch.where(norms > 0, strength / norms, 0)
             for t, axes in family.members:
-                shaped = inverse.reshape([t.shape[d] if d in axes else 1 for d in range(t.dim())])
-                factors[id(t)] = (t, shaped + factors[id(t)][1] if id(t) in factors else shaped)
+                if id(t) not in factors:
+                    factors[id(t)] = (t, t.new_zeros(t.shape[:1]), t.new_zeros(t.shape[1:]))
+                _, rows, columns = factors[id(t)]
+                if axes in ((), (0,)):
+                    rows += inverse
+                else:
+                    columns += inverse.reshape([t.shape[d] if d in axes else 1
+                                                for d in range(1, t.dim())])
         return (torch.stack(terms).sum() if terms else torch.zeros(())), list(factors.values())
 
     def penalty(self, model: nn.Module) -> Tensor:
@@ -198,11 +200,8 @@ class SSL(ProximalRegularizer):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
-        for t, factor in self._subgradient:
-            if t.grad is None:
-                t.grad = t * factor
-            else:
-                t.grad.addcmul_(t, factor)
+        for t, rows, columns in self._subgradient:
+            group_sums.add_subgradient(t, rows, columns)
         self._subgradient = []
 
     @torch.no_grad()
