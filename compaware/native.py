@@ -25,8 +25,12 @@ from pathlib import Path
 
 # -ffast-math lets the compiler vectorise expf through glibc's vector math library. It is
 # given when compiling only: linked with it, gcc would add crtfastmath.o, which sets
-# flush-to-zero for the whole process when the library loads.
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+# flush-to-zero for the whole process when the library loads. On x86, gcc's -march=native
+# still prefers 256-bit vectors on AVX-512 CPUs; 512-bit ones made the mixture kernel 1.4×
+# faster here (its vector expf too), and change nothing on CPUs without AVX-512.
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC",
+                 *(["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64")
+                   else [])]
 LINK_FLAGS = ["-shared", "-lm"]
 
 
