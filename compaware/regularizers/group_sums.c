@@ -1,7 +1,7 @@
 /* The two passes over the weights that SSL's group lasso makes every step
  * (compaware/regularizers/ssl.py, where the maths is; built on first use by compaware/native.py).
- * A weight is seen as a matrix: its first axis are the rows (filters, output units), the rest
- * flattened are the columns (input channel × kernel position, or input units).
+ * A weight is seen as a matrix: its first axis indexes the rows (filters, output units), the
+ * others flattened the columns (input channel × kernel position, or input units).
  *
  * Why by hand: torch reads a weight several times for the same sums (the column sums of a
  * row-major matrix, a reduction along its outer axis, cost 3–13× a pass, and a broadcast
