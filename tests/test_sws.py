@@ -81,7 +81,7 @@ def test_chunked_gradient_is_the_exact_gradient(far):
                                       args[3] + 0.5 * (args[2] - sws.LOG_2PI))[-1]
     assert (smallest_total < sws.UNDERFLOW) == bool(far)
     assert torch.autograd.gradcheck(
-        lambda *a: _NegLogMixture.apply(*a, mixture_sums("eager", 7)), args)
+        lambda w, *mixture: _NegLogMixture.apply(*mixture, mixture_sums("eager", 7), w), args)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the native kernel")
@@ -117,8 +117,8 @@ def test_weights_far_from_every_component_get_the_exact_prior(kernel):
     expected = -MixtureSameFamily(Categorical(logits=mixture.log_pis),
                                   Normal(mixture.means, mixture.stds)).log_prob(weights).sum()
     (grad_expected,) = torch.autograd.grad(expected, model[1].weight)
-    nll = _NegLogMixture.apply(weights, *(t.detach() for t in (
-        mixture.means, mixture.log_precisions, mixture.log_pis)), prior.sums)
+    nll = _NegLogMixture.apply(*(t.detach() for t in (
+        mixture.means, mixture.log_precisions, mixture.log_pis)), prior.sums, weights)
     (grad,) = torch.autograd.grad(nll, model[1].weight)
     assert torch.isfinite(nll)
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-2)

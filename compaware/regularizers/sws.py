@@ -239,25 +239,34 @@ def mixture_sums(kernel: str, chunk_size: int) -> Callable:
 
 
 class _NegLogMixture(torch.autograd.Function):
-    """−Σ_i log Σ_j π_j N(w_i | μ_j, e^{−γ_j}), with gradients computed in the forward pass
-    (by ``sums``, one of :func:`mixture_sums`): d/dw_i = Σ_j r_ij λ_j d_ij,
+    """−Σ_i log Σ_j π_j N(w_i | μ_j, e^{−γ_j}) over the weights of every tensor in
+    ``weights``, with gradients computed in the forward pass (by ``sums``, one of
+    :func:`mixture_sums`, tensor by tensor): d/dw_i = Σ_j r_ij λ_j d_ij,
     d/dμ_j = −λ_j Σ_i r_ij d_ij, d/dγ_j = −½ Σ_i r_ij + ½ λ_j Σ_i r_ij d_ij²,
-    d/d(log π_j) = −Σ_i r_ij."""
+    d/d(log π_j) = −Σ_i r_ij.
+
+    The tensors are taken as they are, not concatenated (a copy of every weight, 0.1 s a
+    step for ResNet-50's 23.5 M)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, means: Tensor, log_precisions: Tensor, log_pis: Tensor,
-                sums: Callable) -> Tensor:
+    def forward(ctx, means: Tensor, log_precisions: Tensor, log_pis: Tensor, sums: Callable,
+                *weights: Tensor) -> Tensor:
         precisions = log_precisions.exp()
         log_norms = log_pis + 0.5 * (log_precisions - LOG_2PI)
-        log_total, grad_w, sum_r, sum_rd, sum_rdd = sums(w, means, precisions, log_norms)
-        ctx.save_for_backward(grad_w, -precisions * sum_rd,
-                              -0.5 * sum_r + 0.5 * precisions * sum_rdd, -sum_r)
+        parts = [sums(w.reshape(-1), means, precisions, log_norms) for w in weights]
+        log_total, sum_r, sum_rd, sum_rdd = (sum(part[k] for part in parts) for k in (0, 2, 3, 4))
+        ctx.save_for_backward(-precisions * sum_rd,
+                              -0.5 * sum_r + 0.5 * precisions * sum_rdd, -sum_r,
+                              *(part[1].view_as(w) for part, w in zip(parts, weights,
+                                                                     strict=True)))
         return -log_total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        return (*(grad * g for g in ctx.saved_tensors), None)
+        grad_means, grad_log_precisions, grad_log_pis, *grad_weights = ctx.saved_tensors
+        return (grad * grad_means, grad * grad_log_precisions, grad * grad_log_pis, None,
+                *(grad * g for g in grad_weights))
 
 
 class SoftWeightSharing(Regularizer):
@@ -381,8 +390,8 @@ class SoftWeightSharing(Regularizer):
     def negative_log_prior(self, model: nn.Module) -> Tensor:
         """−log p(w) − Σ_j log Gamma(λ_j | α, β), up to constants (before the τ/N scaling)."""
         mixture = self._mixture()
-        nll = _NegLogMixture.apply(self.flat_weights(model), mixture.means,
-                                   mixture.log_precisions, mixture.log_pis, self.sums)
+        nll = _NegLogMixture.apply(mixture.means, mixture.log_precisions, mixture.log_pis,
+                                   self.sums, *(t for _, t in self.tensors(model)))
         gamma = mixture.log_precisions
         (alpha0, beta0), (alpha, beta) = self.hyper_priors
         alphas = gamma.new_tensor([alpha0] + [alpha] * self.components)
