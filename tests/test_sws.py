@@ -96,12 +96,16 @@ def test_native_kernel_gives_the_eager_sums(far):
     means = torch.randn(6)
     precisions = torch.rand(6) * 20 + 1
     log_norms = torch.randn(6).log_softmax(0) + 0.5 * (precisions.log() - sws.LOG_2PI)
-    got = mixture_sums("native", 1 << 17)(w, means, precisions, log_norms)
-    expected = mixture_sums("eager", 4096)(*(t.double() for t in (w, means, precisions,
-                                                                   log_norms)))
+    pieces = [w[:7], w[7:].reshape(4, -1)]  # two tensors, the second 2-D
+    got = mixture_sums("native", 1 << 17)(pieces, means, precisions, log_norms)
+    expected = mixture_sums("eager", 4096)([w.double()], *(t.double() for t in (
+        means, precisions, log_norms)))
     assert sws._native_kernel() is not None  # the C kernel ran, not its fallback
-    assert all(g.dtype == torch.float32 for g in got)
-    for g, e in zip(got, expected, strict=True):
+    (log_total, grads, *sums), (log_total_e, (grad_e,), *sums_e) = got, expected
+    assert [g.shape for g in grads] == [p.shape for p in pieces]
+    grad = torch.cat([g.reshape(-1) for g in grads])
+    for g, e in zip([log_total, grad, *sums], [log_total_e, grad_e, *sums_e], strict=True):
+        assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-4)
 
 
