@@ -219,6 +219,7 @@ def _native(fallback: Callable) -> Callable:
             return fallback(weights, means, precisions, log_norms)
         means, precisions, log_norms = (t.to(torch.float32).contiguous()
                                         for t in (means, precisions, log_norms))
+        shift = float(log_norms.max())
         log_total, grads = 0.0, []
         totals = torch.zeros(3, len(means), dtype=torch.float64)
         sum_r, sum_rd, sum_rdd = (torch.empty(len(means), dtype=torch.float64) for _ in range(3))
@@ -226,9 +227,9 @@ def _native(fallback: Callable) -> Callable:
             w = t.contiguous()
             grads.append(torch.empty_like(w))
             log_total += kernel(w.data_ptr(), w.numel(), len(means), means.data_ptr(),
-                                precisions.data_ptr(), log_norms.data_ptr(),
-                                float(log_norms.max()), grads[-1].data_ptr(), sum_r.data_ptr(),
-                                sum_rd.data_ptr(), sum_rdd.data_ptr())
+                                precisions.data_ptr(), log_norms.data_ptr(), shift,
+                                grads[-1].data_ptr(), sum_r.data_ptr(), sum_rd.data_ptr(),
+                                sum_rdd.data_ptr())
             totals += torch.stack([sum_r, sum_rd, sum_rdd])
         dtype = means.dtype
         return (weights[0].new_tensor(log_total), grads, *totals.to(dtype))
