@@ -10,6 +10,14 @@ arrays: no torch headers, so it builds in about a second. The library is cached 
 this CPU (it is built with ``-march=native``), and written atomically, so concurrent
 processes share one build. Any failure (no compiler, a build error, an unwritable cache)
 raises :class:`NativeUnavailable` with the reason; callers fall back to their torch code.
+
+A kernel shares its work among threads with OpenMP pragmas. Built with ``-fopenmp``, the
+library needs ``libgomp.so.1``, and the dynamic loader hands it the one torch has already
+loaded (same name): the kernel runs on torch's own thread team, as many threads as
+``torch.set_num_threads`` says, with no second pool competing for the cores (Python threads
+around the calls made ``sws``'s prior 1.1–1.5× slower at 2 threads: torch's OpenMP threads
+still spin for a while after each of its operators). A compiler without OpenMP builds the
+kernel without it: one thread.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 # -ffast-math lets the compiler vectorise expf through glibc's vector math library. It is
 # given when compiling only: linked with it, gcc would add crtfastmath.o, which sets
@@ -32,6 +44,7 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC",
                  *(["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64")
                    else [])]
 LINK_FLAGS = ["-shared", "-lm"]
+OPENMP_FLAGS = ["-fopenmp"]
 
 
 class NativeUnavailable(RuntimeError):
@@ -55,28 +68,43 @@ def _cache_dir() -> Path:
 
 
 def load(source: Path) -> ctypes.CDLL:
-    """The shared library built from C file ``source``, compiled if not cached yet."""
+    """The shared library built from C file ``source``, compiled if not cached yet: with
+    OpenMP, else (a compiler without it) without."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise NativeUnavailable(f"no C compiler ({compiler!r} is not on PATH; set CC)")
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, *COMPILE_FLAGS, *LINK_FLAGS,
+    try:
+        return _load(compiler, source, OPENMP_FLAGS)
+    except NativeUnavailable:
+        return _load(compiler, source, [])
+
+
+def _load(compiler: str, source: Path, extra_flags: list[str]) -> ctypes.CDLL:
+    compile_flags, link_flags = COMPILE_FLAGS + extra_flags, LINK_FLAGS + extra_flags
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, *compile_flags, *link_flags,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
     library = _cache_dir() / f"{source.stem}-{key}.so"
     if not library.exists():
-        _build(compiler, source, library)
+        _build(compiler, source, library, compile_flags, link_flags)
     try:
         return ctypes.CDLL(str(library))
     except OSError as e:
         raise NativeUnavailable(f"cannot load {library}: {e}") from None
 
 
-def _build(compiler: str, source: Path, library: Path) -> None:
+def addresses(tensors: Iterable[Tensor]) -> Tensor:
+    """The tensors' data pointers in an int64 array: a kernel's argument that lists arrays."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _build(compiler: str, source: Path, library: Path, compile_flags: list[str],
+           link_flags: list[str]) -> None:
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
             obj, built = Path(tmp) / "kernel.o", Path(tmp) / library.name
-            for command in ([compiler, *COMPILE_FLAGS, "-c", str(source), "-o", str(obj)],
-                            [compiler, str(obj), "-o", str(built), *LINK_FLAGS]):
+            for command in ([compiler, *compile_flags, "-c", str(source), "-o", str(obj)],
+                            [compiler, str(obj), "-o", str(built), *link_flags]):
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     lines = result.stderr.strip().splitlines()

@@ -42,6 +42,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def torch_threads() -> Callable[[int], None]:
+    """``torch.set_num_threads`` for one test, the count restored after it."""
+    threads = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, cwd: Path | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the console script (`compaware ...`) as a user would."""

@@ -104,18 +104,22 @@ def _penalty_and_gradients(model: nn.Module, reg: SSL) -> list[torch.Tensor]:
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the C kernel")
-def test_c_kernel_gives_torch_s_sums_and_subgradient(monkeypatch):
-    """3×3, 1×1 and linear weights, biases, a BatchNorm in a depth group, a zero filter, a
-    channels-last (non-contiguous) weight: the C kernel's passes equal torch's."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["all-c", "one-channels-last"])
+def test_c_kernel_gives_torch_s_sums_and_subgradient(channels_last, monkeypatch, torch_threads):
+    """3×3, 1×1 and linear weights, biases, a BatchNorm in a depth group, a zero filter: the
+    C kernel's passes, shared among three threads, equal torch's; with a channels-last
+    (non-contiguous) weight, which takes torch's code, one after the other."""
+    torch_threads(3)
     torch.manual_seed(0)
     model = resnet20()
-    model.conv1.to(memory_format=torch.channels_last)  # torch's code path inside the C run
+    if channels_last:
+        model.conv1.to(memory_format=torch.channels_last)
     with torch.no_grad():
         model.layer1[0].conv1.weight[3] = 0
     reg = SSL(filter=0.3, channel=0.2, shape=0.1, depth=0.05, skip_last=False)
     native = _penalty_and_gradients(model, reg)
     assert group_sums._kernel() is not None  # the C kernel ran, not its fallback
-    monkeypatch.setattr(group_sums, "_native", lambda *tensors: None)
+    monkeypatch.setattr(group_sums, "_fits", lambda *tensors: False)
     for got, expected in zip(native, _penalty_and_gradients(model, reg), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 

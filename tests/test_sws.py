@@ -86,27 +86,34 @@ def test_chunked_gradient_is_the_exact_gradient(far):
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the native kernel")
 @pytest.mark.parametrize("far", [0.0, 40.0], ids=["near", "far"])
-def test_native_kernel_gives_the_eager_sums(far):
+def test_native_kernel_gives_the_eager_sums(far, torch_threads):
     """float32 C kernel against the float64 torch one: blocks of 32 with a short last one,
     partial sums moved to double every 256 blocks, a block recomputed where a weight's terms
-    all underflow."""
+    all underflow, a tensor cut into pieces shared among threads, with the same sums on one
+    thread as on three."""
     torch.manual_seed(0)
-    w = torch.randn(20_011) * 0.5
+    w = torch.randn(2 * sws.NATIVE_PIECE + 20_011) * 0.5
     w[::997] += far
     means = torch.randn(6)
     precisions = torch.rand(6) * 20 + 1
     log_norms = torch.randn(6).log_softmax(0) + 0.5 * (precisions.log() - sws.LOG_2PI)
-    pieces = [w[:7], w[7:].reshape(4, -1)]  # two tensors, the second 2-D
-    got = mixture_sums("native", 1 << 17)(pieces, means, precisions, log_norms)
+    pieces = [w[:7], w[7:].reshape(4, -1)]  # two tensors, the second 2-D and in three pieces
+    runs = []
+    for threads in (1, 3):
+        torch_threads(threads)
+        runs.append(mixture_sums("native", 1 << 17)(pieces, means, precisions, log_norms))
     expected = mixture_sums("eager", 4096)([w.double()], *(t.double() for t in (
         means, precisions, log_norms)))
     assert sws._native_kernel() is not None  # the C kernel ran, not its fallback
-    (log_total, grads, *sums), (log_total_e, (grad_e,), *sums_e) = got, expected
+    (log_total, grads, *sums), (log_total_e, (grad_e,), *sums_e) = runs[0], expected
     assert [g.shape for g in grads] == [p.shape for p in pieces]
     grad = torch.cat([g.reshape(-1) for g in grads])
     for g, e in zip([log_total, grad, *sums], [log_total_e, grad_e, *sums_e], strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-4)
+    one_thread, three_threads = ([r[0], *r[1], *r[2:]] for r in runs)
+    for a, b in zip(one_thread, three_threads, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kernel", ["native", "compiled", "eager"])

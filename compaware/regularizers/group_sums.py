@@ -8,8 +8,10 @@ C kernel (``group_sums.c``, built by ``compaware/native.py``) makes each of the 
 in memory order; torch's operators make several (column sums are a reduction along the outer
 axis, and the broadcast factor is written out first). On ResNet-50's 23.5 M weights, 1
 thread: the sums' pass 15 ms, the whole penalty 28–38 ms a step (94 ms with torch's
-operators), the subgradient 20–26 ms (36 ms). Float32 weights on the CPU use the kernel,
-the rest (a GPU's) the torch code, with equal results.
+operators), the subgradient 20–26 ms (36 ms). Each function takes all the weights at once,
+so that the kernel's threads (torch's, through OpenMP) share them. Contiguous float32
+weights on the CPU use the kernel, the rest (a GPU's, a channels-last one) the torch code,
+with equal results.
 """
 
 from __future__ import annotations
@@ -38,47 +40,81 @@ def _kernel() -> ctypes.CDLL | None:
         log.warning("SSL's C kernel is unavailable here (%s); its group norms run on torch's "
                     "operators (same results, slower).", e)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_long
-    library.square_sums.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer]
-    library.add_subgradient.argtypes = [pointer, pointer, size, size, pointer, pointer]
+    pointer = ctypes.c_void_p
+    library.square_sums_each.argtypes = [ctypes.c_int] + [pointer] * 7
+    library.add_subgradient_each.argtypes = [ctypes.c_int] + [pointer] * 6
     return library
 
 
-def _native(*tensors: Tensor) -> ctypes.CDLL | None:
-    """The kernel, if it can run on ``tensors`` (contiguous float32 on the CPU)."""
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-           for t in tensors):
-        return _kernel()
-    return None
+def _fits(*tensors: Tensor) -> bool:
+    """Whether the kernel can take ``tensors``: contiguous float32 on the CPU."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors)
 
 
-def square_sums(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Σ t² over every axis but the first (shape ``t.shape[:1]``) and over the first (shape
-    ``t.shape[1:]``); a 1-D ``t`` is a column: its squares and their total."""
-    t = t.detach()
-    matrix = t.reshape(t.shape[0], -1)
-    kernel = _native(t)
-    if kernel is None:
-        rows = torch.linalg.vector_norm(matrix, dim=1).square()
-        columns = torch.linalg.vecdot(matrix.T, matrix.T)
-    else:
-        rows, columns = t.new_empty(matrix.shape[0]), t.new_empty(matrix.shape[1])
-        scratch = t.new_empty(matrix.shape[1])
-        total = torch.empty(matrix.shape[1], dtype=torch.float64)
-        kernel.square_sums(t.data_ptr(), *matrix.shape, rows.data_ptr(), columns.data_ptr(),
-                           scratch.data_ptr(), total.data_ptr())
-    return rows.reshape(t.shape[:1]), columns.reshape(t.shape[1:])
+def _for_the_kernel(tensors: list[tuple[Tensor, ...]]) -> list[int]:
+    """The indices of the ``tensors`` tuples the kernel can take, largest weight first (the
+    order its threads take them in), none if the kernel cannot be built."""
+    fitting = [i for i, ts in enumerate(tensors) if _fits(*ts)]
+    if not fitting or _kernel() is None:
+        return []
+    return sorted(fitting, key=lambda i: -tensors[i][0].numel())
 
 
-def add_subgradient(t: Tensor, rows: Tensor, columns: Tensor) -> None:
-    """``t.grad`` += t · (rows[i] + columns[j...]) for each element t[i, j...]: ``rows`` of
-    shape ``t.shape[:1]``, ``columns`` of shape ``t.shape[1:]`` (a scalar for a 1-D t)."""
-    if t.grad is None:
-        t.grad = torch.zeros_like(t)
-    t, grad = t.detach(), t.grad
-    kernel = _native(t, grad, rows, columns)
-    if kernel is None:
+def _shapes(tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each tensor's rows (first axis) and columns (the others), as the kernel's arrays."""
+    rows = [t.shape[0] for t in tensors]
+    columns = [t.numel() // n for t, n in zip(tensors, rows, strict=True)]
+    return torch.tensor(rows), torch.tensor(columns)
+
+
+def square_sums(tensors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """For each t of ``tensors``: Σ t² over every axis but the first (shape ``t.shape[:1]``)
+    and over the first (shape ``t.shape[1:]``); a 1-D ``t`` is a column: its squares and
+    their total. The kernel takes every tensor it can in one call, its threads sharing
+    them."""
+    tensors = [t.detach() for t in tensors]
+    sums: dict[int, tuple[Tensor, Tensor]] = {}
+    chosen = _for_the_kernel([(t,) for t in tensors])
+    if chosen:
+        ts = [tensors[i] for i in chosen]
+        n_rows, n_cols = _shapes(ts)
+        rows = [t.new_empty(n) for t, n in zip(ts, n_rows.tolist(), strict=True)]
+        columns = [t.new_empty(n) for t, n in zip(ts, n_cols.tolist(), strict=True)]
+        scratch = torch.empty(int(n_cols.sum()))
+        total = torch.empty(int(n_cols.sum()), dtype=torch.float64)
+        at_w, at_rows, at_columns = (native.addresses(x) for x in (ts, rows, columns))
+        _kernel().square_sums_each(len(ts), at_w.data_ptr(), n_rows.data_ptr(),
+                                   n_cols.data_ptr(), at_rows.data_ptr(), at_columns.data_ptr(),
+                                   scratch.data_ptr(), total.data_ptr())
+        sums = {i: (r, c) for i, r, c in zip(chosen, rows, columns, strict=True)}
+    for i, t in enumerate(tensors):
+        if i not in sums:
+            matrix = t.reshape(t.shape[0], -1)
+            sums[i] = (torch.linalg.vector_norm(matrix, dim=1).square(),
+                       torch.linalg.vecdot(matrix.T, matrix.T))
+    return [(sums[i][0].reshape(t.shape[:1]), sums[i][1].reshape(t.shape[1:]))
+            for i, t in enumerate(tensors)]
+
+
+def add_subgradients(terms: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+    """For each (t, rows, columns) of ``terms``: ``t.grad`` += t · (rows[i] + columns[j...])
+    for each element t[i, j...], ``rows`` of shape ``t.shape[:1]``, ``columns`` of shape
+    ``t.shape[1:]`` (a scalar for a 1-D t). The kernel takes every weight it can in one
+    call, its threads sharing them."""
+    for t, _, _ in terms:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    terms = [(t.detach(), t.grad, rows, columns) for t, rows, columns in terms]
+    chosen = _for_the_kernel(terms)
+    if chosen:
+        ts, grads, rows, columns = zip(*(terms[i] for i in chosen), strict=True)
+        n_rows, n_cols = _shapes(list(ts))
+        at_w, at_grads, at_rows, at_columns = (native.addresses(x)
+                                               for x in (ts, grads, rows, columns))
+        _kernel().add_subgradient_each(len(ts), at_w.data_ptr(), at_grads.data_ptr(),
+                                       n_rows.data_ptr(), n_cols.data_ptr(), at_rows.data_ptr(),
+                                       at_columns.data_ptr())
+    for i in set(range(len(terms))) - set(chosen):
+        t, grad, rows, columns = terms[i]
         grad.addcmul_(t, rows.reshape(rows.shape + (1,) * (t.dim() - 1)) + columns)
-    else:
-        kernel.add_subgradient(t.data_ptr(), grad.data_ptr(), len(rows), columns.numel(),
-                               rows.data_ptr(), columns.data_ptr())

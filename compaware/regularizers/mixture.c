@@ -6,7 +6,9 @@
  * components × weights block (one per reduction axis) and spends ~100 cycles per weight at 17
  * components; here a block of BLOCK weights keeps its J × BLOCK terms in L1, each exponential
  * is computed once, and the compiler vectorises the inner loops (with -ffast-math, through
- * the C library's vector expf). 2–3× faster on a CPU (docs/performance.md). */
+ * the C library's vector expf). 2–3× faster on a CPU (docs/performance.md). Pieces of the
+ * weights are shared among OpenMP's threads: torch's own, as the library links to the OpenMP
+ * runtime torch has loaded (compaware/native.py). */
 #include <math.h>
 #include <string.h>
 
@@ -48,9 +50,9 @@ static void flush(int J, float acc_r[][BLOCK], float acc_rd[][BLOCK], float acc_
  * d = w − μ) and, per component, Σ_i r_ij, Σ_i r_ij d_ij and Σ_i r_ij d_ij². The log-sum-exp
  * is shifted by `shift` = max_j log_norms_j, a bound on every term; a block holding a weight
  * whose terms all underflow under it is recomputed with each weight's own largest term. */
-double mixture_sums(const float *w, long n, int J, const float *means, const float *precisions,
-                    const float *log_norms, float shift, float *grad, double *sum_r,
-                    double *sum_rd, double *sum_rdd) {
+static double mixture_sums(const float *w, long n, int J, const float *means,
+                           const float *precisions, const float *log_norms, float shift,
+                           float *grad, double *sum_r, double *sum_rd, double *sum_rdd) {
     float e[J][BLOCK], acc_r[J][BLOCK], acc_rd[J][BLOCK], acc_rdd[J][BLOCK];
     memset(acc_r, 0, sizeof acc_r);
     memset(acc_rd, 0, sizeof acc_rd);
@@ -101,4 +103,19 @@ double mixture_sums(const float *w, long n, int J, const float *means, const flo
     }
     flush(J, acc_r, acc_rd, acc_rdd, sum_r, sum_rd, sum_rdd);
     return log_total;
+}
+
+/* mixture_sums over `count` pieces of weights, shared among OpenMP's threads: piece p holds
+ * n[p] weights at w[p], its gradient goes to grad[p], its log-likelihood to log_totals[p]
+ * and its per-component sums to sums[p] (Σ r, Σ r d, Σ r d², J doubles each). The caller
+ * adds the pieces' results up in order: the same sums whatever the number of threads. */
+void mixture_sums_pieces(int count, const float *const *w, const long *n, int J,
+                         const float *means, const float *precisions, const float *log_norms,
+                         float shift, float *const *grad, double *log_totals, double *sums) {
+    #pragma omp parallel for schedule(dynamic)
+    for (int p = 0; p < count; p++) {
+        double *s = sums + (long)p * 3 * J;
+        log_totals[p] = mixture_sums(w[p], n[p], J, means, precisions, log_norms, shift,
+                                     grad[p], s, s + J, s + 2 * J);
+    }
 }

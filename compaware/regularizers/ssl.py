@@ -84,7 +84,7 @@ def _square_sums(t: Tensor, axes: tuple[int, ...], summaries: dict[int, tuple]) 
     All come from t's row and column sums of squares (:func:`group_sums.square_sums`, one
     pass over the weight), cached in ``summaries`` for the families of one penalty."""
     if id(t) not in summaries:
-        summaries[id(t)] = group_sums.square_sums(t)
+        summaries[id(t)] = group_sums.square_sums([t])[0]
     rows, columns = summaries[id(t)]
     if axes in ((), (0,)):
         return rows if axes else rows.sum()
@@ -170,7 +170,9 @@ class SSL(ProximalRegularizer):
         Σ lam · strength / ‖w_g‖ over the groups w belongs to (0 for a zero group), a sum
         that is a row factor (filter and depth groups) plus a column factor (channel and
         shape groups) for each weight."""
-        summaries: dict[int, tuple] = {}
+        tensors = {id(t): t for family in families for t, _ in family.members}
+        summaries = dict(zip(tensors, group_sums.square_sums(list(tensors.values())),
+                             strict=True))  # all at once: the kernel shares them among threads
         factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         terms = []
         for family in families:
@@ -200,8 +202,7 @@ class SSL(ProximalRegularizer):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
-        for t, rows, columns in self._subgradient:
-            group_sums.add_subgradient(t, rows, columns)
+        group_sums.add_subgradients(self._subgradient)
         self._subgradient = []
 
     @torch.no_grad()
