@@ -92,11 +92,6 @@ def _load(compiler: str, source: Path, extra_flags: list[str]) -> ctypes.CDLL:
         raise NativeUnavailable(f"cannot load {library}: {e}") from None
 
 
-def addresses(tensors: Iterable[Tensor]) -> Tensor:
-    """The tensors' data pointers in an int64 array: a kernel's argument that lists arrays."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-
-
 def _build(compiler: str, source: Path, library: Path, compile_flags: list[str],
            link_flags: list[str]) -> None:
     try:
@@ -114,3 +109,8 @@ def _build(compiler: str, source: Path, library: Path, compile_flags: list[str],
             os.replace(built, library)  # atomic: a concurrent build writes the same bytes
     except OSError as e:
         raise NativeUnavailable(f"cannot build in {library.parent}: {e}") from None
+
+
+def addresses(tensors: Iterable[Tensor]) -> Tensor:
+    """The tensors' data pointers in an int64 array: a kernel's argument that lists arrays."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
