@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -45,6 +46,8 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC",
                    else [])]
 LINK_FLAGS = ["-shared", "-lm"]
 OPENMP_FLAGS = ["-fopenmp"]
+
+log = logging.getLogger(__name__)
 
 
 class NativeUnavailable(RuntimeError):
@@ -77,6 +80,16 @@ def load(source: Path) -> ctypes.CDLL:
         return _load(compiler, source, OPENMP_FLAGS)
     except NativeUnavailable:
         return _load(compiler, source, [])
+
+
+def load_or_warn(source: Path, fallback: str) -> ctypes.CDLL | None:
+    """:func:`load`, or None with a warning that says why and what runs instead
+    (``fallback``, a sentence): a kernel only makes its caller faster, never different."""
+    try:
+        return load(source)
+    except NativeUnavailable as e:
+        log.warning("The C kernel %s is unavailable here (%s); %s", source.name, e, fallback)
+        return None
 
 
 def _load(compiler: str, source: Path, extra_flags: list[str]) -> ctypes.CDLL:

@@ -162,7 +162,7 @@ def test_without_a_c_compiler_the_native_kernel_falls_back(monkeypatch, caplog, 
         torch.testing.assert_close(prior.negative_log_prior(model), expected)
     finally:
         sws._native_kernel.cache_clear()  # the next test builds with the real compiler
-    assert "C kernel is unavailable here" in caplog.text and "no-such-cc" in caplog.text
+    assert "C kernel mixture.c is unavailable here" in caplog.text and "no-such-cc" in caplog.text
 
 
 def test_an_unknown_kernel_is_refused_with_the_choices():

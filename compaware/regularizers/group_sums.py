@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ from torch import Tensor
 
 from compaware import native
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("group_sums.c")
 
 
@@ -34,11 +32,9 @@ SOURCE = Path(__file__).with_name("group_sums.c")
 def _kernel() -> ctypes.CDLL | None:
     """``group_sums.c``, built and loaded once per process; None, with a warning saying why,
     where it cannot be built."""
-    try:
-        library = native.load(SOURCE)
-    except native.NativeUnavailable as e:
-        log.warning("SSL's C kernel is unavailable here (%s); its group norms run on torch's "
-                    "operators (same results, slower).", e)
+    library = native.load_or_warn(SOURCE, "SSL's group norms run on torch's operators (same "
+                                  "results, slower).")
+    if library is None:
         return None
     pointer = ctypes.c_void_p
     library.square_sums_each.argtypes = [ctypes.c_int] + [pointer] * 7

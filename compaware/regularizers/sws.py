@@ -197,13 +197,12 @@ def _chunked(kernel: Callable, chunk_size: int) -> Callable:
 def _native_kernel() -> Callable | None:
     """``mixture_sums_pieces`` of ``mixture.c``, built and loaded once per process; None,
     with a warning saying why, where it cannot be built."""
-    try:
-        function = native.load(MIXTURE_SOURCE).mixture_sums_pieces
-    except native.NativeUnavailable as e:
-        log.warning("regularizer.kernel=native, but the C kernel is unavailable here (%s); "
-                    "the prior runs on torch's kernel (same results, slower). Set "
-                    "regularizer.kernel=compiled to skip the attempt.", e)
+    library = native.load_or_warn(MIXTURE_SOURCE, "regularizer.kernel=native falls back to "
+                                  "torch's kernel (same results, slower); set "
+                                  "regularizer.kernel=compiled to skip the attempt.")
+    if library is None:
         return None
+    function = library.mixture_sums_pieces
     pointer = ctypes.c_void_p
     function.argtypes = [ctypes.c_int, pointer, pointer, ctypes.c_int, pointer, pointer,
                          pointer, ctypes.c_float, pointer, pointer, pointer]
