@@ -9,10 +9,11 @@ physically smaller, which is why compaware compresses for real.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import BenchConfig, UserError
-from compaware.export import export_model, onnxruntime_forward
+from compaware.export import compile_inductor, export_model, onnxruntime_forward
 from compaware.fold import fold_batchnorm
 from compaware.layers import eval_mode, weight_layers
 
@@ -57,6 +58,19 @@ def median_ms(forward: Callable[[torch.Tensor], object], batch: torch.Tensor,
     timer = benchmark.Timer(stmt="forward(batch)", globals={"forward": forward, "batch": batch},
                             num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` for the block (None: unchanged), the
+    previous count restored after."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def channels_last_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -133,15 +147,27 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     return results
 
 
-def onnxruntime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...],
-                        batch_size: int, min_run_time: float, threads: int) -> dict | None:
-    """:func:`side_by_side_ms` of the models exported to ONNX and run by ONNX Runtime's CPU
-    provider, the deployment form in which compression paid most (docs/performance.md).
-    Each model is exported at the batch size it is timed at (a traced module may fix it).
-    None, with a warning, without onnxruntime or where a model cannot be exported: the
-    run's other results stand."""
+# The deployment forms a run can time besides eager PyTorch (bench.<form>=true): the
+# results.json keys latency_ms.<form> and efficiency_<form>.
+DEPLOYED_FORMS = {"onnxruntime": "exported to ONNX, under ONNX Runtime's CPU provider",
+                  "inductor": "compiled by TorchInductor, weights frozen"}
+
+
+def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...],
+                     batch_size: int, min_run_time: float, threads: int) -> dict | None:
+    """:func:`side_by_side_ms` of the models in a deployment form (a key of
+    ``DEPLOYED_FORMS``) on the CPU: ``onnxruntime``, the form in which compression paid most
+    in eager-timed choices, or ``inductor``, PyTorch 2's own compiler, in which factorized
+    and pruned layers realise more of their MAC savings at batch 32 than eagerly
+    (docs/performance.md). Each model is traced at the batch size it is timed at (a traced
+    module may fix it), with ``threads`` (Inductor builds its kernels for a thread count).
+    None, with a warning, where the form is unavailable (onnxruntime not installed, a model
+    that cannot be exported or compiled): the run's other results stand."""
     with tempfile.TemporaryDirectory() as tmp:
         def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
+            if form == "inductor":
+                with torch_threads(threads):
+                    return compile_inductor(model, batch)
             return onnxruntime_forward(model, batch, Path(tmp) / f"{name}_{len(batch)}.onnx",
                                        threads)
 
@@ -149,7 +175,8 @@ def onnxruntime_latency(models: dict[str, nn.Module], input_shape: tuple[int, ..
             return side_by_side_ms(models, input_shape, batch_size, torch.device("cpu"),
                                    min_run_time, threads, forward_of)
         except UserError as e:
-            log.warning("bench.onnxruntime=true, but there is no ONNX Runtime latency: %s", e)
+            log.warning("bench.%s=true, but there is no latency %s: %s", form,
+                        DEPLOYED_FORMS[form], e)
             return None
 
 
@@ -178,8 +205,8 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
             run_dir: Path) -> dict:
     """Parameters, MACs, bytes of the standalone file ``model_<name>.pt2`` (written to
     ``run_dir``), layer shapes and latency of each model, and the realization efficiency
-    (:func:`efficiency`, on the CPU; ``efficiency_onnxruntime`` under ONNX Runtime with
-    ``bench.onnxruntime=true``), as the results.json sections.
+    (:func:`efficiency`, on the CPU; ``efficiency_<form>`` in each deployment form asked for,
+    ``bench.onnxruntime=true`` or ``bench.inductor=true``), as the results.json sections.
 
     Parameters, MACs and shapes are those of the models as trained; the standalone files and
     the latencies are those of their inference form, BatchNorm folded (compaware/fold.py),
@@ -195,16 +222,17 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
         costs["structure"][name] = layer_shapes(model)
     threads = cfg.threads or torch.get_num_threads()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    costs["latency_ms"] = {"cpu": None, "cuda": None, "onnxruntime": None}
+    costs["latency_ms"] = {"cpu": None, "cuda": None} | dict.fromkeys(DEPLOYED_FORMS)
     if cfg.latency:
         for device in devices:
             costs["latency_ms"][device.type] = compare_latency(
                 inference, input_shape, cfg.batch_size, device, cfg.min_run_time, threads,
                 cfg.layout if device.type == "cpu" else "nchw")
-        if cfg.onnxruntime:
-            costs["latency_ms"]["onnxruntime"] = onnxruntime_latency(
-                inference, input_shape, cfg.batch_size, cfg.min_run_time, threads)
+        for form in DEPLOYED_FORMS:
+            if getattr(cfg, form):
+                costs["latency_ms"][form] = deployed_latency(
+                    form, inference, input_shape, cfg.batch_size, cfg.min_run_time, threads)
     costs["efficiency"] = efficiency(costs["macs"], costs["latency_ms"]["cpu"])
-    costs["efficiency_onnxruntime"] = efficiency(costs["macs"],
-                                                 costs["latency_ms"]["onnxruntime"])
+    for form in DEPLOYED_FORMS:
+        costs[f"efficiency_{form}"] = efficiency(costs["macs"], costs["latency_ms"][form])
     return costs

@@ -126,6 +126,7 @@ class BenchConfig:
     min_run_time: float = 0.3  # seconds per measurement (torch.utils.benchmark)
     threads: int | None = None  # None: torch's default for this machine
     onnxruntime: bool = False  # also time both models under ONNX Runtime (compaware[onnx])
+    inductor: bool = False  # also time both models compiled by TorchInductor (frozen)
     layout: str = "nchw"  # CPU timing: nchw | nhwc | fastest (each model in its faster one)
 
 

@@ -70,6 +70,28 @@ def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Scr
             return torch.jit.freeze(torch.jit.trace(model, example.cpu()))
 
 
+def compile_inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    """``model`` compiled by TorchInductor for inference on batches shaped like ``example``:
+    PyTorch 2's own CPU deployment path. Traced by torch.export (a graph of its own, so
+    compiling many models never hits torch.compile's per-function recompilation limit),
+    weights frozen (constant-folded and prepacked for oneDNN's convolutions and GEMMs),
+    elementwise work fused into them, and the kernels launched from C++, not Python (the
+    C++ wrapper: what AOTInductor packages). Compiled here, by a first call, under
+    ``torch.inference_mode`` like every timed call, so a timer sees only compiled code.
+    Compilation failures (no C++ compiler, say) stop with a :class:`UserError`."""
+    model = copy.deepcopy(model).cpu().eval()
+    example = example.cpu()
+    try:
+        compiled = torch.compile(torch.export.export(model, (example,)).module(), dynamic=False)
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), \
+                torch.inference_mode():
+            compiled(example)
+    except Exception as e:  # torch.export's and Inductor's many error types
+        raise UserError(f"The model cannot be compiled by TorchInductor: "
+                        f"{describe_failure(model, e)}.") from None
+    return compiled
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> int:
     """Write ``model`` as an ONNX file (batch size dynamic) to ``path``; return its size.
 

@@ -82,8 +82,8 @@ class Run:
         return times["dense"] / times["compressed"] if times["compressed"] else None
 
     def efficiency(self, batch: str = "batch_N", section: str = "efficiency") -> float | None:
-        """Realization efficiency: the run's ``efficiency`` entry (``efficiency_onnxruntime``:
-        under ONNX Runtime, where ``bench.onnxruntime=true`` measured it), or for runs
+        """Realization efficiency: the run's ``efficiency`` entry (``efficiency_onnxruntime``,
+        ``efficiency_inductor``: in that form, where ``bench.<form>=true`` measured it), or for runs
         written before the entry existed, the same quotient (latency ratio ÷ MACs ratio) from
         their CPU numbers."""
         recorded = (self.results.get(section) or {}).get(batch)
@@ -172,11 +172,15 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
         else f"{value:{spec}}{suffix}"
 
 
-ONNXRUNTIME_COLUMNS = ("ORT efficiency b1", "ORT efficiency bN")  # shown where measured
+# Efficiency in the deployment forms a run may also time (bench.onnxruntime, bench.inductor):
+# column → (results.json section, batch); a column is shown where some run measured it.
+DEPLOYED_COLUMNS = {f"{short} efficiency {b}": (f"efficiency_{form}", batch)
+                    for form, short in (("onnxruntime", "ORT"), ("inductor", "Inductor"))
+                    for b, batch in (("b1", "batch_1"), ("bN", "batch_N"))}
 COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
            "acc fine-tuned", "params ratio", "MACs ratio", "storage ratio",
            "latency ratio b1", "latency ratio bN", "efficiency b1", "efficiency bN",
-           *ONNXRUNTIME_COLUMNS, "run")
+           *DEPLOYED_COLUMNS, "run")
 
 
 def table_row(run: Run) -> dict[str, str]:
@@ -192,8 +196,8 @@ def table_row(run: Run) -> dict[str, str]:
         "latency ratio bN": _fmt(run.latency_ratio("batch_N"), suffix="×"),
         "efficiency b1": _fmt(run.efficiency("batch_1")),
         "efficiency bN": _fmt(run.efficiency("batch_N")),
-        "ORT efficiency b1": _fmt(run.efficiency("batch_1", "efficiency_onnxruntime")),
-        "ORT efficiency bN": _fmt(run.efficiency("batch_N", "efficiency_onnxruntime")),
+        **{column: _fmt(run.efficiency(batch, section))
+           for column, (section, batch) in DEPLOYED_COLUMNS.items()},
         "run": str(run.path),
     }
 
@@ -226,8 +230,8 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           "Ratios are dense / compressed (higher: smaller or faster). Accuracy is top-1 (%) on "
           "the test set; the fine-tuned column is the model that ships. Post-hoc baselines "
           f"are the runs with regularizer {', '.join(BASELINE_REGULARIZERS)}.", ""]
-    measured = {c for row in rows for c in ONNXRUNTIME_COLUMNS if row[c] != "—"}
-    shown = tuple(c for c in COLUMNS[:-1] if c not in ONNXRUNTIME_COLUMNS or measured)
+    measured = {c for row in rows for c in DEPLOYED_COLUMNS if row[c] != "—"}
+    shown = tuple(c for c in COLUMNS[:-1] if c not in DEPLOYED_COLUMNS or c in measured)
     md += _markdown_table(rows, shown) if rows else ["No completed runs."]
     md += ["", "## Pareto frontier per method (final accuracy vs params ratio)", "",
            "Runs at chance accuracy (a collapsed model) are left out of the frontiers and "

@@ -13,15 +13,16 @@ latency ratio at batch 1 and batch N, and the realization efficiency = latency r
 ratio (1: the whole MAC saving became time). Both models run in one inference form,
 BatchNorm folded: eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
 (``channels_last``), each model in whichever of the two layouts runs it faster at each batch
-size (``fastest``: what a deployment would pick), TorchScript frozen or ONNX Runtime with
-``--form``; the latency-aware variants time their layers in that form (in NCHW for
-``fastest`` and TorchScript). Dense and compressed are timed interleaved in this
+size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
+TorchInductor (``inductor``: frozen, C++ wrapper) or ONNX Runtime with ``--form``; the
+latency-aware variants time their layers in that form (in NCHW eager for ``fastest``,
+TorchScript and Inductor). Dense and compressed are timed interleaved in this
 process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
 from other processes hits both alike.
 
 A second table compares inference forms of each model, dense and pruned at 0.5: eager with
-BatchNorm, BatchNorm folded (NCHW and channels_last), TorchScript frozen and ONNX Runtime
-(when installed).
+BatchNorm, BatchNorm folded (NCHW and channels_last), TorchScript frozen, compiled by
+TorchInductor and ONNX Runtime (when installed).
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from compaware.bench import channels_last_forward, count_macs  # noqa: E402
+from compaware.bench import channels_last_forward, count_macs, torch_threads  # noqa: E402
 from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
 from compaware.compress.latency import LATENCY_FORMS, input_shapes  # noqa: E402
 from compaware.compress.prune import stand_in  # noqa: E402
 from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
 from compaware.config import UserError  # noqa: E402
-from compaware.export import freeze_torchscript, onnxruntime_forward  # noqa: E402
+from compaware.export import (  # noqa: E402
+    compile_inductor,
+    freeze_torchscript,
+    onnxruntime_forward,
+)
 from compaware.fold import fold_batchnorm  # noqa: E402
 from compaware.layers import weight_layers, weight_matrix  # noqa: E402
 from compaware.models.decomposeme import DecomposeMe  # noqa: E402
@@ -107,7 +112,8 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
 
 def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
     """The compressions benchmarked: name → (model, input shape) → compressed model. The
-    latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript)."""
+    latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript
+    and Inductor)."""
     aware_timing = {"latency_aware": True, "latency_batch": batch,
                     "latency_form": form if form in LATENCY_FORMS else "eager"}
     aware = {"round_to": 8, **aware_timing}
@@ -197,7 +203,7 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
             if args.only and not any(word in label for word in args.only):
                 continue
             start = time.perf_counter()
-            with threads(args.compress_threads):
+            with torch_threads(args.compress_threads):
                 compressed = compress(dense, shape).eval()
             macs_ratio = dense_macs / count_macs(compressed, shape)
             ratios = []
@@ -217,7 +223,8 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
 
 FORMS = {"eager": "eager, BN folded", "channels_last": "eager, BN folded, NHWC",
          "fastest": "eager, BN folded, each in its faster layout (NCHW or NHWC) per batch size",
-         "torchscript": "TorchScript frozen", "onnxruntime": "ONNX Runtime"}
+         "torchscript": "TorchScript frozen", "inductor": "compiled by TorchInductor, frozen",
+         "onnxruntime": "ONNX Runtime"}
 
 
 def inference_form(model: nn.Module, form: str, example: torch.Tensor,
@@ -232,6 +239,8 @@ def inference_form(model: nn.Module, form: str, example: torch.Tensor,
         return faster_layout(folded, example)
     if form == "torchscript":
         return freeze_torchscript(folded, example)
+    if form == "inductor":
+        return compile_inductor(folded, example)
     return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
                                torch.get_num_threads())
 
@@ -266,12 +275,13 @@ def forms_table(args: argparse.Namespace) -> None:
           f"with BatchNorm), median of {args.rounds} interleaved rounds")
     heads = ["model", "form", "b1 ms", "b1 speedup", f"b{args.batch_size} ms",
              f"b{args.batch_size} speedup"]
-    widths = [30, 22, 9, 10, 9, 10]
+    widths = [30, max(len(label) for form, label in FORMS.items() if form != "fastest"), 9, 10,
+              9, 10]
     print(row(heads, widths))
     for model_name in args.models:
         dense, shape = dense_model(model_name, args.full)
         size = shape[-1]
-        with threads(args.compress_threads):
+        with torch_threads(args.compress_threads):
             pruned = Prune(0.5, input_shape=shape)(dense)[0].eval()
         with tempfile.TemporaryDirectory() as tmp:
             for name, model in (("dense", dense), ("prune ratio=0.5", pruned)):
@@ -351,21 +361,6 @@ def layer_macs(layer: Callable, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         layer(x[:1])
     return counter.get_total_flops() // 2
-
-
-class threads:
-    """Run a block with ``count`` torch threads (None: unchanged). Compression's SVDs and
-    tracing run faster single-threaded on a shared machine; timing uses the default."""
-
-    def __init__(self, count: int | None) -> None:
-        self.count, self.before = count, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.count:
-            torch.set_num_threads(self.count)
-
-    def __exit__(self, *_: object) -> None:
-        torch.set_num_threads(self.before)
 
 
 def main() -> None:

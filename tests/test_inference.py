@@ -1,7 +1,7 @@
 """The inference path: BatchNorm folding keeps the outputs, ranks and widths round to
 multiples, latency-aware compression keeps a step only where the clock (a fake one, or ONNX
-Runtime's) says it is faster, and the NHWC copies, TorchScript and ONNX exports compute what
-the model computes."""
+Runtime's) says it is faster, and the NHWC copies, TorchScript, Inductor and ONNX exports
+compute what the model computes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from compaware.compress import SVD, Prune, latency
 from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
 from compaware.compress.shape import LiveColumnConv2d
 from compaware.config import UserError
-from compaware.export import export_onnx, freeze_torchscript
+from compaware.export import compile_inductor, export_onnx, freeze_torchscript
 from compaware.fold import fold_batchnorm
 from compaware.models.lenet import LeNet5
 from tests.test_prune import _resnet, randomize_norms
@@ -215,3 +215,22 @@ def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {"input": x.numpy()})  # batch size 3: dynamic
     torch.testing.assert_close(torch.from_numpy(output), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_inductor_form_computes_what_the_pruned_model_computes():
+    model = fold_batchnorm(Prune(0.5, input_shape=(1, 32, 32))(_resnet())[0])[0].eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+        torch.testing.assert_close(compile_inductor(model, x)(x), expected, atol=1e-4,
+                                   rtol=1e-4)
+
+
+class ValueDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_a_model_inductor_cannot_compile_stops_with_a_clear_error():
+    with pytest.raises(UserError, match="cannot be compiled by TorchInductor: fails"):
+        compile_inductor(nn.Sequential(nn.Linear(4, 4), ValueDependent()), torch.randn(2, 4))

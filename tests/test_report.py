@@ -53,18 +53,21 @@ def test_a_run_at_chance_accuracy_stays_off_the_frontier(tmp_path):
     assert "10.00× @ 90.00%" in md and "1000.00× @" not in md  # … not on the frontier
 
 
-def test_report_shows_onnxruntime_efficiency_where_a_run_measured_it(tmp_path):
+@pytest.mark.parametrize("form, column", [("onnxruntime", "ORT"), ("inductor", "Inductor")])
+def test_report_shows_a_deployed_form_s_efficiency_where_a_run_measured_it(tmp_path, form,
+                                                                            column):
     _fake_run(tmp_path, "eager", "lowrank", "svd", 97.0, 100)
-    measured = _fake_run(tmp_path, "ort", "lowrank", "svd", 96.0, 50, ["regularizer.lam=5"])
+    measured = _fake_run(tmp_path, form, "lowrank", "svd", 96.0, 50, ["regularizer.lam=5"])
     results = json.loads((measured / "results.json").read_text())
-    results["efficiency_onnxruntime"] = {"batch_1": 0.93, "batch_N": 1.04}
+    results[f"efficiency_{form}"] = {"batch_1": 0.93, "batch_N": 1.04}
     (measured / "results.json").write_text(json.dumps(results))
     main([str(tmp_path), "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| ORT efficiency b1 | ORT efficiency bN |" in md
+    assert f"| {column} efficiency b1 | {column} efficiency bN |" in md
     assert "| 0.37 | 0.81 | 0.93 | 1.04 |" in md and "| 0.37 | 0.81 | — | — |" in md
+    assert md.count("efficiency b1") == 2  # the eager column and this form's only
     with open(tmp_path / "out" / "results.csv") as f:
-        assert {r["ORT efficiency bN"] for r in csv.DictReader(f)} == {"1.04", "—"}
+        assert {r[f"{column} efficiency bN"] for r in csv.DictReader(f)} == {"1.04", "—"}
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -86,7 +89,7 @@ def test_report_on_a_fake_sweep(tmp_path):
     assert "10.00×" in md and "20.00×" in md  # params ratios 1000/100, 1000/50
     assert "regularizer.lam=5" in md
     assert "| 0.37 | 0.81 |" in md  # realization efficiency at batch 1 and batch N
-    assert "ORT efficiency" not in md  # no run measured it (bench.onnxruntime=false)
+    assert "ORT efficiency" not in md and "Inductor efficiency" not in md  # none measured
     assert "Failed or incomplete runs" in md and "out of range" in md and "no results.json" in md
     assert "20.00× @ 95.00%" in md  # on the lowrank frontier
     with open(tmp_path / "out" / "results.csv") as f:

@@ -15,6 +15,7 @@ from compaware.data import DataInfo
 from compaware.models import build_model
 from compaware.summary import format_summary
 from compaware.train import train
+from tests.test_inference import ValueDependent
 
 CONF = Path(CONF_DIR)
 
@@ -75,24 +76,46 @@ def test_onnxruntime_latency_and_efficiency_on_request(make_cfg):
     assert "onnxruntime ms, batch 1" in format_summary(results)
 
 
-def test_no_onnx_form_leaves_the_other_results(monkeypatch, caplog):
+def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch):
+    compiled = []  # (batch size, threads) of each compilation
+
+    def compile_inductor(model, example):
+        compiled.append((len(example), torch.get_num_threads()))
+        return export.compile_inductor(model, example)
+
+    monkeypatch.setattr(bench, "compile_inductor", compile_inductor)
+    torch.manual_seed(0)
+    models = {"dense": torch.nn.Linear(64, 64), "compressed": torch.nn.Linear(64, 8)}
+    timed = bench.deployed_latency("inductor", models, (64,), 4, 0.01, 1)
+    assert sorted(compiled) == [(1, 1), (1, 1), (4, 1), (4, 1)]  # at the threads timed with
+    assert timed["threads"] == 1 and timed["batch_size"] == 4
+    for batch in ("batch_1", "batch_N"):
+        assert timed[batch]["dense"] > 0 and timed[batch]["compressed"] > 0
+
+
+def test_no_deployed_form_leaves_the_other_results(monkeypatch, caplog):
     def refuse(*_):
         raise UserError("The model cannot be exported to ONNX: an op it lacks.")
 
     monkeypatch.setattr(export, "export_onnx", refuse)
     models = {"dense": torch.nn.Linear(4, 2)}
-    assert bench.onnxruntime_latency(models, (4,), 2, 0.01, 1) is None
+    assert bench.deployed_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
     assert "an op it lacks" in caplog.text
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
-    assert bench.onnxruntime_latency(models, (4,), 2, 0.01, 1) is None
+    assert bench.deployed_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
     assert "onnxruntime is not installed" in caplog.text
+    models = {"dense": torch.nn.Sequential(torch.nn.Linear(4, 2), ValueDependent())}
+    assert bench.deployed_latency("inductor", models, (4,), 2, 0.01, 1) is None
+    assert "bench.inductor=true, but there is no latency compiled by TorchInductor" in caplog.text
 
 
 def test_finetune_epochs_zero_skips_finetuning(make_cfg):
     results = train(make_cfg("schedule.finetune_epochs=0", "bench.latency=false"))
     assert results["accuracy"]["finetuned"] is None
-    assert results["latency_ms"] == {"cpu": None, "cuda": None, "onnxruntime": None}
-    assert results["efficiency_onnxruntime"] == {"batch_1": None, "batch_N": None}
+    assert results["latency_ms"] == {"cpu": None, "cuda": None, "onnxruntime": None,
+                                     "inductor": None}
+    for form in ("onnxruntime", "inductor"):
+        assert results[f"efficiency_{form}"] == {"batch_1": None, "batch_N": None}
 
 
 class _Interrupted(Exception):
