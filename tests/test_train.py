@@ -76,7 +76,7 @@ def test_onnxruntime_latency_and_efficiency_on_request(make_cfg):
     assert "onnxruntime ms, batch 1" in format_summary(results)
 
 
-def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch):
+def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch, torch_threads):
     compiled = []  # (batch size, threads) of each compilation
 
     def compile_inductor(model, example):
@@ -86,8 +86,10 @@ def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch):
     monkeypatch.setattr(bench, "compile_inductor", compile_inductor)
     torch.manual_seed(0)
     models = {"dense": torch.nn.Linear(64, 64), "compressed": torch.nn.Linear(64, 8)}
+    torch_threads(3)
     timed = bench.deployed_latency("inductor", models, (64,), 4, 0.01, 1)
     assert sorted(compiled) == [(1, 1), (1, 1), (4, 1), (4, 1)]  # at the threads timed with
+    assert torch.get_num_threads() == 3  # and restored after
     assert timed["threads"] == 1 and timed["batch_size"] == 4
     for batch in ("batch_1", "batch_N"):
         assert timed[batch]["dense"] > 0 and timed[batch]["compressed"] > 0
