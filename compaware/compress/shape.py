@@ -8,8 +8,8 @@ live columns only and does one GEMM of L × k by k × N (k live columns), exactl
 output for N·k·L MACs instead of N·C·kh·kw·L. A linear layer's columns are its inputs:
 :class:`LiveInputLinear` gathers the live inputs and multiplies by the N × k weight.
 
-Both are an ``nn.Linear`` plus index buffers and standard tensor ops (pad, gather,
-matmul), so ``torch.utils.flop_counter`` sees the GEMM (the gather is a copy, not MACs)
+Both are an ``nn.Linear`` plus index buffers and standard tensor ops (concatenation,
+gather, matmul), so ``torch.utils.flop_counter`` sees the GEMM (the gather is a copy, not MACs)
 and ``torch.export`` writes them as ordinary graphs. Gathering only the live rows, rather
 than unfolding every column and selecting, is what makes the smaller GEMM a faster layer
 (``scripts/ssl_layers.py`` measures it against ``nn.Conv2d``).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_linear_bn_eval
 
@@ -49,10 +48,15 @@ class LiveColumnConv2d(nn.Module):
     """``conv`` computing only the im2col columns in ``live`` (indices into C·kh·kw).
 
     The forward works in NHWC (channels-last) order, where the im2col matrix of the live
-    columns is one gather from the zero-padded input: output position (y, x) of image b
-    reads x_pad[b, y·stride + i·dilation, x·stride + j·dilation, c] for live column
-    (c, i, j). Then one GEMM, columns (B·L × k) · W_liveᵀ (k × N), gives the output in NHWC
-    order, returned as a channels-last NCHW tensor (a view, no copy). NHWC is what makes the
+    columns is one gather from each image's pixels: output position (y, x) of image b reads
+    x[b, y·stride + i·dilation − pad, x·stride + j·dilation − pad, c] for live column
+    (c, i, j), and a read outside the image reads a zero appended after the image's pixels
+    (the padding, without a padded copy). Then one GEMM, columns (B·L × k) · W_liveᵀ
+    (k × N), gives the output in NHWC order, returned as a channels-last NCHW tensor (a
+    view, no copy). Why a zero and not ``F.pad``: TorchInductor fuses a pad into the gather
+    as bounds arithmetic on every index (integer divisions per element), which made the
+    compiled layer 3–4× slower than eager at batch 32; against the zero it compares once
+    (docs/performance.md). NHWC is what makes the
     layer fast: gathering within each image's own NHWC pixels needs no transpose of the input
     or the output (an NCHW version with the batch as the GEMM's inner dimension spent more time
     transposing than multiplying; scripts/bench_speedup.py, docs/performance.md), and a
@@ -79,12 +83,12 @@ class LiveColumnConv2d(nn.Module):
         self.indices: dict = {}  # gather_index's, per input size and device (not state)
 
     def forward(self, x: Tensor) -> Tensor:
-        (ph, pw), batch = self.padding, x.shape[0]
-        pixels = x.permute(0, 2, 3, 1)  # NHWC; contiguous when x is channels-last
-        if ph or pw:
-            pixels = F.pad(pixels, (0, 0, pw, pw, ph, ph))
-        index, out_h, out_w = self.gather_index(*pixels.shape[1:], x)
-        columns = pixels.reshape(batch, -1).gather(1, index.expand(batch, -1))
+        batch, channels, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, -1)  # NHWC; a view when channels-last
+        if self.padding != (0, 0):
+            pixels = torch.cat([pixels, pixels.new_zeros(batch, 1)], dim=1)  # the padding
+        index, out_h, out_w = self.gather_index(height, width, channels, x)
+        columns = pixels.gather(1, index.expand(batch, -1))
         columns = columns.view(batch * out_h * out_w, self.channel.shape[0])
         w, bias = self.gemm.weight, self.gemm.bias
         out = columns @ w.t() if bias is None else torch.addmm(bias, columns, w.t())
@@ -92,22 +96,26 @@ class LiveColumnConv2d(nn.Module):
 
     def gather_index(self, height: int, width: int, channels: int,
                      x: Tensor) -> tuple[Tensor, int, int]:
-        """Where, in one padded NHWC image of ``height`` × ``width`` × ``channels``, each
-        output position reads each live column (an (L·k,) index), and the output's height
-        and width. Kept per input size and device: built afresh on every call, its few
-        small ops took about 30 % of an SSL-compressed ResNet-50's time at batch 1. Not
-        kept when ``x`` is not a plain tensor: an index made of the fake tensors that
-        tracers run on would outlive the trace."""
+        """Where, in one NHWC image of ``height`` × ``width`` × ``channels`` followed by a
+        zero, each output position reads each live column (an (L·k,) index; reads in the
+        padding point at the zero), and the output's height and width. Kept per input size
+        and device: built afresh on every call, its few small ops took about 30 % of an
+        SSL-compressed ResNet-50's time at batch 1. Not kept when ``x`` is not a plain
+        tensor: an index made of the fake tensors that tracers run on would outlive the
+        trace."""
         key = (height, width, channels, x.device)
         if key in self.indices:
             return self.indices[key]
-        (sh, sw), device = self.stride, x.device
-        out_h = (height - self.span[0]) // sh + 1
-        out_w = (width - self.span[1]) // sw + 1
-        offsets = (self.row * width + self.col) * channels + self.channel  # (k,)
-        rows = torch.arange(out_h, device=device) * (sh * width)
-        positions = (rows[:, None] + torch.arange(out_w, device=device) * sw).flatten()
-        found = (positions[:, None] * channels + offsets).flatten(), out_h, out_w
+        (sh, sw), (ph, pw), device = self.stride, self.padding, x.device
+        out_h = (height + 2 * ph - self.span[0]) // sh + 1
+        out_w = (width + 2 * pw - self.span[1]) // sw + 1
+        rows = (torch.arange(out_h, device=device) * sh - ph)[:, None] + self.row  # (out_h, k)
+        cols = (torch.arange(out_w, device=device) * sw - pw)[:, None] + self.col  # (out_w, k)
+        inside = (((rows >= 0) & (rows < height))[:, None] &
+                  ((cols >= 0) & (cols < width))[None, :])  # (out_h, out_w, k)
+        index = (rows[:, None] * width + cols[None, :]) * channels + self.channel
+        found = (torch.where(inside, index, height * width * channels).flatten(),
+                 out_h, out_w)
         if type(x) is Tensor:
             self.indices[key] = found
         return found
