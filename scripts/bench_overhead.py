@@ -3,7 +3,7 @@
     python scripts/bench_overhead.py                  # make bench-overhead; a few minutes
     python scripts/bench_overhead.py --models lenet5 --rounds 7
     python scripts/bench_overhead.py --models resnet50 --only sws --tables regularizers
-    python scripts/bench_overhead.py --models resnet50 --batch 64   # compaware's default batch
+    python scripts/bench_overhead.py --models resnet50 --batch 16   # a smaller batch
 
 Table 1, per model: the training step time with each regularizer ÷ with ``none`` (same
 model, same batch, compaware's own step: forward, loss + penalty, backward, optimizer step,
@@ -53,14 +53,17 @@ from compaware.models.lenet import LeNet5  # noqa: E402
 from compaware.models.tv import torchvision_classifier  # noqa: E402
 from compaware.regularizers import Regularizer  # noqa: E402
 
-# name → (builder, input (C, H, W), classes, batch size, training-set size of its usual data).
-# ResNet-50's batch of 16 keeps the default run short; per-step costs that go with the weights
-# (the priors, the proxes) weigh 4× less in a step of 64, compaware's schedule.batch_size.
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int, int]] = {
-    "lenet5": (LeNet5, (1, 28, 28), 10, 64, 60_000),  # Fashion-MNIST
-    "resnet50": (lambda: torchvision_classifier("resnet50", 3, 10, 32), (3, 32, 32), 10, 16,
+# name → (builder, input (C, H, W), classes, training-set size of its usual data).
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]] = {
+    "lenet5": (LeNet5, (1, 28, 28), 10, 60_000),  # Fashion-MNIST
+    "resnet50": (lambda: torchvision_classifier("resnet50", 3, 10, 32), (3, 32, 32), 10,
                  50_000),  # CIFAR-10 at 32×32
 }
+# Every model steps at compaware's training batch (schedule.batch_size) unless --batch says
+# otherwise. The per-step costs that go with the weights (the priors, the proxes) do not grow
+# with the batch, so a smaller batch weighs them more: ResNet-50 at 32×32 computes little per
+# weight, and its sws ratio at a batch of 16 was 1.4–1.9× its ratio at 64 (docs/performance.md).
+DEFAULT_BATCH = ScheduleConfig().batch_size
 
 # label → regularizer config (conf/regularizer/<name>.yaml with overrides)
 REGULARIZERS: dict[str, tuple[str, dict]] = {
@@ -173,8 +176,8 @@ def regularizer_table(args: argparse.Namespace) -> None:
     print(row(["model (batch, epoch)", "regularizer", "step ratio", "prox ms", "epoch ratio",
                "target"], widths))
     for name in args.models:
-        build, shape, classes, batch_size, train_size = MODELS[name]
-        batch_size = args.batch or batch_size
+        build, shape, classes, train_size = MODELS[name]
+        batch_size = args.batch
         epoch_steps = math.ceil(train_size / batch_size)
         info = DataInfo("synthetic", shape[0], shape[1], classes, train_size)
         batches = fake_batches(shape, classes, batch_size, args.steps)
@@ -204,8 +207,8 @@ def loop_table(args: argparse.Namespace) -> None:
     widths = [22, 14, 14, 10, 8]
     print(row(["model (batch)", "hand ms/step", "loop ms/step", "ratio", "target"], widths))
     for name in args.models:
-        build, shape, classes, batch_size, _ = MODELS[name]
-        batch_size = args.batch or batch_size
+        build, shape, classes, _ = MODELS[name]
+        batch_size = args.batch
         batches = fake_batches(shape, classes, batch_size, args.steps)
         torch.manual_seed(0)
         model = build()
@@ -231,8 +234,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(REGULARIZERS),
                         default=list(REGULARIZERS), help="these regularizers (and none)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per block")
-    parser.add_argument("--batch", type=int, help="this batch size for every model (default: "
-                        "each model's own, LeNet-5 64, ResNet-50 16)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                        help="the batch size of every model (default: compaware's "
+                        "schedule.batch_size, %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tables", nargs="+", choices=("regularizers", "loop"),
