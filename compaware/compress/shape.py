@@ -50,17 +50,20 @@ class LiveColumnConv2d(nn.Module):
     The forward works in NHWC (channels-last) order, where the im2col matrix of the live
     columns is one gather from each image's pixels: output position (y, x) of image b reads
     x[b, y·stride + i·dilation − pad, x·stride + j·dilation − pad, c] for live column
-    (c, i, j), and a read outside the image reads a zero appended after the image's pixels
-    (the padding, without a padded copy). Then one GEMM, columns (B·L × k) · W_liveᵀ
-    (k × N), gives the output in NHWC order, returned as a channels-last NCHW tensor (a
-    view, no copy). Why a zero and not ``F.pad``: TorchInductor fuses a pad into the gather
-    as bounds arithmetic on every index (integer divisions per element), which made the
-    compiled layer 3–4× slower than eager at batch 32; against the zero it compares once
-    (docs/performance.md). NHWC is what makes the
-    layer fast: gathering within each image's own NHWC pixels needs no transpose of the input
-    or the output (an NCHW version with the batch as the GEMM's inner dimension spent more time
+    (c, i, j), and a read outside the image reads a zero appended after the image's pixels.
+    Then one GEMM, columns (B·L × k) · W_liveᵀ (k × N), gives the output in NHWC order,
+    returned as a channels-last NCHW tensor (a view, no copy). NHWC is what makes the layer
+    fast: gathering within each image's own NHWC pixels needs no transpose of the input or
+    the output (an NCHW version with the batch as the GEMM's inner dimension spent more time
     transposing than multiplying; scripts/bench_speedup.py, docs/performance.md), and a
     network running channels-last hands its layers NHWC inputs for free.
+
+    The appended zero, rather than ``F.pad``, is for TorchInductor, which fuses what comes
+    before a gather into it: a pad became bounds arithmetic on every read (integer
+    divisions per element), and without any copy before the gather the previous layers'
+    elementwise work and pooling were recomputed for every read of a pixel, k times over.
+    The concatenation is one copy, computed once; compiled, the layer is then about as fast
+    as eager, not 3–6× slower at batch 32 (docs/performance.md).
     ``gemm`` holds W_live and the bias as an ``nn.Linear``, so tools that list conv and
     linear layers (results.json ``structure``) see the smaller layer.
     """
@@ -85,8 +88,7 @@ class LiveColumnConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(batch, -1)  # NHWC; a view when channels-last
-        if self.padding != (0, 0):
-            pixels = torch.cat([pixels, pixels.new_zeros(batch, 1)], dim=1)  # the padding
+        pixels = torch.cat([pixels, pixels.new_zeros(batch, 1)], dim=1)  # what padding reads
         index, out_h, out_w = self.gather_index(height, width, channels, x)
         columns = pixels.gather(1, index.expand(batch, -1))
         columns = columns.view(batch * out_h * out_w, self.channel.shape[0])
