@@ -58,12 +58,16 @@ class LiveColumnConv2d(nn.Module):
     transposing than multiplying; scripts/bench_speedup.py, docs/performance.md), and a
     network running channels-last hands its layers NHWC inputs for free.
 
-    The appended zero, rather than ``F.pad``, is for TorchInductor, which fuses what comes
-    before a gather into it: a pad became bounds arithmetic on every read (integer
-    divisions per element), and without any copy before the gather the previous layers'
-    elementwise work and pooling were recomputed for every read of a pixel, k times over.
-    The concatenation is one copy, computed once; compiled, the layer is then about as fast
-    as eager, not 3–6× slower at batch 32 (docs/performance.md).
+    The appended zero, rather than ``F.pad``, and the copy it makes are for TorchInductor,
+    which fuses what comes before a gather into it: a pad became bounds arithmetic on every
+    read (integer divisions per element), and without any copy before the gather the
+    previous layers' elementwise work and pooling were recomputed for every read of a
+    pixel, k times over. So a padded layer, and any layer being compiled or exported
+    (``torch.compiler.is_compiling``), gathers from one copy of its input with the zero
+    appended; compiled, the layer is then about as fast as eager, not 3–6× slower at batch
+    32. Eagerly, an unpadded layer gathers from its input itself: the copy cost ResNet-50's
+    SSL model at 75 % about a tenth of its time at batch 32 (docs/performance.md).
+
     ``gemm`` holds W_live and the bias as an ``nn.Linear``, so tools that list conv and
     linear layers (results.json ``structure``) see the smaller layer.
     """
@@ -88,7 +92,8 @@ class LiveColumnConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(batch, -1)  # NHWC; a view when channels-last
-        pixels = torch.cat([pixels, pixels.new_zeros(batch, 1)], dim=1)  # what padding reads
+        if self.padding != (0, 0) or torch.compiler.is_compiling():  # see the docstring
+            pixels = torch.cat([pixels, pixels.new_zeros(batch, 1)], dim=1)
         index, out_h, out_w = self.gather_index(height, width, channels, x)
         columns = pixels.gather(1, index.expand(batch, -1))
         columns = columns.view(batch * out_h * out_w, self.channel.shape[0])
