@@ -9,8 +9,8 @@ output for N·k·L MACs instead of N·C·kh·kw·L. A linear layer's columns are
 :class:`LiveInputLinear` gathers the live inputs and multiplies by the N × k weight.
 
 Both are an ``nn.Linear`` plus index buffers and standard tensor ops (concatenation,
-gather, matmul), so ``torch.utils.flop_counter`` sees the GEMM (the gather is a copy, not MACs)
-and ``torch.export`` writes them as ordinary graphs. Gathering only the live rows, rather
+gather, matmul), so ``torch.utils.flop_counter`` sees the GEMM (the gather is a copy, not
+MACs) and ``torch.export`` writes them as ordinary graphs. Gathering only the live rows, rather
 than unfolding every column and selecting, is what makes the smaller GEMM a faster layer
 (``scripts/ssl_layers.py`` measures it against ``nn.Conv2d``).
 
