@@ -15,8 +15,8 @@ BatchNorm folded: eager PyTorch (NCHW, what a run's benchmark times) by default;
 (``channels_last``), each model in whichever of the two layouts runs it faster at each batch
 size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
 TorchInductor (``inductor``: frozen, C++ wrapper) or ONNX Runtime with ``--form``; the
-latency-aware variants time their layers in that form (in NCHW eager for ``fastest``,
-TorchScript and Inductor). Dense and compressed are timed interleaved in this
+latency-aware variants time their layers in that form (in NCHW eager for ``fastest`` and
+TorchScript). Dense and compressed are timed interleaved in this
 process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
 from other processes hits both alike.
 
@@ -113,7 +113,7 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
 def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
     """The compressions benchmarked: name → (model, input shape) → compressed model. The
     latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript
-    and Inductor)."""
+    and ``fastest``)."""
     aware_timing = {"latency_aware": True, "latency_batch": batch,
                     "latency_form": form if form in LATENCY_FORMS else "eager"}
     aware = {"round_to": 8, **aware_timing}

@@ -152,9 +152,9 @@ def test_the_fastest_layout_keeps_each_models_faster_time_per_batch_size(monkeyp
     assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
 
 
-def test_latency_form_takes_eager_channels_last_or_onnxruntime(monkeypatch):
+def test_latency_form_takes_eager_channels_last_onnxruntime_or_inductor(monkeypatch):
     with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*eager, channels_last, "
-                                        "onnxruntime"):
+                                        "onnxruntime, inductor"):
         SVD(latency_form="tensorrt")
     conv, x = nn.Conv2d(8, 8, 3), torch.randn(4, 8, 16, 16)
     for form in ("channels_last", "eager"):
@@ -169,30 +169,38 @@ def test_latency_form_takes_eager_channels_last_or_onnxruntime(monkeypatch):
     Prune(0.5, latency_form="onnxruntime")  # not latency-aware: nothing is timed
 
 
-def test_onnxruntime_layer_timer_exports_a_layer_once_per_shape(monkeypatch):
-    pytest.importorskip("onnxruntime")
-    exports = []
+@pytest.mark.parametrize("form, builder", [("onnxruntime", "onnxruntime_forward"),
+                                           ("inductor", "compile_inductor")])
+def test_a_deployed_layer_timer_builds_a_layer_once_per_shape(monkeypatch, form, builder):
+    if form == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    built = []
 
-    def counted(layer, x, path, threads):
-        exports.append(tuple(layer.weight.shape))
-        return forward(layer, x, path, threads)
+    def counted(layer, x, *args):
+        built.append((tuple(layer.weight.shape), x.is_contiguous()))
+        return build(layer, x, *args)
 
-    forward = latency.onnxruntime_forward
-    monkeypatch.setattr(latency, "onnxruntime_forward", counted)
-    timer = LayerTimer("onnxruntime", min_run_time=0.01)
+    build = getattr(latency, builder)
+    monkeypatch.setattr(latency, builder, counted)
+    timer = LayerTimer(form, min_run_time=0.01)
     layer, x = nn.Linear(64, 32), torch.randn(8, 64)
     assert timer(layer, x) > 0 and timer(layer, x) > 0
-    assert exports == [(32, 64)]
+    assert built == [((32, 64), True)]
     layer.weight = nn.Parameter(layer.weight[:16].detach())  # narrowed in place, as pruned
     layer.bias = nn.Parameter(layer.bias[:16].detach())
     assert timer(layer, x) > 0
-    assert exports == [(32, 64), (16, 64)]
+    assert built == [((32, 64), True), ((16, 64), True)]
+    conv = nn.Conv2d(3, 4, 3)  # Inductor keeps a compiled network's activations NHWC
+    assert timer(conv, torch.randn(2, 3, 8, 8)) > 0
+    assert built[-1] == ((4, 3, 3, 3), form != "inductor")
 
 
-def test_latency_aware_svd_times_layers_under_onnxruntime():
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("form", ["onnxruntime", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_latency_aware_svd_times_layers_in_a_deployment_form(form):
+    if form == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     svd = SVD(rank=4, latency_aware=True, input_shape=(1, 28, 28), latency_batch=4,
-              latency_form="onnxruntime")
+              latency_form=form)
     svd.latency.timer.min_run_time = 0.01
     compressed, report = svd(LeNet5())
     for name, entry in report.items():  # real clock: each decision follows its own timing

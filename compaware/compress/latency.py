@@ -7,8 +7,9 @@ device the model is on, at the layer's real input shape, and keeps the change on
 the layer (for pruning: every layer the change touches) gets faster, timing candidate and
 original in alternating rounds. The layers are timed in the form the model will run in
 (``compress.latency_form``): eager PyTorch (``eager``, NCHW, what a run's benchmark times by
-default; ``channels_last``, NHWC, for ``bench.layout=nhwc``), or exported to ONNX and
-run by ONNX Runtime (``onnxruntime``). Each favours other shapes: choices timed in eager
+default; ``channels_last``, NHWC, for ``bench.layout=nhwc``), exported to ONNX and run by
+ONNX Runtime (``onnxruntime``), or compiled by TorchInductor (``inductor``, as
+``bench.inductor=true`` times the model). Each favours other shapes: choices timed in eager
 PyTorch cost ResNet-50's SVD 2.47× → 2.36× at batch 32 under ONNX Runtime
 (docs/performance.md).
 
@@ -30,7 +31,7 @@ from torch import Size, nn
 
 from compaware.bench import channels_last_forward, median_ms
 from compaware.config import UserError, check_range
-from compaware.export import onnxruntime_forward
+from compaware.export import compile_inductor, onnxruntime_forward
 from compaware.layers import eval_mode
 
 Timer = Callable[[nn.Module, torch.Tensor], float]
@@ -42,39 +43,49 @@ def round_up(size: int, multiple: int, limit: int) -> int:
     return min(-(-size // multiple) * multiple, limit)
 
 
-LATENCY_FORMS = ("eager", "channels_last", "onnxruntime")
+LATENCY_FORMS = ("eager", "channels_last", "onnxruntime", "inductor")
 
 
 class LayerTimer:
     """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
     in ``form``: ``eager`` (the module in eval mode), ``channels_last`` (a copy in NHWC,
-    :func:`compaware.bench.channels_last_forward`) or ``onnxruntime`` (the module exported to
-    ONNX, run by ONNX Runtime's CPU provider; each layer is exported once per weight and
-    input shape, and the session kept while the layer lives)."""
+    :func:`compaware.bench.channels_last_forward`), ``onnxruntime`` (the module exported to
+    ONNX, run by ONNX Runtime's CPU provider) or ``inductor`` (compiled by TorchInductor,
+    :func:`compaware.export.compile_inductor`, on an NHWC input: the layout Inductor keeps
+    between the convs of a compiled network, so a layer is not charged for converting to it).
+    A deployed layer is built once per weight and input shape and kept while the layer lives:
+    a compilation takes seconds."""
 
     def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
         self.form, self.min_run_time = form, min_run_time
-        self.sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.deployed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @torch.inference_mode()
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
         layer.eval()
+        if self.form == "inductor" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         forward = (layer if self.form == "eager" else
                    channels_last_forward(layer) if self.form == "channels_last" else
-                   self.onnxruntime(layer, x))
+                   self.deployed_forward(layer, x))
         return median_ms(forward, x, self.min_run_time, torch.get_num_threads()) / 1e3
 
-    def onnxruntime(self, layer: nn.Module, x: torch.Tensor) -> Callable:
-        """``layer``'s ONNX Runtime session, exported anew only when its shapes changed (a
+    def deployed_forward(self, layer: nn.Module, x: torch.Tensor) -> Callable:
+        """``layer`` in the deployment form, built anew only when its shapes changed (a
         pruned layer is narrowed in place between two timings)."""
         shapes = (tuple(x.shape), *(tuple(p.shape) for p in layer.parameters()))
-        cached = self.sessions.get(layer)
+        cached = self.deployed.get(layer)
         if cached is None or cached[0] != shapes:
-            with tempfile.TemporaryDirectory() as folder:  # the session holds the model
-                forward = onnxruntime_forward(layer, x, Path(folder) / "layer.onnx",
-                                              torch.get_num_threads())
-            cached = self.sessions[layer] = (shapes, forward)
+            cached = self.deployed[layer] = (shapes, self.deploy(layer, x))
         return cached[1]
+
+    def deploy(self, layer: nn.Module, x: torch.Tensor) -> Callable:
+        """``layer`` compiled by TorchInductor or exported to an ONNX Runtime session."""
+        if self.form == "inductor":
+            return compile_inductor(layer, x)
+        with tempfile.TemporaryDirectory() as folder:  # the session holds the model
+            return onnxruntime_forward(layer, x, Path(folder) / "layer.onnx",
+                                       torch.get_num_threads())
 
 
 def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
@@ -163,8 +174,9 @@ class LatencyOptions:
         if latency_form not in LATENCY_FORMS:
             raise UserError(f"compress.latency_form={latency_form!r} is not a form compaware "
                             f"can time layers in; compress.latency_form takes one of "
-                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch in NCHW or NHWC, or "
-                            f"exported to ONNX and run by ONNX Runtime).")
+                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch in NCHW or NHWC, "
+                            f"exported to ONNX and run by ONNX Runtime, or compiled by "
+                            f"TorchInductor).")
         if latency_aware and not input_shape:
             raise UserError("compress.latency_aware=true times each layer on its input, so it "
                             "needs compress.input_shape (C, H, W of one sample; the configs "
