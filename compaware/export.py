@@ -72,19 +72,24 @@ def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Scr
 
 def compile_inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], object]:
     """``model`` compiled by TorchInductor for inference on batches shaped like ``example``:
-    PyTorch 2's own CPU deployment path. Traced by torch.export (a graph of its own, so
-    compiling many models never hits torch.compile's per-function recompilation limit),
-    weights frozen (constant-folded and prepacked for oneDNN's convolutions and GEMMs),
-    elementwise work fused into them, and the kernels launched from C++, not Python (the
-    C++ wrapper: what AOTInductor packages). Compiled here, by a first call, under
-    ``torch.inference_mode`` like every timed call, so a timer sees only compiled code.
-    Compilation failures (no C++ compiler, say) stop with a :class:`UserError`."""
+    PyTorch 2's own CPU deployment path. Traced by torch.export and the graph handed to
+    Inductor directly (``torch._inductor.compile``), weights frozen (constant-folded and
+    prepacked for oneDNN's convolutions and GEMMs), elementwise work fused into them, and
+    the kernels launched from C++, not Python (the C++ wrapper: what AOTInductor packages).
+    Not through ``torch.compile``: its TorchDynamo guards and the exported module's input
+    checks run in Python on every call, which cost LeNet-5 0.27 ms of its 0.59 ms at batch
+    1 (docs/performance.md), and compiling many models would hit its per-function
+    recompilation limit. The compiled code asserts its input's sizes and strides instead.
+    Compiled here under ``torch.inference_mode`` (freezing needs it), like every timed call,
+    and called once, so a timer sees only warm code. Compilation failures (no C++ compiler,
+    say) stop with a :class:`UserError`."""
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
     try:
-        compiled = torch.compile(torch.export.export(model, (example,)).module(), dynamic=False)
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), \
-                torch.inference_mode():
+        graph = torch.export.export(model, (example,)).module()
+        with torch.inference_mode():
+            compiled = torch._inductor.compile(graph, [example],
+                                               options={"freezing": True, "cpp_wrapper": True})
             compiled(example)
     except Exception as e:  # torch.export's and Inductor's many error types
         raise UserError(f"The model cannot be compiled by TorchInductor: "
