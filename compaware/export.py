@@ -79,10 +79,10 @@ def compile_inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch
     Not through ``torch.compile``: its TorchDynamo guards and the exported module's input
     checks run in Python on every call, which cost LeNet-5 0.27 ms of its 0.59 ms at batch
     1 (docs/performance.md), and compiling many models would hit its per-function
-    recompilation limit. The compiled code asserts its input's sizes and strides instead.
-    Compiled here under ``torch.inference_mode`` (freezing needs it), like every timed call,
-    and called once, so a timer sees only warm code. Compilation failures (no C++ compiler,
-    say) stop with a :class:`UserError`."""
+    recompilation limit. The compiled code checks its input's sizes and strides instead (a
+    batch of another size raises RuntimeError). Compiled here under ``torch.inference_mode``
+    (freezing needs it), like every timed call, and called once, so a timer sees only warm
+    code. Compilation failures (no C++ compiler, say) stop with a :class:`UserError`."""
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
     try:
