@@ -21,7 +21,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import BenchConfig, UserError
-from compaware.export import compile_inductor, export_model, onnxruntime_forward
+from compaware.export import (
+    INDUCTOR_CONVS,
+    compile_inductor,
+    conv_packing_switchable,
+    export_model,
+    onnxruntime_forward,
+)
 from compaware.fold import fold_batchnorm
 from compaware.layers import eval_mode, weight_layers
 
@@ -136,21 +142,31 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     forms = ("nchw", "nhwc") if layout == "fastest" else (layout,)
     timed = {form: side_by_side_ms(models, input_shape, batch_size, device, min_run_time,
                                    threads, forward_in(form)) for form in forms}
-    results = {**timed[forms[0]], "layout": layout}
-    if layout == "fastest":
-        results["layouts"] = {}
-        for key in ("batch_1", "batch_N"):
-            faster = {name: min(forms, key=lambda form: timed[form][key][name])
-                      for name in models}
-            results[key] = {name: timed[form][key][name] for name, form in faster.items()}
-            results["layouts"][key] = faster
-    return results
+    if layout != "fastest":
+        return {**timed[layout], "layout": layout}
+    results, layouts = fastest_variant(timed)
+    return {**results, "layout": layout, "layouts": layouts}
+
+
+def fastest_variant(timed: dict[str, dict]) -> tuple[dict, dict]:
+    """``timed``: variant → :func:`side_by_side_ms` of the same models in that variant. Each
+    model's time in its fastest variant at each batch size (in side_by_side_ms's form), and
+    which variant that was: ``{batch_1: {name: variant}, batch_N: {...}}``. What a deployment
+    would pick, for the dense and the compressed model alike."""
+    results = dict(next(iter(timed.values())))
+    chosen = {}
+    for key in ("batch_1", "batch_N"):
+        chosen[key] = {name: min(timed, key=lambda variant: timed[variant][key][name])
+                       for name in results[key]}
+        results[key] = {name: timed[variant][key][name] for name, variant in chosen[key].items()}
+    return results, chosen
 
 
 # The deployment forms a run can time besides eager PyTorch (bench.<form>=true): the
 # results.json keys latency_ms.<form> and efficiency_<form>.
 DEPLOYED_FORMS = {"onnxruntime": "exported to ONNX, under ONNX Runtime's CPU provider",
-                  "inductor": "compiled by TorchInductor, weights frozen"}
+                  "inductor": "compiled by TorchInductor, weights frozen, convs on oneDNN or "
+                              "PyTorch's dispatch, whichever is faster"}
 
 
 def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...],
@@ -161,19 +177,34 @@ def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple
     and pruned layers realise more of their MAC savings at batch 32 than eagerly
     (docs/performance.md). Each model is traced at the batch size it is timed at (a traced
     module may fix it), with ``threads`` (Inductor builds its kernels for a thread count).
+    Compiled, each model is timed with its convs on oneDNN and on PyTorch's own dispatch
+    (:data:`~compaware.export.INDUCTOR_CONVS`), and keeps the faster at each batch size,
+    recorded under ``convs``: small convs at batch 1 run faster without oneDNN's per-call
+    set-up, large ones and batch 32 with it.
     None, with a warning, where the form is unavailable (onnxruntime not installed, a model
     that cannot be exported or compiled): the run's other results stand."""
-    with tempfile.TemporaryDirectory() as tmp:
+    def compiled_with(convs: str) -> Callable:
         def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
-            if form == "inductor":
-                with torch_threads(threads):
-                    return compile_inductor(model, batch)
+            with torch_threads(threads):
+                return compile_inductor(model, batch, convs)
+        return forward_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def in_onnxruntime(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
             return onnxruntime_forward(model, batch, Path(tmp) / f"{name}_{len(batch)}.onnx",
                                        threads)
 
-        try:
+        def timed(forward_of: Callable) -> dict:
             return side_by_side_ms(models, input_shape, batch_size, torch.device("cpu"),
                                    min_run_time, threads, forward_of)
+
+        try:
+            if form == "onnxruntime":
+                return timed(in_onnxruntime)
+            variants = INDUCTOR_CONVS if conv_packing_switchable() else ("onednn",)
+            results, convs = fastest_variant({convs: timed(compiled_with(convs))
+                                              for convs in variants})
+            return {**results, "convs": convs}
         except UserError as e:
             log.warning("bench.%s=true, but there is no latency %s: %s", form,
                         DEPLOYED_FORMS[form], e)

@@ -12,7 +12,9 @@ before training (:func:`check_exportable`) so the run does not fail at its end.
 
 from __future__ import annotations
 
+import contextvars
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +72,44 @@ def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Scr
             return torch.jit.freeze(torch.jit.trace(model, example.cpu()))
 
 
-def compile_inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], object]:
+# How compile_inductor's convolutions run: "onednn", Inductor's default (weights prepacked for
+# oneDNN, ReLU fused in), or "aten", left to PyTorch's own conv dispatch, which runs small
+# convs through its native im2col + GEMM. oneDNN's op sets itself up on every call (~50 µs
+# here, for a conv whose own work can take 7 µs), so at batch 1 a compressed network of many
+# small convs can run 1.5× faster on "aten"; at batch 32 "onednn" is faster
+# (docs/performance.md).
+INDUCTOR_CONVS = ("onednn", "aten")
+_PACK_CONVS = contextvars.ContextVar("compaware_pack_convs", default=True)
+
+
+@functools.cache
+def conv_packing_switchable() -> bool:
+    """Whether :func:`compile_inductor` can compile with ``convs="aten"`` in this process.
+
+    Inductor has no per-compile option for this: its freezing pass registers the conv
+    weight-packing pattern once per process, after which ``cpp.weight_prepack`` is no longer
+    read. The pattern's check, ``_is_packable_convolution``, is looked up when it registers,
+    so wrapping it before the first compile lets each compile choose (torch 2.14; False,
+    the switch not installed, where torch's internals differ or a compile came first)."""
+    try:
+        from torch._inductor.fx_passes import mkldnn_fusion
+        packable = mkldnn_fusion._is_packable_convolution
+        if mkldnn_fusion._mkldnn_weight_pack_init.cache_info().currsize:
+            return False
+    except (ImportError, AttributeError):
+        return False
+    mkldnn_fusion._is_packable_convolution = lambda match: _PACK_CONVS.get() and packable(match)
+    return True
+
+
+def compile_inductor(model: nn.Module, example: torch.Tensor,
+                     convs: str = "onednn") -> Callable[[torch.Tensor], object]:
     """``model`` compiled by TorchInductor for inference on batches shaped like ``example``:
     PyTorch 2's own CPU deployment path. Traced by torch.export and the graph handed to
-    Inductor directly (``torch._inductor.compile``), weights frozen (constant-folded and
-    prepacked for oneDNN's convolutions and GEMMs), elementwise work fused into them, and
-    the kernels launched from C++, not Python (the C++ wrapper: what AOTInductor packages).
+    Inductor directly (``torch._inductor.compile``), weights frozen (constant-folded and,
+    with ``convs="onednn"``, prepacked for oneDNN's convolutions; ``"aten"``: see
+    :data:`INDUCTOR_CONVS`), elementwise work fused, and the kernels launched from C++, not
+    Python (the C++ wrapper: what AOTInductor packages).
     Not through ``torch.compile``: its TorchDynamo guards and the exported module's input
     checks run in Python on every call, which cost LeNet-5 0.27 ms of its 0.59 ms at batch
     1 (docs/performance.md), and compiling many models would hit its per-function
@@ -83,8 +117,13 @@ def compile_inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch
     batch of another size raises RuntimeError). Compiled here under ``torch.inference_mode``
     (freezing needs it), like every timed call, and called once, so a timer sees only warm
     code. Compilation failures (no C++ compiler, say) stop with a :class:`UserError`."""
+    switchable = conv_packing_switchable()  # installed before this process's first compile
+    if convs not in INDUCTOR_CONVS or (convs == "aten" and not switchable):
+        raise ValueError(f"convs={convs!r}: this process compiles convs with "
+                         f"{', '.join(INDUCTOR_CONVS) if switchable else 'onednn only'}")
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
+    token = _PACK_CONVS.set(convs == "onednn")
     try:
         graph = torch.export.export(model, (example,)).module()
         with torch.inference_mode():
@@ -94,6 +133,8 @@ def compile_inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch
     except Exception as e:  # torch.export's and Inductor's many error types
         raise UserError(f"The model cannot be compiled by TorchInductor: "
                         f"{describe_failure(model, e)}.") from None
+    finally:
+        _PACK_CONVS.reset(token)
     return compiled
 
 

@@ -14,9 +14,11 @@ ratio (1: the whole MAC saving became time). Both models run in one inference fo
 BatchNorm folded: eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
 (``channels_last``), each model in whichever of the two layouts runs it faster at each batch
 size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
-TorchInductor (``inductor``: frozen, C++ wrapper) or ONNX Runtime with ``--form``; the
+TorchInductor (``inductor``: frozen, C++ wrapper, convs prepacked for oneDNN;
+``inductor_aten``: convs left to PyTorch's own dispatch; ``inductor_fastest``: each model
+compiled both ways, the faster kept per batch size) or ONNX Runtime with ``--form``; the
 latency-aware variants time their layers in that form (in NCHW eager for ``fastest`` and
-TorchScript). Dense and compressed are timed interleaved in this
+TorchScript, on oneDNN for the Inductor forms). Dense and compressed are timed interleaved in this
 process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
 from other processes hits both alike.
 
@@ -51,6 +53,7 @@ from compaware.compress.prune import stand_in  # noqa: E402
 from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
 from compaware.config import UserError  # noqa: E402
 from compaware.export import (  # noqa: E402
+    INDUCTOR_CONVS,
     compile_inductor,
     freeze_torchscript,
     onnxruntime_forward,
@@ -115,7 +118,8 @@ def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn
     latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript
     and ``fastest``)."""
     aware_timing = {"latency_aware": True, "latency_batch": batch,
-                    "latency_form": form if form in LATENCY_FORMS else "eager"}
+                    "latency_form": "inductor" if form.startswith("inductor") else
+                    form if form in LATENCY_FORMS else "eager"}
     aware = {"round_to": 8, **aware_timing}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
@@ -224,7 +228,11 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
 FORMS = {"eager": "eager, BN folded", "channels_last": "eager, BN folded, NHWC",
          "fastest": "eager, BN folded, each in its faster layout (NCHW or NHWC) per batch size",
          "torchscript": "TorchScript frozen", "inductor": "compiled by TorchInductor, frozen",
+         "inductor_aten": "compiled by TorchInductor, frozen, convs on PyTorch's dispatch",
+         "inductor_fastest": "compiled by TorchInductor, frozen, each with its convs on oneDNN or "
+                             "PyTorch's dispatch, whichever is faster per batch size",
          "onnxruntime": "ONNX Runtime"}
+CHOOSING_FORMS = ("fastest", "inductor_fastest")  # each model in the faster of two other forms
 
 
 def inference_form(model: nn.Module, form: str, example: torch.Tensor,
@@ -236,31 +244,35 @@ def inference_form(model: nn.Module, form: str, example: torch.Tensor,
     if form == "channels_last":
         return channels_last_forward(folded)
     if form == "fastest":
-        return faster_layout(folded, example)
+        return faster_of({"NCHW": folded, "NHWC": channels_last_forward(folded)}, example)
     if form == "torchscript":
         return freeze_torchscript(folded, example)
-    if form == "inductor":
-        return compile_inductor(folded, example)
+    if form in ("inductor", "inductor_aten"):
+        return compile_inductor(folded, example, "aten" if form == "inductor_aten" else "onednn")
+    if form == "inductor_fastest":
+        return faster_of({convs: compile_inductor(folded, example, convs)
+                          for convs in INDUCTOR_CONVS}, example)
     return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
                                torch.get_num_threads())
 
 
-def faster_layout(model: nn.Module, batch: torch.Tensor,
-                  rounds: int = 3) -> Callable[[torch.Tensor], object]:
-    """``model`` in NCHW or NHWC, whichever runs ``batch`` faster here (interleaved rounds):
-    the layout a deployment would pick, chosen for each model and batch size, so that
-    neither the dense nor the compressed model is timed in the layout that suits it less."""
-    layouts = {"NCHW": model, "NHWC": channels_last_forward(model)}
-    chosen = "NHWC" if interleaved(layouts, batch, rounds, 0.05)["speedup NHWC"] > 1 else "NCHW"
-    logging.info("%s at batch %d: %s", type(model).__name__, len(batch), chosen)
-    return layouts[chosen]
+def faster_of(variants: dict[str, Callable], batch: torch.Tensor,
+              rounds: int = 3) -> Callable[[torch.Tensor], object]:
+    """The variant of one model (NCHW or NHWC; convs on oneDNN or not) that runs ``batch``
+    fastest here (interleaved rounds): what a deployment would pick, chosen for each model
+    and batch size, so that neither the dense nor the compressed model is timed in the
+    variant that suits it less."""
+    speedups = interleaved(variants, batch, rounds, 0.05)
+    chosen = max(variants, key=lambda name: speedups[f"speedup {name}"])
+    logging.info("batch %d: %s", len(batch), chosen)
+    return variants[chosen]
 
 
 def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:
     """The same network in each inference form (ONNX Runtime when installed)."""
     forms = {"eager, BatchNorm": model.eval()}
     for form, label in FORMS.items():
-        if form == "fastest":  # NCHW or NHWC: both are in the table already
+        if form in CHOOSING_FORMS:  # both its variants are in the table already
             continue
         if form != "onnxruntime" or importlib.util.find_spec("onnxruntime"):
             try:
@@ -275,8 +287,8 @@ def forms_table(args: argparse.Namespace) -> None:
           f"with BatchNorm), median of {args.rounds} interleaved rounds")
     heads = ["model", "form", "b1 ms", "b1 speedup", f"b{args.batch_size} ms",
              f"b{args.batch_size} speedup"]
-    widths = [30, max(len(label) for form, label in FORMS.items() if form != "fastest"), 9, 10,
-              9, 10]
+    label_width = max(len(label) for form, label in FORMS.items() if form not in CHOOSING_FORMS)
+    widths = [30, label_width, 9, 10, 9, 10]
     print(row(heads, widths))
     for model_name in args.models:
         dense, shape = dense_model(model_name, args.full)
@@ -381,7 +393,7 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")
     parser.add_argument("--verbose", action="store_true", help="also log each row's time and, "
-                        "with --form fastest, the layout chosen for each model")
+                        "with --form fastest or inductor_fastest, each model's chosen variant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")

@@ -17,7 +17,7 @@ from compaware.compress import SVD, Prune, latency
 from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
 from compaware.compress.shape import LiveColumnConv2d
 from compaware.config import UserError
-from compaware.export import compile_inductor, export_onnx, freeze_torchscript
+from compaware.export import INDUCTOR_CONVS, compile_inductor, export_onnx, freeze_torchscript
 from compaware.fold import fold_batchnorm
 from compaware.models.lenet import LeNet5
 from tests.test_prune import _resnet, randomize_norms
@@ -233,6 +233,24 @@ def test_the_inductor_form_computes_what_the_pruned_model_computes_at_its_batch_
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
         with pytest.raises(RuntimeError, match="expected size 1==2"):  # not recompiled
             compiled(x[:1])
+
+
+def test_inductor_can_leave_the_convs_to_pytorchs_own_dispatch():
+    """convs="aten" keeps PyTorch's conv op in the compiled code (oneDNN's prepacked op, the
+    default, does not show in the profile of C++-launched code), with the same outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    ran = {}
+    with torch.inference_mode():
+        for convs in INDUCTOR_CONVS:
+            compiled = compile_inductor(model, x, convs)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+            with torch.profiler.profile() as profile:
+                compiled(x)
+            ran[convs] = {event.key for event in profile.key_averages()}
+    assert "aten::_convolution" in ran["aten"]
+    assert "aten::_convolution" not in ran["onednn"]
 
 
 @pytest.mark.parametrize("padding", [0, 1])

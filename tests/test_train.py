@@ -77,22 +77,40 @@ def test_onnxruntime_latency_and_efficiency_on_request(make_cfg):
 
 
 def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch, torch_threads):
-    compiled = []  # (batch size, threads) of each compilation
+    compiled = []  # (batch size, threads, convs) of each compilation
 
-    def compile_inductor(model, example):
-        compiled.append((len(example), torch.get_num_threads()))
-        return export.compile_inductor(model, example)
+    def compile_inductor(model, example, convs):
+        compiled.append((len(example), torch.get_num_threads(), convs))
+        return export.compile_inductor(model, example, convs)
 
     monkeypatch.setattr(bench, "compile_inductor", compile_inductor)
     torch.manual_seed(0)
     models = {"dense": torch.nn.Linear(64, 64), "compressed": torch.nn.Linear(64, 8)}
     torch_threads(3)
     timed = bench.deployed_latency("inductor", models, (64,), 4, 0.01, 1)
-    assert sorted(compiled) == [(1, 1), (1, 1), (4, 1), (4, 1)]  # at the threads timed with
+    assert sorted(compiled) == sorted((size, 1, convs) for size in (1, 1, 4, 4)  # each model,
+                                      for convs in export.INDUCTOR_CONVS)  # at the threads timed
     assert torch.get_num_threads() == 3  # and restored after
     assert timed["threads"] == 1 and timed["batch_size"] == 4
     for batch in ("batch_1", "batch_N"):
         assert timed[batch]["dense"] > 0 and timed[batch]["compressed"] > 0
+        assert set(timed["convs"][batch].values()) <= set(export.INDUCTOR_CONVS)
+
+
+def test_compiled_each_model_keeps_its_faster_convs_per_batch_size(monkeypatch):
+    def name_the_convs(model, example, convs):  # a stand-in for the compiled model
+        return lambda batch: convs
+
+    def fake_ms(forward, batch, min_run_time, threads):  # PyTorch's dispatch faster at batch 1
+        return 1.0 if (forward(batch) == "aten") == (len(batch) == 1) else 2.0
+
+    monkeypatch.setattr(bench, "compile_inductor", name_the_convs)
+    monkeypatch.setattr(bench, "median_ms", fake_ms)
+    models = {"dense": torch.nn.Linear(4, 4), "compressed": torch.nn.Linear(4, 4)}
+    timed = bench.deployed_latency("inductor", models, (4,), 4, 0.01, 1)
+    assert timed["convs"] == {"batch_1": {"dense": "aten", "compressed": "aten"},
+                              "batch_N": {"dense": "onednn", "compressed": "onednn"}}
+    assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
 
 
 def test_no_deployed_form_leaves_the_other_results(monkeypatch, caplog):
