@@ -22,10 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import BenchConfig, UserError
 from compaware.export import (
-    INDUCTOR_CONVS,
     compile_inductor,
-    conv_packing_switchable,
     export_model,
+    inductor_convs,
     onnxruntime_forward,
 )
 from compaware.fold import fold_batchnorm
@@ -178,7 +177,7 @@ def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple
     (docs/performance.md). Each model is traced at the batch size it is timed at (a traced
     module may fix it), with ``threads`` (Inductor builds its kernels for a thread count).
     Compiled, each model is timed with its convs on oneDNN and on PyTorch's own dispatch
-    (:data:`~compaware.export.INDUCTOR_CONVS`), and keeps the faster at each batch size,
+    (:func:`~compaware.export.inductor_convs`), and keeps the faster at each batch size,
     recorded under ``convs``: small convs at batch 1 run faster without oneDNN's per-call
     set-up, large ones and batch 32 with it.
     None, with a warning, where the form is unavailable (onnxruntime not installed, a model
@@ -201,9 +200,8 @@ def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple
         try:
             if form == "onnxruntime":
                 return timed(in_onnxruntime)
-            variants = INDUCTOR_CONVS if conv_packing_switchable() else ("onednn",)
             results, convs = fastest_variant({convs: timed(compiled_with(convs))
-                                              for convs in variants})
+                                              for convs in inductor_convs()})
             return {**results, "convs": convs}
         except UserError as e:
             log.warning("bench.%s=true, but there is no latency %s: %s", form,

@@ -102,6 +102,12 @@ def conv_packing_switchable() -> bool:
     return True
 
 
+def inductor_convs() -> tuple[str, ...]:
+    """The ``convs`` choices :func:`compile_inductor` has in this process: both of
+    :data:`INDUCTOR_CONVS`, or ``onednn`` alone where the switch cannot be installed."""
+    return INDUCTOR_CONVS if conv_packing_switchable() else ("onednn",)
+
+
 def compile_inductor(model: nn.Module, example: torch.Tensor,
                      convs: str = "onednn") -> Callable[[torch.Tensor], object]:
     """``model`` compiled by TorchInductor for inference on batches shaped like ``example``:
@@ -117,10 +123,10 @@ def compile_inductor(model: nn.Module, example: torch.Tensor,
     batch of another size raises RuntimeError). Compiled here under ``torch.inference_mode``
     (freezing needs it), like every timed call, and called once, so a timer sees only warm
     code. Compilation failures (no C++ compiler, say) stop with a :class:`UserError`."""
-    switchable = conv_packing_switchable()  # installed before this process's first compile
-    if convs not in INDUCTOR_CONVS or (convs == "aten" and not switchable):
+    available = inductor_convs()  # the switch installed before this process's first compile
+    if convs not in available:
         raise ValueError(f"convs={convs!r}: this process compiles convs with "
-                         f"{', '.join(INDUCTOR_CONVS) if switchable else 'onednn only'}")
+                         f"{' or '.join(available)}")
     model = copy.deepcopy(model).cpu().eval()
     example = example.cpu()
     token = _PACK_CONVS.set(convs == "onednn")

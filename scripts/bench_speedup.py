@@ -53,9 +53,9 @@ from compaware.compress.prune import stand_in  # noqa: E402
 from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
 from compaware.config import UserError  # noqa: E402
 from compaware.export import (  # noqa: E402
-    INDUCTOR_CONVS,
     compile_inductor,
     freeze_torchscript,
+    inductor_convs,
     onnxruntime_forward,
 )
 from compaware.fold import fold_batchnorm  # noqa: E402
@@ -251,7 +251,7 @@ def inference_form(model: nn.Module, form: str, example: torch.Tensor,
         return compile_inductor(folded, example, "aten" if form == "inductor_aten" else "onednn")
     if form == "inductor_fastest":
         return faster_of({convs: compile_inductor(folded, example, convs)
-                          for convs in INDUCTOR_CONVS}, example)
+                          for convs in inductor_convs()}, example)
     return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
                                torch.get_num_threads())
 

@@ -251,6 +251,9 @@ def test_inductor_can_leave_the_convs_to_pytorchs_own_dispatch():
             ran[convs] = {event.key for event in profile.key_averages()}
     assert "aten::_convolution" in ran["aten"]
     assert "aten::_convolution" not in ran["onednn"]
+    with pytest.raises(ValueError, match="convs='mkl': this process compiles convs with "
+                                         "onednn or aten"):
+        compile_inductor(model, x, "mkl")
 
 
 @pytest.mark.parametrize("padding", [0, 1])
