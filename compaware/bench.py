@@ -29,6 +29,7 @@ from compaware.export import (
 )
 from compaware.fold import fold_batchnorm
 from compaware.layers import eval_mode, weight_layers
+from compaware.pooling import swap_max_pools
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,15 @@ def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
     """Median wall time of one forward pass of ``batch`` in milliseconds (eval mode)."""
     model.eval()
     return median_ms(model, batch, min_run_time, threads)
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """What is timed and exported, dense and compressed alike, as a deployment would run it:
+    an eval-mode copy of ``model`` with its BatchNorms folded (compaware/fold.py) and its
+    max-pools off PyTorch's slow NCHW kernel (compaware/pooling.py). Same function."""
+    folded = fold_batchnorm(model)[0]
+    swap_max_pools(folded)
+    return folded
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -238,14 +248,13 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
     ``bench.onnxruntime=true`` or ``bench.inductor=true``), as the results.json sections.
 
     Parameters, MACs and shapes are those of the models as trained; the standalone files and
-    the latencies are those of their inference form, BatchNorm folded (compaware/fold.py),
-    dense and compressed alike."""
+    the latencies are those of their :func:`inference_model`, dense and compressed alike."""
     costs: dict = {key: {} for key in ("params", "macs", "bytes", "structure")}
     inference = {}
     for name, model in models.items():
         costs["params"][name] = count_params(model)
         costs["macs"][name] = count_macs(model, input_shape)
-        inference[name] = fold_batchnorm(model)[0]
+        inference[name] = inference_model(model)
         costs["bytes"][name] = export_model(inference[name], torch.zeros(2, *input_shape),
                                             run_dir / f"model_{name}.pt2")
         costs["structure"][name] = layer_shapes(model)

@@ -62,12 +62,15 @@ def load_exported(path: str | Path) -> nn.Module:
 def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """``model`` traced and frozen by TorchScript (weights inlined as constants, conv+BN and
     conv+add fused by its passes): the deployment form of older serving stacks, kept for the
-    inference benchmark (``scripts/bench_speedup.py``). torch warns that TorchScript is
-    deprecated; those warnings are silenced here."""
+    inference benchmark (``scripts/bench_speedup.py``), which traces it at the batch size it
+    times. torch warns that TorchScript is deprecated, and that sizes read from the input
+    become constants of the trace (compaware.pooling's strided max-pools do); those warnings
+    are silenced here."""
     model = copy.deepcopy(model).cpu().eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*deprecated.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         with torch.no_grad():
             return torch.jit.freeze(torch.jit.trace(model, example.cpu()))
 

@@ -11,7 +11,8 @@ sparsity (a share of every conv's im2col columns zeroed, smallest norms first, t
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
 ratio (1: the whole MAC saving became time). Both models run in one inference form,
-BatchNorm folded: eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
+BatchNorm folded, max-pools off PyTorch's slow NCHW kernel (``bench.inference_model``;
+since the eleventh session): eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
 (``channels_last``), each model in whichever of the two layouts runs it faster at each batch
 size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
 TorchInductor (``inductor``: frozen, C++ wrapper, convs prepacked for oneDNN;
@@ -23,8 +24,8 @@ process, ``--rounds`` times, and the median of the per-round ratios is reported,
 from other processes hits both alike.
 
 A second table compares inference forms of each model, dense and pruned at 0.5: eager with
-BatchNorm, BatchNorm folded (NCHW and channels_last), TorchScript frozen, compiled by
-TorchInductor and ONNX Runtime (when installed).
+BatchNorm, BatchNorm folded and max-pools swapped (NCHW and channels_last), TorchScript
+frozen, compiled by TorchInductor and ONNX Runtime (when installed).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from compaware.bench import channels_last_forward, count_macs, torch_threads  # noqa: E402
+from compaware.bench import (  # noqa: E402
+    channels_last_forward,
+    count_macs,
+    inference_model,
+    torch_threads,
+)
 from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
 from compaware.compress.latency import LATENCY_FORMS, input_shapes  # noqa: E402
 from compaware.compress.prune import stand_in  # noqa: E402
@@ -58,7 +64,6 @@ from compaware.export import (  # noqa: E402
     inductor_convs,
     onnxruntime_forward,
 )
-from compaware.fold import fold_batchnorm  # noqa: E402
 from compaware.layers import weight_layers, weight_matrix  # noqa: E402
 from compaware.models.decomposeme import DecomposeMe  # noqa: E402
 from compaware.models.lenet import LeNet5  # noqa: E402
@@ -225,8 +230,9 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
             logging.info("%s %s: %.0f s", name, label, time.perf_counter() - start)
 
 
-FORMS = {"eager": "eager, BN folded", "channels_last": "eager, BN folded, NHWC",
-         "fastest": "eager, BN folded, each in its faster layout (NCHW or NHWC) per batch size",
+FORMS = {"eager": "eager, BN folded, max-pools strided", "channels_last": "eager, BN folded, NHWC",
+         "fastest": "eager, BN folded, each in its faster layout (NCHW, max-pools strided, or "
+                    "NHWC) per batch size",
          "torchscript": "TorchScript frozen", "inductor": "compiled by TorchInductor, frozen",
          "inductor_aten": "compiled by TorchInductor, frozen, convs on PyTorch's dispatch",
          "inductor_fastest": "compiled by TorchInductor, frozen, each with its convs on oneDNN or "
@@ -237,22 +243,24 @@ CHOOSING_FORMS = ("fastest", "inductor_fastest")  # each model in the faster of 
 
 def inference_form(model: nn.Module, form: str, example: torch.Tensor,
                    workdir: Path) -> Callable[[torch.Tensor], object]:
-    """``model`` in an inference form (a key of FORMS), BatchNorm folded, callable on a batch."""
-    folded = fold_batchnorm(model)[0]
+    """``model`` in an inference form (a key of FORMS), BatchNorm folded and max-pools swapped
+    (``bench.inference_model``), callable on a batch."""
+    deployed = inference_model(model)
     if form == "eager":
-        return folded
+        return deployed
     if form == "channels_last":
-        return channels_last_forward(folded)
+        return channels_last_forward(deployed)
     if form == "fastest":
-        return faster_of({"NCHW": folded, "NHWC": channels_last_forward(folded)}, example)
+        return faster_of({"NCHW": deployed, "NHWC": channels_last_forward(deployed)}, example)
     if form == "torchscript":
-        return freeze_torchscript(folded, example)
+        return freeze_torchscript(deployed, example)
     if form in ("inductor", "inductor_aten"):
-        return compile_inductor(folded, example, "aten" if form == "inductor_aten" else "onednn")
+        return compile_inductor(deployed, example,
+                                "aten" if form == "inductor_aten" else "onednn")
     if form == "inductor_fastest":
-        return faster_of({convs: compile_inductor(folded, example, convs)
+        return faster_of({convs: compile_inductor(deployed, example, convs)
                           for convs in inductor_convs()}, example)
-    return onnxruntime_forward(folded, example, workdir / f"{id(model)}_{len(example)}.onnx",
+    return onnxruntime_forward(deployed, example, workdir / f"{id(model)}_{len(example)}.onnx",
                                torch.get_num_threads())
 
 

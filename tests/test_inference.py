@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compaware import bench
-from compaware.bench import channels_last_forward, compare_latency
+from compaware.bench import channels_last_forward, compare_latency, inference_model
 from compaware.compress import SVD, Prune, latency
 from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
 from compaware.compress.shape import LiveColumnConv2d
@@ -212,7 +212,7 @@ def test_latency_aware_svd_times_layers_in_a_deployment_form(form):
 
 
 def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
-    model = fold_batchnorm(_resnet())[0]
+    model = inference_model(_resnet())  # BatchNorm folded, its max-pool swapped
     x = torch.randn(3, 1, 32, 32)
     expected = model(x)
     torch.testing.assert_close(freeze_torchscript(model, x[:1])(x), expected,
@@ -226,7 +226,7 @@ def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
 
 
 def test_the_inductor_form_computes_what_the_pruned_model_computes_at_its_batch_size():
-    model = fold_batchnorm(Prune(0.5, input_shape=(1, 32, 32))(_resnet())[0])[0].eval()
+    model = inference_model(Prune(0.5, input_shape=(1, 32, 32))(_resnet())[0])
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
         compiled = compile_inductor(model, x)
