@@ -5,16 +5,18 @@ plane that also records argmax indices (pytorch/pytorch#51393, open since 2021; 
 channels-last path is vectorised). Measured here, 1 thread: LeNet-5's 2×2 pool of a
 32 × 20 × 24 × 24 batch takes 2.5 ms, 20× a ReLU over the same tensor and longer than the
 conv before it, so that the pools were 54 % of LeNet-5's eager forward pass at batch 32 and
-16–18 % of Dec8's and AlexNet's (scripts/bench_speedup.py, docs/performance.md). A pool's
+16–18 % of Dec8's and AlexNet's (profiled; docs/performance.md). A pool's
 cost shrinks with the width only, a conv's with width in and out, so a slow pool also hides
 part of what a pruned model saves.
 
 The same maximum, taken over strided views of the input (separably: over the window's
-columns, then its rows) runs on PyTorch's vectorised element-wise kernels, 4–8× faster on
+columns, then its rows) runs on PyTorch's vectorised element-wise kernels, 3.5–7× faster on
 these shapes, with the same result bit for bit (NaNs propagate in both). ``MaxPool2d`` does
-that when run eagerly on a contiguous CPU tensor and is ``nn.MaxPool2d`` otherwise: in NHWC,
-on a GPU, and while ``torch.export``, ``torch.compile`` or the ONNX exporter trace it, so
-that compilers and exported files see one pooling op (theirs are fast).
+that when run eagerly on a large enough contiguous CPU tensor and is ``nn.MaxPool2d``
+otherwise: in NHWC, on a GPU, on small inputs, and while ``torch.export``, ``torch.compile``
+or the ONNX exporter trace it, so that compilers and exported files see one pooling op
+(theirs are fast). Only the inference form swaps it in (``bench.inference_model``); training
+keeps ``nn.MaxPool2d``.
 """
 
 from __future__ import annotations
