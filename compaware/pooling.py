@@ -64,7 +64,7 @@ def strided_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=
 
 
 # Below this many input elements PyTorch's kernel is as fast: the strided form's half-dozen
-# ops cost a few µs of dispatch each (LeNet-5's pools at batch 1, 5–12 k elements, ran 1.2×
+# ops cost a few µs of dispatch each (LeNet-5's pools at batch 1, 3–12 k elements, ran 1.2×
 # slower strided).
 STRIDED_FROM = 1 << 14
 
