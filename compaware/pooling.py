@@ -75,9 +75,9 @@ class MaxPool2d(nn.MaxPool2d):
     (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.return_indices or x.dim() != 4 or x.device.type != "cpu"
-                or x.numel() < STRIDED_FROM or not x.is_floating_point() or not x.is_contiguous()
-                or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+        if (self.return_indices or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+                or x.dim() != 4 or x.device.type != "cpu" or x.numel() < STRIDED_FROM
+                or not x.is_floating_point() or not x.is_contiguous()):
             return super().forward(x)
         return strided_max_pool2d(x, self.kernel_size, self.stride, self.padding,
                                   self.dilation, self.ceil_mode)
