@@ -11,8 +11,8 @@ sparsity (a share of every conv's im2col columns zeroed, smallest norms first, t
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
 ratio (1: the whole MAC saving became time). Both models run in one inference form,
-BatchNorm folded, max-pools off PyTorch's slow NCHW kernel (``bench.inference_model``;
-since the eleventh session): eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
+BatchNorm folded, max-pools off PyTorch's slow NCHW kernel (``bench.inference_model``):
+eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
 (``channels_last``), each model in whichever of the two layouts runs it faster at each batch
 size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
 TorchInductor (``inductor``: frozen, C++ wrapper, convs prepacked for oneDNN;
