@@ -159,6 +159,7 @@ class RunConfig:
     resume: bool = False
     init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
     device: Device = Device.cpu
+    retain_freed_memory: bool = True  # glibc keeps freed activations: no page faults per pass
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)

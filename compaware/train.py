@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from compaware import bench, checkpoint, distributed, preemption, rundir
+from compaware.allocator import retain_freed_memory
 from compaware.config import (
     CONF_DIR,
     Device,
@@ -57,6 +58,8 @@ def train(cfg: DictConfig) -> dict:
     """The whole run; returns the results written to ``<run_dir>/results.json`` (by rank 0:
     the other ranks of a distributed run return ``{}`` once training is done)."""
     validate(cfg)
+    if cfg.retain_freed_memory:
+        retain_freed_memory()
     regularizer = instantiate(cfg.regularizer, "regularizer")
     compressor = instantiate(cfg.compress, "compress")
     device = distributed.setup(pick_device(cfg.device), cfg.schedule.batch_size)  # N processes

@@ -39,6 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from compaware.allocator import retain_freed_memory  # noqa: E402
 from compaware.config import CONF_DIR, ScheduleConfig, instantiate  # noqa: E402
 from compaware.data import DataInfo  # noqa: E402
 from compaware.distributed import NoWriter  # noqa: E402
@@ -244,11 +245,16 @@ def main() -> None:
                         "schedule.batch_size, %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--release-memory", action="store_true",
+                        help="let glibc hand freed tensor memory back to the system, to be "
+                        "page-faulted in again (compaware train's retain_freed_memory=false)")
     parser.add_argument("--tables", nargs="+", choices=("regularizers", "loop"),
                         default=["regularizers", "loop"], help="which tables to print")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
+    if not args.release_memory:  # as `compaware train` runs (retain_freed_memory)
+        retain_freed_memory()
     tables = {"regularizers": regularizer_table, "loop": loop_table}
     for name in args.tables:
         tables[name](args)

@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from compaware.allocator import retain_freed_memory  # noqa: E402
 from compaware.bench import (  # noqa: E402
     channels_last_forward,
     count_macs,
@@ -394,6 +395,9 @@ def main() -> None:
     parser.add_argument("--block", type=float, default=0.05,
                         help="seconds per measurement block (at least one call)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--release-memory", action="store_true",
+                        help="let glibc hand freed tensor memory back to the system, to be "
+                        "page-faulted in again (compaware train's retain_freed_memory=false)")
     parser.add_argument("--compress-threads", type=int, default=1,
                         help="torch threads while compressing (not timed)")
     parser.add_argument("--form", choices=list(FORMS), default="eager",
@@ -406,6 +410,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")
     torch.set_num_threads(args.threads)
+    if not args.release_memory:  # as `compaware train` runs (retain_freed_memory)
+        retain_freed_memory()
     tables = {"speedup": speedup_table, "forms": forms_table, "layers": layer_kinds_table}
     for name in args.tables:
         tables[name](args)

@@ -138,6 +138,15 @@ def test_finetune_epochs_zero_skips_finetuning(make_cfg):
         assert results[f"efficiency_{form}"] == {"batch_1": None, "batch_N": None}
 
 
+@pytest.mark.parametrize("retain", [True, False])
+def test_retain_freed_memory_is_applied_as_configured(make_cfg, monkeypatch, retain):
+    calls = []
+    monkeypatch.setattr("compaware.train.retain_freed_memory", lambda: calls.append(1))
+    train(make_cfg(f"retain_freed_memory={retain}", "schedule.finetune_epochs=0",
+                   "bench.latency=false"))
+    assert len(calls) == int(retain)
+
+
 class _Interrupted(Exception):
     pass
 
