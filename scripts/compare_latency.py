@@ -17,6 +17,7 @@ import argparse
 import torch
 import torch.utils.benchmark as benchmark
 
+from compaware.allocator import retain_freed_memory
 from compaware.export import load_exported
 
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measure")
     args = parser.parse_args()
+    retain_freed_memory()  # as the runs timed them (compaware train's retain_freed_memory)
     models = {path: load_exported(path) for path in args.models}
     for size in (1, args.batch_size):
         batch = torch.randn(size, *args.shape)
