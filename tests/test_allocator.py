@@ -18,7 +18,7 @@ from compaware.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 torch.set_num_threads(1)
-x, w = torch.randn(32, 64, 16, 16), torch.randn(256, 64, 1, 1)  # ResNet-50's layer1 1x1 conv
+x, w = torch.randn(32, 64, 16, 16), torch.randn(256, 64, 1, 1)  # a 1x1 conv of ResNet-50's layer1
 for _ in range(3):
     F.conv2d(x, w)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
