@@ -5,6 +5,7 @@ compute what the model computes."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 
 import pytest
@@ -254,6 +255,31 @@ def test_inductor_can_leave_the_convs_to_pytorchs_own_dispatch():
     with pytest.raises(ValueError, match="convs='mkl': this process compiles convs with "
                                          "onednn or aten"):
         compile_inductor(model, x, "mkl")
+
+
+def _compiled_modules() -> int:
+    """How many namespaces of Inductor's compiled Python modules (where the frozen weights
+    are) are alive in this process."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, dict) and str(o.get(
+        "__name__")).startswith("torch._inductor.runtime.compile_tasks."))
+
+
+def test_a_compiled_model_lives_only_as_long_as_its_callable():
+    """Inductor registers each compile's module (holding the frozen weights) process-wide;
+    compile_inductor drops those references, so a benchmark compiling many models does not
+    keep every one of them in memory, and the callables it keeps still run."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    before = _compiled_modules()
+    with torch.inference_mode():
+        kept, dropped = compile_inductor(model, x), compile_inductor(model, x, "onednn")
+        assert _compiled_modules() == before + 2
+        del dropped
+        assert _compiled_modules() == before + 1
+        torch.testing.assert_close(kept(x), model(x), atol=1e-5, rtol=1e-4)
+        del kept
+    assert _compiled_modules() == before
 
 
 @pytest.mark.parametrize("padding", [0, 1])
