@@ -17,11 +17,12 @@ eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
 size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
 TorchInductor (``inductor``: frozen, C++ wrapper, convs prepacked for oneDNN;
 ``inductor_aten``: convs left to PyTorch's own dispatch; ``inductor_fastest``: each model
-compiled both ways, the faster kept per batch size) or ONNX Runtime with ``--form``; the
-latency-aware variants time their layers in that form (in NCHW eager for ``fastest`` and
-TorchScript, on oneDNN for the Inductor forms). Dense and compressed are timed interleaved in this
-process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
-from other processes hits both alike.
+compiled both ways, the faster kept per batch size), ONNX Runtime, or each model in the
+fastest of all of these (``best``: what a deployment free to choose would run) with
+``--form``; the latency-aware variants time their layers in that form (in NCHW eager for
+``fastest``, ``best`` and TorchScript, on oneDNN for the Inductor forms). Dense and
+compressed are timed interleaved in this process, ``--rounds`` times, and the median of the
+per-round ratios is reported, so load from other processes hits both alike.
 
 A second table compares inference forms of each model, dense and pruned at 0.5: eager with
 BatchNorm, BatchNorm folded and max-pools swapped (NCHW and channels_last), TorchScript
@@ -238,39 +239,63 @@ FORMS = {"eager": "eager, BN folded, max-pools strided", "channels_last": "eager
          "inductor_aten": "compiled by TorchInductor, frozen, convs on PyTorch's dispatch",
          "inductor_fastest": "compiled by TorchInductor, frozen, each with its convs on oneDNN or "
                              "PyTorch's dispatch, whichever is faster per batch size",
-         "onnxruntime": "ONNX Runtime"}
-CHOOSING_FORMS = ("fastest", "inductor_fastest")  # each model in the faster of two other forms
+         "onnxruntime": "ONNX Runtime",
+         "best": "each in the fastest of eager NCHW, eager NHWC, TorchInductor (convs on oneDNN "
+                 "or PyTorch's dispatch) and ONNX Runtime, per batch size"}
+# The forms that time each model in every one of several other forms and keep the fastest,
+# for the dense and the compressed model alike: what a deployment would pick.
+CHOOSING_FORMS = {"fastest": ("eager", "channels_last"),
+                  "inductor_fastest": ("inductor", "inductor_aten"),
+                  "best": ("eager", "channels_last", "inductor", "inductor_aten", "onnxruntime")}
 
 
 def inference_form(model: nn.Module, form: str, example: torch.Tensor,
                    workdir: Path) -> Callable[[torch.Tensor], object]:
     """``model`` in an inference form (a key of FORMS), BatchNorm folded and max-pools swapped
     (``bench.inference_model``), callable on a batch."""
+    if form in CHOOSING_FORMS:
+        return faster_of(available_forms(model, CHOOSING_FORMS[form], example, workdir), example)
     deployed = inference_model(model)
     if form == "eager":
         return deployed
     if form == "channels_last":
         return channels_last_forward(deployed)
-    if form == "fastest":
-        return faster_of({"NCHW": deployed, "NHWC": channels_last_forward(deployed)}, example)
     if form == "torchscript":
         return freeze_torchscript(deployed, example)
     if form in ("inductor", "inductor_aten"):
         return compile_inductor(deployed, example,
                                 "aten" if form == "inductor_aten" else "onednn")
-    if form == "inductor_fastest":
-        return faster_of({convs: compile_inductor(deployed, example, convs)
-                          for convs in inductor_convs()}, example)
     return onnxruntime_forward(deployed, example, workdir / f"{id(model)}_{len(example)}.onnx",
                                torch.get_num_threads())
 
 
+def available_forms(model: nn.Module, forms: tuple[str, ...], example: torch.Tensor,
+                    workdir: Path) -> dict[str, Callable[[torch.Tensor], object]]:
+    """``model`` in each of ``forms`` that this process and this model allow: Inductor's
+    convs on PyTorch's dispatch only where the switch is installed
+    (``export.inductor_convs``), ONNX Runtime only where it is installed and the model
+    exports. A UserError where none is left."""
+    built = {}
+    for form in forms:
+        if form == "inductor_aten" and "aten" not in inductor_convs():
+            continue
+        try:
+            built[form] = inference_form(model, form, example, workdir)
+        except UserError as e:  # e.g. AlexNet at 112 px has no ONNX form
+            logging.info("no %s form: %s", form, str(e)[:200])
+    if not built:
+        raise UserError(f"none of the forms {', '.join(forms)} could be built")
+    return built
+
+
 def faster_of(variants: dict[str, Callable], batch: torch.Tensor,
-              rounds: int = 3) -> Callable[[torch.Tensor], object]:
-    """The variant of one model (NCHW or NHWC; convs on oneDNN or not) that runs ``batch``
-    fastest here (interleaved rounds): what a deployment would pick, chosen for each model
-    and batch size, so that neither the dense nor the compressed model is timed in the
-    variant that suits it less."""
+              rounds: int = 5) -> Callable[[torch.Tensor], object]:
+    """The variant of one model (its forms: NCHW or NHWC, convs on oneDNN or not, …) that
+    runs ``batch`` fastest here (interleaved rounds): what a deployment would pick, chosen
+    for each model and batch size, so that neither the dense nor the compressed model is
+    timed in the variant that suits it less."""
+    if len(variants) == 1:
+        return next(iter(variants.values()))
     speedups = interleaved(variants, batch, rounds, 0.05)
     chosen = max(variants, key=lambda name: speedups[f"speedup {name}"])
     logging.info("batch %d: %s", len(batch), chosen)
