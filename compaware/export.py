@@ -12,12 +12,14 @@ before training (:func:`check_exportable`) so the run does not fail at its end.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import functools
+import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -178,7 +180,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> in
     """
     model = copy.deepcopy(model).cpu().eval()
     path = Path(path)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_silenced():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         try:
@@ -192,6 +194,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> in
             raise UserError(f"The model cannot be exported to ONNX: "
                             f"{describe_failure(model, e)}.") from None
     return path.stat().st_size
+
+
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """The process's standard output (file descriptor 1) sent to /dev/null for the block.
+    torch 2.14's TorchScript ONNX exporter switches its C++ log on for every export (it
+    tests ``_C._jit_is_onnx_log_enabled`` without calling it), and where an export fails,
+    that log prints the whole TorchScript graph to stdout, hundreds of lines before the
+    clear error :func:`export_onnx` raises."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def onnxruntime_forward(model: nn.Module, example: torch.Tensor, path: str | Path,

@@ -226,6 +226,16 @@ def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
     torch.testing.assert_close(torch.from_numpy(output), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_onnx_cannot_export_stops_with_a_clear_error_and_no_graph_dump(tmp_path, capfd):
+    pytest.importorskip("onnx")
+    pooled_up = nn.Sequential(nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(6))  # 3×3 → 6×6
+    with pytest.raises(UserError, match="cannot be exported to ONNX"):
+        export_onnx(pooled_up, torch.randn(1, 1, 3, 3), tmp_path / "m.onnx")
+    print("after")  # the process's stdout is back
+    out = capfd.readouterr().out
+    assert "graph" not in out and out == "after\n"
+
+
 def test_the_inductor_form_computes_what_the_pruned_model_computes_at_its_batch_size():
     model = inference_model(Prune(0.5, input_shape=(1, 32, 32))(_resnet())[0])
     x = torch.randn(2, 1, 32, 32)
