@@ -20,7 +20,8 @@ TorchInductor (``inductor``: frozen, C++ wrapper, convs prepacked for oneDNN;
 compiled both ways, the faster kept per batch size), ONNX Runtime, or each model in the
 fastest of all of these (``best``: what a deployment free to choose would run) with
 ``--form``; the latency-aware variants time their layers in that form (in NCHW eager for
-``fastest``, ``best`` and TorchScript, on oneDNN for the Inductor forms). Dense and
+``fastest``, ``best`` and TorchScript, on oneDNN for the Inductor forms) unless
+``--latency-form`` names another. Dense and
 compressed are timed interleaved in this process, ``--rounds`` times, and the median of the
 per-round ratios is reported, so load from other processes hits both alike.
 
@@ -120,13 +121,20 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
     return lambda model, shape: make(shape)(model)[0]
 
 
-def variants(batch: int, form: str) -> dict[str, Callable[[nn.Module, tuple], nn.Module]]:
+def latency_form_of(form: str) -> str:
+    """The form the latency-aware variants time their layers in by default: the form
+    benchmarked (NCHW eager for TorchScript, ``fastest`` and ``best``; on oneDNN for the
+    Inductor forms)."""
+    return ("inductor" if form.startswith("inductor") else form if form in LATENCY_FORMS
+            else "eager")
+
+
+def variants(batch: int, latency_form: str) -> dict[str, Callable[[nn.Module, tuple],
+                                                                   nn.Module]]:
     """The compressions benchmarked: name → (model, input shape) → compressed model. The
-    latency-aware ones time their layers in the form benchmarked (NCHW eager for TorchScript
-    and ``fastest``)."""
+    latency-aware ones time their layers at ``batch`` in ``latency_form``."""
     aware_timing = {"latency_aware": True, "latency_batch": batch,
-                    "latency_form": "inductor" if form.startswith("inductor") else
-                    form if form in LATENCY_FORMS else "eager"}
+                    "latency_form": latency_form}
     aware = {"round_to": 8, **aware_timing}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
@@ -196,9 +204,11 @@ def speedup_table(args: argparse.Namespace) -> None:
 
 
 def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
+    latency_form = args.latency_form or latency_form_of(args.form)
     print(f"Realization efficiency = latency ratio ÷ MACs ratio; CPU, "
           f"{torch.get_num_threads()} threads, batch 1 and batch {args.batch_size}, median of "
-          f"{args.rounds} interleaved rounds, both models {FORMS[args.form]}")
+          f"{args.rounds} interleaved rounds, both models {FORMS[args.form]}; latency-aware "
+          f"layers timed {latency_form}")
     print(row(SPEEDUP_HEAD, SPEEDUP_WIDTHS))
     for name in args.models:
         dense, shape = dense_model(name, args.full)
@@ -210,7 +220,7 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
         except UserError as e:  # e.g. an op the ONNX exporter does not support at this size
             print(f"{name} ({size}px): no {FORMS[args.form]} form: {str(e)[:200]}", flush=True)
             continue
-        for label, compress in variants(args.batch_size, args.form).items():
+        for label, compress in variants(args.batch_size, latency_form).items():
             if args.only and not any(word in label for word in args.only):
                 continue
             start = time.perf_counter()
@@ -427,6 +437,9 @@ def main() -> None:
                         help="torch threads while compressing (not timed)")
     parser.add_argument("--form", choices=list(FORMS), default="eager",
                         help="the inference form of both models in the speedup table")
+    parser.add_argument("--latency-form", choices=LATENCY_FORMS,
+                        help="what the latency-aware variants time their layers in (default: "
+                        "the form benchmarked, eager for fastest, best and torchscript)")
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")
     parser.add_argument("--verbose", action="store_true", help="also log each row's time and, "
