@@ -21,9 +21,9 @@ compiled both ways, the faster kept per batch size), ONNX Runtime, or each model
 fastest of all of these (``best``: what a deployment free to choose would run) with
 ``--form``; the latency-aware variants time their layers in that form (in NCHW eager for
 ``fastest``, ``best`` and TorchScript, on oneDNN for the Inductor forms) unless
-``--latency-form`` names another. Dense and
-compressed are timed interleaved in this process, ``--rounds`` times, and the median of the
-per-round ratios is reported, so load from other processes hits both alike.
+``--latency-form`` names another. Dense and compressed are timed interleaved in this
+process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
+from other processes hits both alike.
 
 A second table compares inference forms of each model, dense and pruned at 0.5: eager with
 BatchNorm, BatchNorm folded and max-pools swapped (NCHW and channels_last), TorchScript

@@ -283,7 +283,7 @@ def test_a_compiled_model_lives_only_as_long_as_its_callable():
     x = torch.randn(1, 3, 8, 8)
     before = _compiled_modules()
     with torch.inference_mode():
-        kept, dropped = compile_inductor(model, x), compile_inductor(model, x, "onednn")
+        kept, dropped = compile_inductor(model, x), compile_inductor(model, x)
         assert _compiled_modules() == before + 2
         del dropped
         assert _compiled_modules() == before + 1
