@@ -443,7 +443,8 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")
     parser.add_argument("--verbose", action="store_true", help="also log each row's time and, "
-                        "with --form fastest or inductor_fastest, each model's chosen variant")
+                        "with a --form that chooses (fastest, inductor_fastest, best), each "
+                        "model's chosen form per batch size and the forms it could not build")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")
