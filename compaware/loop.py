@@ -201,7 +201,12 @@ def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, devic
 def _prox(training: Training, step_size: float, step: int) -> None:
     try:
         training.regularizer.prox(training.model, step_size)
-    except torch.linalg.LinAlgError:  # an SVD of weights that are no longer finite
+    except torch.linalg.LinAlgError as error:
+        if all(torch.isfinite(p).all() for p in training.model.parameters()):
+            raise UserError(f"the proximal step of {type(training.regularizer).__name__} "
+                            f"failed on finite weights at step {step}: {error} This is a "
+                            f"numerical failure of the decomposition, not a divergence; "
+                            f"please report it with the run's config.") from error
         raise NonFinite(step, "the proximal step met non-finite weights") from None
 
 

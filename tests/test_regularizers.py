@@ -113,3 +113,27 @@ def test_a_regularizer_with_no_layer_to_act_on_stops_clearly(regularizer):
     with pytest.raises(UserError, match="selects no layer of LeNet300.*regularizer.layers=conv"):
         regularizer.check(LeNet300())
     Regularizer().check(LeNet300())  # plain training always runs
+
+
+def test_nuclear_prox_of_a_mostly_dead_layer():
+    """Group sparsity leaves most rows exactly zero and the rest tiny: float32 ``eigh`` of
+    such a Gram matrix fails to converge (so does float64 at times); the prox must not."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        w = torch.randn(300, 784, generator=g) * 0.05
+        live = torch.rand(300, generator=g) < 0.03
+        w[~live] = 0
+        w[live] *= torch.rand(int(live.sum()), 1, generator=g) * 1e-3
+        for matrix in (w, w.T):
+            result = shrink_singular_values(matrix, 1e-4)
+            u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+            expected = (u * (s - 1e-4).clamp_min(0)) @ vh
+            torch.testing.assert_close(result.double(), expected, atol=1e-6, rtol=0)
+            assert (result[~live] == 0).all() if matrix is w else (result[:, ~live] == 0).all()
+
+
+def test_nuclear_prox_keeps_non_finite_weights_visible():
+    w = torch.randn(4, 6)
+    w[1, 2] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        shrink_singular_values(w, 0.1)

@@ -20,24 +20,44 @@ RANK_TOLERANCE = 1e-5  # σ ≤ tolerance · σ_max counts as zero (float32 roun
 def shrink_singular_values(matrix: Tensor, threshold: float) -> Tensor:
     """prox of threshold·‖·‖_*: soft-threshold the singular values of ``matrix``.
 
-    U max(Σ − t, 0) Vᵀ = U diag(max(σ − t, 0)/σ) Uᵀ M, with U and σ² from the eigenvectors
-    and eigenvalues of the smaller Gram matrix M Mᵀ (or Mᵀ M, on the other side): no V and
-    no SVD, which is what makes a per-step prox affordable (about 3× faster on a CPU for
-    LeNet-5's 500 × 800 fc1; scripts/bench_overhead.py). Small σ come out less precise
-    (through σ²), but every σ ≤ t is zeroed whatever its value, and the kept ones are
-    accurate to float round-off of σ_max²/σ. Only the k kept directions enter the products
-    (``eigh`` sorts σ ascending: they are the last k), so the projection costs k/n of a full
-    one once training has made the layer low-rank.
+    Rows (or, for a tall matrix, columns) that are entirely zero, such as the dead units
+    group sparsity leaves, stay zero under the prox, so only the live ones enter the
+    computation: that makes it cheaper, and it keeps out the many exactly-zero eigenvalues
+    on which ``eigh`` fails to converge (see :func:`_shrink_rows`).
     """
     wide = matrix.shape[0] <= matrix.shape[1]
-    gram = matrix @ matrix.T if wide else matrix.T @ matrix
-    eigenvalues, vectors = torch.linalg.eigh(gram)
+    rows = matrix if wide else matrix.T
+    live = (rows != 0).any(1)  # a NaN row is live: non-finite weights must not vanish
+    shrunk = torch.zeros_like(rows)
+    if live.any():
+        shrunk[live] = _shrink_rows(rows[live], threshold)
+    return shrunk if wide else shrunk.T
+
+
+def _shrink_rows(matrix: Tensor, threshold: float) -> Tensor:
+    """The prox for a matrix with no more rows than columns.
+
+    U max(Σ − t, 0) Vᵀ = U diag(max(σ − t, 0)/σ) Uᵀ M, with U and σ² from the eigenvectors
+    and eigenvalues of the small Gram matrix M Mᵀ: no V and no SVD, which is what makes a
+    per-step prox affordable (about 3× faster on a CPU for LeNet-5's 500 × 800 fc1;
+    scripts/bench_overhead.py). Small σ come out less precise (through σ²), but every
+    σ ≤ t is zeroed whatever its value, and the kept ones are accurate to float round-off of
+    σ_max²/σ. Only the k kept directions enter the products (``eigh`` sorts σ ascending: they
+    are the last k), so the projection costs k/n of a full one once training has made the
+    layer low-rank. Where ``eigh`` does not converge on finite weights (an ill-conditioned
+    Gram matrix: it happens even in float64), a float64 SVD of the matrix itself does it.
+    """
+    try:
+        eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T)
+    except torch.linalg.LinAlgError:
+        if not torch.isfinite(matrix).all():
+            raise
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return ((u * (s - threshold).clamp_min(0)) @ vh).to(matrix.dtype)
     s = eigenvalues.clamp_min(0).sqrt()
     first_kept = len(s) - int((s > threshold).sum())
     u, scale = vectors[:, first_kept:], 1 - threshold / s[first_kept:]
-    if wide:
-        return (u * scale) @ (u.T @ matrix)
-    return ((matrix @ u) * scale) @ u.T
+    return (u * scale) @ (u.T @ matrix)
 
 
 def rank_of_spectrum(s: Tensor, tolerance: float = RANK_TOLERANCE) -> int:
