@@ -137,3 +137,21 @@ def test_nuclear_prox_keeps_non_finite_weights_visible():
     w[1, 2] = float("nan")
     with pytest.raises(torch.linalg.LinAlgError):
         shrink_singular_values(w, 0.1)
+
+
+def test_a_prox_failure_on_finite_weights_is_not_called_divergence():
+    from types import SimpleNamespace
+
+    from compaware.loop import NonFinite, _prox
+
+    class Failing(Regularizer):
+        def prox(self, model, step):
+            raise torch.linalg.LinAlgError("eigh failed to converge")
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(UserError, match="failed on finite weights"):
+        _prox(SimpleNamespace(regularizer=Failing(), model=model), 0.1, 7)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFinite):
+        _prox(SimpleNamespace(regularizer=Failing(), model=model), 0.1, 7)
