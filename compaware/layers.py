@@ -33,6 +33,14 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
 
 
+def dead_layers(model: nn.Module) -> list[str]:
+    """The conv/linear layers of ``model`` that pass nothing on: a weight with a zero-size
+    dimension (every unit, input or rank removed) or with every entry zero (its output no
+    longer depends on its input, so neither does the model's after it). A model with one
+    has collapsed, whatever its accuracy says. Cheap: one look at each weight, no forward."""
+    return [name for name, m in weight_layers(model) if not m.weight.detach().any()]
+
+
 class LayerSelection:
     """``layers: all|conv|linear`` plus ``skip_first``/``skip_last`` (first and last weight
     layer of the model, the ones papers often leave alone)."""
