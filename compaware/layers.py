@@ -2,7 +2,7 @@
 
 Regularizers and compressors share this one rule, so ``regularizer.layers=conv`` and
 ``compress.layers=conv`` select the same modules, and no method ever names layers
-by hand.
+by hand. :func:`dead_layers` finds those a compressed model has left with nothing.
 """
 
 from __future__ import annotations

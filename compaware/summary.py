@@ -10,10 +10,10 @@ from collections.abc import Sequence
 log = logging.getLogger(__name__)
 
 # How many points above chance (100 / classes %) a final accuracy still counts as chance. A
-# model that outputs one class scores that class's share of the test set, which an unbalanced
-# split puts above 100 / classes (digits' 360 test images: up to 14.2 % for 10 classes), and
-# one that tells two classes apart barely more; any model that learned the task scores far
-# higher, so 5 points catch the former without touching the latter.
+# model that answers one class for every input scores that class's share of the test set,
+# which an unbalanced split puts above 100 / classes (digits' 360 test images: up to 14.2 %
+# for 10 classes); a model that learned anything scores far higher. 5 points catch the
+# former and leave the latter alone.
 CHANCE_MARGIN = 5.0
 
 
