@@ -144,6 +144,7 @@ def test_a_run_whose_weights_are_all_pruned_is_recorded_as_collapsed(make_cfg, c
     assert "The run collapsed" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # Linear(3, 0)
 def test_a_layer_without_units_or_with_an_all_zero_weight_is_dead():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 0),
                                 torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(2, 2))
