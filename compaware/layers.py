@@ -2,7 +2,7 @@
 
 Regularizers and compressors share this one rule, so ``regularizer.layers=conv`` and
 ``compress.layers=conv`` select the same modules, and no method ever names layers
-by hand.
+by hand. :func:`dead_layers` finds those a compressed model has left with nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every conv and linear layer of ``model``, in module order (the order of the forward
     pass for the models we build)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)]
+
+
+def dead_layers(model: nn.Module) -> list[str]:
+    """The conv/linear layers of ``model`` that pass nothing on: a weight with a zero-size
+    dimension (every unit, input or rank removed) or with every entry zero (its output no
+    longer depends on its input, so neither does the model's after it). A model with one
+    has collapsed, whatever its accuracy says. Cheap: one look at each weight, no forward."""
+    return [name for name, m in weight_layers(model) if not m.weight.detach().any()]
 
 
 class LayerSelection:

@@ -4,13 +4,18 @@ It reads every ``results.json`` below the given directories (single runs and mul
 sweeps alike) and writes into ``--out``:
 
 - ``results.md`` and ``results.csv``: one row per run (data, model, method, setting,
-  accuracy dense → compressed → fine-tuned, params/MACs/bytes/latency ratios), the Pareto
-  frontier of each method, and the runs that failed or left no results;
+  accuracy dense → compressed → fine-tuned, params/non-zero/MACs/bytes/latency ratios,
+  whether and why it collapsed), the Pareto frontier of each method, and the runs that
+  failed or left no results;
 - ``pareto_<data>_<model>.png``: final accuracy against the params, MACs and storage
-  ratios, one line per method (its Pareto frontier), post-hoc baselines dashed; runs at
-  chance accuracy are left out of the frontiers and plots (their ratios are meaningless).
+  ratios, one line per method (its Pareto frontier), post-hoc baselines dashed, each point
+  labelled with what differs between the method's runs.
 
-A ratio is dense / compressed, so higher is smaller (or, for latency, faster).
+A ratio is dense / compressed, so higher is smaller (or, for latency, faster). The params
+ratio is structural (the modules' parameter counts), as the run's summary prints it; the
+non-zero ratio counts the compressed model's non-zero parameters, where pruning or sharing
+that keeps the architecture saves. A collapsed run (:func:`compaware.summary.collapse_reason`)
+stays in the table, marked, but on no frontier or plot: its ratios trade nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +24,18 @@ import argparse
 import csv
 import json
 import math
+from collections import defaultdict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+from compaware.summary import CHANCE_MARGIN, collapse_reason, final_accuracy
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BASELINE_REGULARIZERS = ("none", "l1", "l2")
 RATIOS = (("params", "params ratio"), ("macs", "MACs ratio"), ("bytes", "storage ratio"))
@@ -38,7 +51,8 @@ class Run:
     model: str = "?"
     regularizer: str = "?"
     compress: str = "?"
-    setting: str = ""
+    overrides: str = ""  # the run's command-line overrides, from Hydra's record
+    setting: str = ""  # those that tell it apart (distinguishing_settings)
     results: dict = field(default_factory=dict)
     error: str = ""
 
@@ -51,28 +65,39 @@ class Run:
         return self.regularizer in BASELINE_REGULARIZERS
 
     @property
+    def collapse_reason(self) -> str | None:
+        """Why the run collapsed, None if it did not: as its results.json records, or for a
+        file written before that record, by the same rule on its final accuracy."""
+        if "collapsed" not in self.results:
+            return collapse_reason(self.results)
+        if not self.results["collapsed"]:
+            return None
+        return self.results.get("collapse_reason") or "collapsed"
+
+    @property
     def collapsed(self) -> bool:
-        """Final accuracy at chance (e.g. every weight quantized to zero): such a run's ratios
-        say nothing about a trade-off, so it stays in the table but not on the curves."""
-        classes = ((self.results.get("config") or {}).get("data") or {}).get("num_classes")
-        return bool(classes) and self.accuracy is not None and self.accuracy <= 100 / classes + 1
+        """Such a run's ratios say nothing about a trade-off: it stays in the table but not on
+        the curves."""
+        return self.collapse_reason is not None
 
     @property
     def accuracy(self) -> float | None:
         """The accuracy the run ends with: fine-tuned, or compressed when not fine-tuned."""
-        acc = self.results.get("accuracy", {})
-        return acc.get("finetuned") if acc.get("finetuned") is not None else acc.get("compressed")
+        return final_accuracy(self.results.get("accuracy") or {})
 
     def ratio(self, key: str) -> float | None:
-        """dense / compressed ``key`` (params, macs, bytes). Parameters count non-zeros where
-        the run says (``compression.params_ratio``): pruned or shared weights that keep the
-        architecture are smaller only in what is non-zero (Han et al.'s definition)."""
-        counted = (self.results.get("compression") or {}).get("params_ratio")
-        if key == "params" and counted:
-            return counted
+        """dense / compressed ``key`` (params, macs, bytes), as the run's summary prints it:
+        for params, the modules' parameter counts (structural)."""
         section = self.results.get(key) or {}
         dense, compressed = section.get("dense"), section.get("compressed")
         return dense / compressed if dense and compressed else None
+
+    @property
+    def nonzero_ratio(self) -> float | None:
+        """Dense parameters / the compressed model's non-zero parameters
+        (``compression.params_ratio``, Han et al.'s definition): what pruning or sharing that
+        keeps the architecture saves, which the structural params ratio does not see."""
+        return (self.results.get("compression") or {}).get("params_ratio")
 
     def latency_ratio(self, batch: str = "batch_N") -> float | None:
         cpu = (self.results.get("latency_ms") or {}).get("cpu")
@@ -105,7 +130,7 @@ def _choice(choices: dict, config: dict, group: str) -> str:
     return target.rsplit(".", 1)[-1].lower()
 
 
-def _setting(run_dir: Path) -> str:
+def _overrides(run_dir: Path) -> str:
     """The command-line overrides of the run (what a sweep varied), from Hydra's record."""
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if not overrides.is_file():
@@ -117,12 +142,13 @@ def _setting(run_dir: Path) -> str:
 def load_run(run_dir: Path) -> Run:
     results_file = run_dir / "results.json"
     if not results_file.is_file():
-        return Run(run_dir, "missing", setting=_setting(run_dir),
+        return Run(run_dir, "missing", overrides=_overrides(run_dir),
                    error="no results.json (crashed, killed or still running)")
     try:
         results = json.loads(results_file.read_text())
     except json.JSONDecodeError as e:
-        return Run(run_dir, "unreadable", setting=_setting(run_dir), error=f"results.json: {e}")
+        return Run(run_dir, "unreadable", overrides=_overrides(run_dir),
+                   error=f"results.json: {e}")
     config, choices = results.get("config", {}), results.get("choices", {})
     model = _choice(choices, config, "model")
     if model == "torchvision" or "name" in (config.get("model") or {}):
@@ -130,7 +156,7 @@ def load_run(run_dir: Path) -> Run:
     return Run(run_dir, results.get("status", "completed"),
                data=(config.get("data") or {}).get("name", "?"), model=model,
                regularizer=_choice(choices, config, "regularizer"),
-               compress=_choice(choices, config, "compress"), setting=_setting(run_dir),
+               compress=_choice(choices, config, "compress"), overrides=_overrides(run_dir),
                results=results, error=results.get("error", ""))
 
 
@@ -138,15 +164,36 @@ def load_run(run_dir: Path) -> Run:
 NOT_A_SETTING = ("data=", "model=", "regularizer=", "compress=", "init_from=")
 
 
-def distinguishing_settings(runs: list[Run]) -> list[Run]:
-    """``runs`` with each setting cut to what tells the run apart: the overrides every run
-    shares (the sweep's common ground, e.g. ``experiment=``) and those in
-    :data:`NOT_A_SETTING` are left out, so a row reads ``regularizer.lam=5``."""
-    split = [run.setting.split() for run in runs]
-    common = set.intersection(*map(set, split)) if len(runs) > 1 else set()
-    return [replace(run, setting=" ".join(o for o in items if o not in common
-                                          and not o.startswith(NOT_A_SETTING)))
-            for run, items in zip(runs, split, strict=True)]
+def differing_overrides(overrides: list[list[str]]) -> list[list[str]]:
+    """Each list of overrides cut to those that tell it apart from the other lists: an
+    override stays where another list gives its key another value or none, and goes where
+    every list has it (the sweep's common ground, e.g. ``experiment=``) or where it is in
+    :data:`NOT_A_SETTING`. A lone list keeps nothing: there is nothing to tell apart."""
+    values = [dict(o.partition("=")[::2] for o in items) for items in overrides]
+    differ = {key for v in values for key in v if len({w.get(key) for w in values}) > 1}
+    return [[o for o in items if o.partition("=")[0] in differ
+             and not o.startswith(NOT_A_SETTING)] for items in overrides]
+
+
+def _data_model(run: Run) -> tuple[str, str]:
+    return run.data, run.model
+
+
+def distinguishing_settings(runs: list[Run],
+                            group: Callable[[Run], Hashable] = _data_model) -> list[Run]:
+    """``runs`` with each ``setting`` set to the overrides that tell the run apart from the
+    others of its ``group`` (by default those of its data and model;
+    :func:`differing_overrides`), so a row reads ``regularizer.lam=5``, not every override
+    of the sweep."""
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, run in enumerate(runs):
+        members[group(run)].append(i)
+    settings = [""] * len(runs)
+    for indices in members.values():
+        cut = differing_overrides([runs[i].overrides.split() for i in indices])
+        for i, items in zip(indices, cut, strict=True):
+            settings[i] = " ".join(items)
+    return [replace(run, setting=setting) for run, setting in zip(runs, settings, strict=True)]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
@@ -167,39 +214,56 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
-def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:{spec}}{suffix}"
-
-
 # Efficiency in the deployment forms a run may also time (bench.onnxruntime, bench.inductor):
 # column → (results.json section, batch); a column is shown where some run measured it.
 DEPLOYED_COLUMNS = {f"{short} efficiency {b}": (f"efficiency_{form}", batch)
                     for form, short in (("onnxruntime", "ORT"), ("inductor", "Inductor"))
                     for b, batch in (("b1", "batch_1"), ("bN", "batch_N"))}
+RATIO_COLUMNS = ("params ratio", "non-zero ratio", "MACs ratio", "storage ratio",
+                 "latency ratio b1", "latency ratio bN")
 COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
-           "acc fine-tuned", "params ratio", "MACs ratio", "storage ratio",
-           "latency ratio b1", "latency ratio bN", "efficiency b1", "efficiency bN",
-           *DEPLOYED_COLUMNS, "run")
+           "acc fine-tuned", *RATIO_COLUMNS, "efficiency b1", "efficiency bN",
+           *DEPLOYED_COLUMNS, "collapsed", "overrides", "run")
+CSV_ONLY = ("overrides", "run")  # long: the Markdown table leaves them out
+
+Cell = str | float | None
 
 
-def table_row(run: Run) -> dict[str, str]:
+def table_row(run: Run) -> dict[str, Cell]:
+    """The run's cells as values: text, or numbers (None where not measured), formatted by
+    the file they go to. ``collapsed`` is the reason, empty for a run that did not."""
     acc = run.results.get("accuracy", {})
     return {
         "data": run.data, "model": run.model, "method": run.method, "setting": run.setting,
-        "acc dense": _fmt(acc.get("dense")), "acc compressed": _fmt(acc.get("compressed")),
-        "acc fine-tuned": _fmt(acc.get("finetuned")),
-        "params ratio": _fmt(run.ratio("params"), suffix="×"),
-        "MACs ratio": _fmt(run.ratio("macs"), suffix="×"),
-        "storage ratio": _fmt(run.ratio("bytes"), suffix="×"),
-        "latency ratio b1": _fmt(run.latency_ratio("batch_1"), suffix="×"),
-        "latency ratio bN": _fmt(run.latency_ratio("batch_N"), suffix="×"),
-        "efficiency b1": _fmt(run.efficiency("batch_1")),
-        "efficiency bN": _fmt(run.efficiency("batch_N")),
-        **{column: _fmt(run.efficiency(batch, section))
+        "acc dense": acc.get("dense"), "acc compressed": acc.get("compressed"),
+        "acc fine-tuned": acc.get("finetuned"),
+        "params ratio": run.ratio("params"), "non-zero ratio": run.nonzero_ratio,
+        "MACs ratio": run.ratio("macs"), "storage ratio": run.ratio("bytes"),
+        "latency ratio b1": run.latency_ratio("batch_1"),
+        "latency ratio bN": run.latency_ratio("batch_N"),
+        "efficiency b1": run.efficiency("batch_1"), "efficiency bN": run.efficiency("batch_N"),
+        **{column: run.efficiency(batch, section)
            for column, (section, batch) in DEPLOYED_COLUMNS.items()},
-        "run": str(run.path),
+        "collapsed": run.collapse_reason or "", "overrides": run.overrides, "run": str(run.path),
     }
+
+
+def _missing(value: Cell) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _markdown_cell(column: str, value: Cell) -> str:
+    """Numbers to two decimals, ratios with ×, — where not measured."""
+    if isinstance(value, str):
+        return value
+    return "—" if _missing(value) else f"{value:.2f}" + ("×" if column in RATIO_COLUMNS else "")
+
+
+def _csv_cell(value: Cell) -> str | float:
+    """Plain numbers for spreadsheets (4 decimals), empty where not measured."""
+    if isinstance(value, str):
+        return value
+    return "" if _missing(value) else round(value, 4)
 
 
 def _markdown_table(rows: list[dict[str, str]], columns: tuple[str, ...]) -> list[str]:
@@ -215,8 +279,7 @@ def _group_key(run: Run) -> tuple[str, str, bool, str]:
 def write_report(runs: list[Run], out: Path) -> list[Path]:
     """Write the tables and plots for ``runs`` into ``out``; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    runs = distinguishing_settings(runs)
-    done = sorted((r for r in runs if r.status == "completed"),
+    done = sorted(distinguishing_settings([r for r in runs if r.status == "completed"]),
                   key=lambda r: (*_group_key(r), -(r.ratio("params") or 0)))
     failed = [r for r in runs if r.status != "completed"]
     rows = [table_row(r) for r in done]
@@ -224,68 +287,136 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({c: _csv_cell(v) for c, v in row.items()} for row in rows)
 
     md = ["# Results", "",
-          "Ratios are dense / compressed (higher: smaller or faster). Accuracy is top-1 (%) on "
-          "the test set; the fine-tuned column is the model that ships. Post-hoc baselines "
-          f"are the runs with regularizer {', '.join(BASELINE_REGULARIZERS)}.", ""]
-    measured = {c for row in rows for c in DEPLOYED_COLUMNS if row[c] != "—"}
-    shown = tuple(c for c in COLUMNS[:-1] if c not in DEPLOYED_COLUMNS or c in measured)
-    md += _markdown_table(rows, shown) if rows else ["No completed runs."]
+          "Ratios are dense / compressed (higher: smaller or faster); the params ratio counts "
+          "the modules' parameters, the non-zero ratio the compressed model's non-zero ones. "
+          "Accuracy is top-1 (%) on the test set; the fine-tuned column is the model that "
+          "ships. Post-hoc baselines are the runs with regularizer "
+          f"{', '.join(BASELINE_REGULARIZERS)}. The setting is what differs between the runs "
+          "of a dataset and model (results.csv has every override).", ""]
+    measured = {c for row in rows for c in DEPLOYED_COLUMNS if not _missing(row[c])}
+    shown = tuple(c for c in COLUMNS if c not in CSV_ONLY
+                  and (c not in DEPLOYED_COLUMNS or c in measured))
+    md += _markdown_table([{c: _markdown_cell(c, row[c]) for c in shown} for row in rows],
+                          shown) if rows else ["No completed runs."]
     md += ["", "## Pareto frontier per method (final accuracy vs params ratio)", "",
-           "Runs at chance accuracy (a collapsed model) are left out of the frontiers and "
-           "the plots.", ""]
+           f"Collapsed runs (final accuracy within {CHANCE_MARGIN:g} points of chance, or a "
+           "layer left with no units or an all-zero weight: the column collapsed says which) "
+           "are left out of the frontiers and the plots.", ""]
     fronts = []
     for key in sorted({_group_key(r) for r in done}):
         group = [r for r in done if _group_key(r) == key and r.accuracy is not None
                  and not r.collapsed]
         points = [(r.ratio("params"), r.accuracy) for r in group if r.ratio("params")]
         front = ", ".join(f"{ratio:.2f}× @ {acc:.2f}%" for ratio, acc in pareto_front(points))
-        front = front or "— (every run at chance accuracy)"
+        front = front or "— (every run collapsed)"
         fronts.append({"data": key[0], "model": key[1], "method": key[3], "frontier": front})
     md += _markdown_table(fronts, ("data", "model", "method", "frontier")) if fronts else []
     if failed:
         md += ["", "## Failed or incomplete runs", ""]
-        md += _markdown_table([{"run": str(r.path), "status": r.status, "setting": r.setting,
+        md += _markdown_table([{"run": str(r.path), "status": r.status, "setting": r.overrides,
                                 "error": r.error.replace("|", "\\|").replace("\n", " ")[:300]}
                                for r in failed], ("run", "status", "setting", "error"))
     (out / "results.md").write_text("\n".join(md) + "\n")
-    plots = [plot_pareto(done, data, model, out)
+    colours = method_colours(sorted({r.method for r in done}))
+    plots = [plot_pareto(done, data, model, out, colours)
              for data, model in sorted({(r.data, r.model) for r in done})]
     return [out / "results.md", out / "results.csv", *plots]
 
 
-def plot_pareto(runs: list[Run], data: str, model: str, out: Path) -> Path:
-    """Accuracy against each compression ratio for one dataset and model, a line per method."""
+def method_colours(methods: list[str]) -> dict[str, tuple]:
+    """A colour for each of ``methods``, no two alike, the same in every plot of a report:
+    matplotlib's qualitative tab10, tab20 for more methods, and beyond 20 evenly spaced
+    colours of turbo (no qualitative map has more)."""
+    import matplotlib
+
+    if len(methods) > 20:
+        turbo = matplotlib.colormaps["turbo"]
+        return {m: turbo(i / (len(methods) - 1)) for i, m in enumerate(methods)}
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i) for i, m in enumerate(methods)}
+
+
+# The axes span the runs shown, padded so points and their labels sit inside: accuracy by
+# this share of its range (at least half a point), ratios by this factor (log axes).
+ACCURACY_PAD, RATIO_PAD = 0.05, 1.25
+
+
+def accuracy_limits(accuracies: list[float]) -> tuple[float, float]:
+    """The y axis: a little below the lowest accuracy shown to a little above the best.
+    Collapsed runs are not shown, and a run at chance is collapsed by definition, so no
+    such outlier can stretch the axis down and squash the runs worth comparing."""
+    low, high = min(accuracies), max(accuracies)
+    pad = max(ACCURACY_PAD * (high - low), 0.5)
+    return low - pad, high + pad
+
+
+def ratio_limits(ratios: list[float]) -> tuple[float, float]:
+    """An x axis (log): the range of the ratios shown, padded by :data:`RATIO_PAD` each way.
+    A collapsed run's ratio (every weight zero: hundreds of ×) is not among them."""
+    return min(ratios) / RATIO_PAD, max(ratios) * RATIO_PAD
+
+
+def _point_label(setting: str) -> str:
+    """``regularizer.lam=5 compress.rank=2`` → ``lam=5 rank=2``: short enough beside a dot."""
+    return " ".join(o.partition("=")[0].rsplit(".", 1)[-1] + "=" + o.partition("=")[2]
+                    for o in setting.split())
+
+
+def pareto_figure(runs: list[Run], data: str, model: str,
+                  colours: dict[str, tuple]) -> Figure:
+    """Final accuracy against each compression ratio for one dataset and model: per method
+    (in its colour from ``colours``) its Pareto frontier, dashed for post-hoc baselines,
+    over its runs, each labelled with what differs between the method's runs; the axes fitted
+    to the runs shown (:func:`accuracy_limits`, :func:`ratio_limits`). Collapsed runs are
+    left out, and counted in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    runs = [r for r in runs if (r.data, r.model) == (data, model) and r.accuracy is not None
-            and not r.collapsed]
+    mine = [r for r in runs if (r.data, r.model) == (data, model) and r.accuracy is not None]
+    shown = distinguishing_settings([r for r in mine if not r.collapsed], lambda r: r.method)
     fig, axes = plt.subplots(1, len(RATIOS), figsize=(5 * len(RATIOS), 4), sharey=True)
     for ax, (key, label) in zip(axes, RATIOS, strict=True):
-        for method in sorted({r.method for r in runs}):
-            mine = [r for r in runs if r.method == method and r.ratio(key)]
-            points = [(r.ratio(key), r.accuracy) for r in mine]
-            if not points:
-                continue
-            style = "--" if mine[0].is_baseline else "-"
-            front = pareto_front(points)
-            line, = ax.plot(*zip(*front, strict=True), style, marker="o", label=method)
-            ax.scatter(*zip(*points, strict=True), color=line.get_color(), alpha=0.3, s=12)
+        plotted = [r for r in shown if r.ratio(key)]
+        for method in sorted({r.method for r in plotted}):
+            group = [r for r in plotted if r.method == method]
+            points = [(r.ratio(key), r.accuracy) for r in group]
+            style, colour = "--" if group[0].is_baseline else "-", colours[method]
+            ax.plot(*zip(*pareto_front(points), strict=True), style, marker="o", color=colour,
+                    label=method)
+            ax.scatter(*zip(*points, strict=True), color=colour, alpha=0.3, s=12)
+            for point, run in zip(points, group, strict=True):
+                ax.annotate(_point_label(run.setting), point, xytext=(3, 3), fontsize=6,
+                            textcoords="offset points", color=colour)
         ax.set_xscale("log")
+        if plotted:
+            ax.set_xlim(*ratio_limits([r.ratio(key) for r in plotted]))
         for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
             axis_format(FuncFormatter(_ratio_tick))
         ax.set_xlabel(f"{label} (dense / compressed)")
         ax.grid(True, which="both", alpha=0.3)
+    if shown:
+        axes[0].set_ylim(*accuracy_limits([r.accuracy for r in shown]))
     axes[0].set_ylabel("final accuracy (%)")
     axes[-1].legend(fontsize="small", loc="best")
-    fig.suptitle(f"{model} on {data}: accuracy vs compression (Pareto frontier per method)")
+    left_out = len(mine) - len(shown)
+    fig.suptitle(f"{model} on {data}: accuracy vs compression (Pareto frontier per method)"
+                 + (f"; {left_out} collapsed run(s) left out" if left_out else ""))
     fig.tight_layout()
+    return fig
+
+
+def plot_pareto(runs: list[Run], data: str, model: str, out: Path,
+                colours: dict[str, tuple]) -> Path:
+    """:func:`pareto_figure` written to ``out/pareto_<data>_<model>.png``."""
+    fig = pareto_figure(runs, data, model, colours)
+    import matplotlib.pyplot as plt  # after pareto_figure has chosen the backend
+
     path = out / f"pareto_{data}_{model.replace(':', '-')}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

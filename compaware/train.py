@@ -43,10 +43,11 @@ from compaware.config import (
 )
 from compaware.data import build_data
 from compaware.export import check_exportable
+from compaware.layers import dead_layers
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
 from compaware.regularizers import Regularizer
-from compaware.summary import format_summary
+from compaware.summary import collapse_verdict, final_accuracy, format_summary
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def train(cfg: DictConfig) -> dict:
     results = {"accuracy": accuracy, **costs, "compression": compression,
                "regularizer": regularizer.stats(model), "seconds": seconds,
                "status": "completed", "choices": config_choices(), "config": config}
+    results |= collapse_verdict(results, dead_layers(compressed))  # warns when collapsed
     results["objective"] = objective(results, cfg.objective)
     checkpoint.save_json(results, run_dir / "results.json")
     print(format_summary(results))
@@ -152,10 +154,9 @@ def pick_device(choice: Device) -> torch.device:
 
 def objective(results: dict, spec: ObjectiveConfig) -> float:
     """Final accuracy + weight × log2(compression ratio): what sweepers maximise."""
-    accuracy = results["accuracy"]
-    final = accuracy["finetuned"] if accuracy["finetuned"] is not None else accuracy["compressed"]
     section = results[spec.ratio]
-    return final + spec.weight * math.log2(section["dense"] / section["compressed"])
+    ratio = section["dense"] / section["compressed"]
+    return final_accuracy(results["accuracy"]) + spec.weight * math.log2(ratio)
 
 
 def config_choices() -> dict[str, str]:

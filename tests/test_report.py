@@ -8,12 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from compaware.report import Run, distinguishing_settings, find_runs, main, pareto_front
+from compaware.report import (
+    Run,
+    distinguishing_settings,
+    find_runs,
+    main,
+    method_colours,
+    pareto_figure,
+    pareto_front,
+)
 from tests.conftest import run_cli
 
 
 def _fake_run(root: Path, name: str, regularizer: str, compress: str, acc: float,
-              params: int, overrides: list[str] | None = None, status: str = "completed") -> Path:
+              params: int, overrides: list[str] | None = None, status: str = "completed",
+              **extra) -> Path:
+    """A run directory with a results.json as `compaware train` writes it (before the
+    ``collapsed`` record, unless ``extra`` adds it), 10 classes, 1000 dense parameters."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(
@@ -30,8 +41,9 @@ def _fake_run(root: Path, name: str, regularizer: str, compress: str, acc: float
         "efficiency": {"batch_1": 0.37, "batch_N": 0.81},
         "choices": {"regularizer": regularizer, "compress": compress, "model": "lenet5",
                     "data": "digits"},
-        "config": {"data": {"name": "digits"}, "model": {"_target_": "x.LeNet5"},
-                   "regularizer": {}, "compress": {}},
+        "config": {"data": {"name": "digits", "num_classes": 10},
+                   "model": {"_target_": "x.LeNet5"}, "regularizer": {}, "compress": {}},
+        **extra,
     }
     if status != "completed":
         results = {"status": status, "error": "regularizer.lam=-1 is out of range",
@@ -40,17 +52,59 @@ def _fake_run(root: Path, name: str, regularizer: str, compress: str, acc: float
     return run
 
 
-def test_a_run_at_chance_accuracy_stays_off_the_frontier(tmp_path):
-    _fake_run(tmp_path, "ok", "sws", "quantize", 90.0, 100)
-    collapsed = _fake_run(tmp_path, "zero", "sws", "quantize", 10.0, 1)
-    results = json.loads((collapsed / "results.json").read_text())
-    results["config"]["data"]["num_classes"] = 10
-    (collapsed / "results.json").write_text(json.dumps(results))
-    assert [r.collapsed for r in find_runs([tmp_path])] == [False, True]
+def test_a_collapsed_run_is_marked_and_on_no_frontier_and_no_plot_axis(tmp_path):
+    _fake_run(tmp_path, "a", "sws", "quantize", 90.0, 100)
+    _fake_run(tmp_path, "b", "sws", "quantize", 85.0, 50)
+    _fake_run(tmp_path, "c", "sws", "quantize", 12.0, 1)  # older file: at chance by the rule
+    _fake_run(tmp_path, "d", "sws", "quantize", 60.0, 2, collapsed=True,  # recorded by the run
+              collapse_reason="no units or an all-zero weight in fc1")
+    runs = find_runs([tmp_path])
+    assert [r.collapsed for r in runs] == [False, False, True, True]
     main([str(tmp_path), "--out", str(tmp_path / "out")])
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "1000.00×" in md  # in the table …
-    assert "10.00× @ 90.00%" in md and "1000.00× @" not in md  # … not on the frontier
+    assert "1000.00×" in md and "500.00×" in md  # in the table, marked …
+    assert "12.00 % is within 5 points of chance (10.00 %)" in md and "all-zero weight in fc1" in md
+    assert "| sws → quantize | 10.00× @ 90.00%, 20.00× @ 85.00% |" in md  # … on no frontier
+    with open(tmp_path / "out" / "results.csv") as f:
+        marked = {Path(r["run"]).name: bool(r["collapsed"]) for r in csv.DictReader(f)}
+    assert marked == {"a": False, "b": False, "c": True, "d": True}
+
+    fig = pareto_figure(runs, "digits", "lenet5", method_colours(["sws → quantize"]))
+    params_axis = fig.axes[0]
+    assert params_axis.get_xlim() == pytest.approx((10 / 1.25, 20 * 1.25))  # not to 1000×
+    assert params_axis.get_ylim() == pytest.approx((84.5, 90.5))  # not down to 12 %
+    assert all(max(line.get_xdata()) <= 20 for line in params_axis.lines)
+    assert "2 collapsed run(s) left out" in fig.texts[0].get_text()
+
+
+def test_params_ratio_is_structural_and_the_non_zero_ratio_a_column_of_its_own(tmp_path):
+    _fake_run(tmp_path, "ssl", "ssl", "prune", 90.0, 200,
+              compression={"params_ratio": 10.8, "nonzero_fraction": 1 / 10.8})
+    main([str(tmp_path), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| params ratio | non-zero ratio |" in md
+    assert "| 5.00× | 10.80× | 6.25× |" in md  # 1000 / 200 parameters, as the summary says
+    assert "5.00× @ 90.00%" in md  # the frontier's ratio is the same
+    with open(tmp_path / "out" / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert (row["params ratio"], row["non-zero ratio"], row["MACs ratio"]) == ("5.0", "10.8",
+                                                                                "6.25")
+    assert row["acc fine-tuned"] == "90.0" and row["collapsed"] == ""
+
+
+def test_the_plot_labels_each_point_and_gives_each_method_a_colour_of_its_own(tmp_path):
+    methods = ["none", *(f"reg{i}" for i in range(10))]  # 11: more than matplotlib's cycle
+    for regularizer in methods:
+        for lam in (1, 2):
+            _fake_run(tmp_path, f"{regularizer}_{lam}", regularizer, "svd", 90.0 - lam,
+                      100 * lam, ["experiment=x", f"regularizer={regularizer}",
+                                  f"regularizer.lam={lam}"])
+    runs = find_runs([tmp_path])
+    colours = method_colours(sorted({r.method for r in runs}))
+    params_axis = pareto_figure(runs, "digits", "lenet5", colours).axes[0]
+    assert sorted(t.get_text() for t in params_axis.texts) == ["lam=1"] * 11 + ["lam=2"] * 11
+    assert len({line.get_color() for line in params_axis.lines}) == 11
+    assert [line.get_linestyle() for line in params_axis.lines].count("--") == 1  # none → svd
 
 
 @pytest.mark.parametrize("form, column", [("onnxruntime", "ORT"), ("inductor", "Inductor")])
@@ -67,7 +121,7 @@ def test_report_shows_a_deployed_form_s_efficiency_where_a_run_measured_it(tmp_p
     assert "| 0.37 | 0.81 | 0.93 | 1.04 |" in md and "| 0.37 | 0.81 | — | — |" in md
     assert md.count("efficiency b1") == 2  # the eager column and this form's only
     with open(tmp_path / "out" / "results.csv") as f:
-        assert {r[f"{column} efficiency bN"] for r in csv.DictReader(f)} == {"1.04", "—"}
+        assert {r[f"{column} efficiency bN"] for r in csv.DictReader(f)} == {"1.04", ""}
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -77,9 +131,10 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_report_on_a_fake_sweep(tmp_path):
     sweep = tmp_path / "multirun"
-    _fake_run(sweep, "0", "lowrank", "svd", 97.0, 100, ["regularizer.lam=1"])
-    _fake_run(sweep, "1", "lowrank", "svd", 95.0, 50, ["regularizer.lam=5"])
-    _fake_run(sweep, "2", "none", "svd", 96.0, 200, ["regularizer=none", "compress.rank=8"])
+    _fake_run(sweep, "0", "lowrank", "svd", 97.0, 100, ["experiment=x", "regularizer.lam=1"])
+    _fake_run(sweep, "1", "lowrank", "svd", 95.0, 50, ["experiment=x", "regularizer.lam=5"])
+    _fake_run(sweep, "2", "none", "svd", 96.0, 200,
+              ["experiment=x", "regularizer=none", "compress.rank=8"])
     _fake_run(sweep, "3", "lowrank", "svd", 0, 0, ["regularizer.lam=-1"], status="failed")
     (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that died before writing results
 
@@ -87,7 +142,7 @@ def test_report_on_a_fake_sweep(tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "lowrank → svd" in md and "none → svd" in md
     assert "10.00×" in md and "20.00×" in md  # params ratios 1000/100, 1000/50
-    assert "regularizer.lam=5" in md
+    assert "| regularizer.lam=5 |" in md and "experiment=x" not in md  # what differs only
     assert "| 0.37 | 0.81 |" in md  # realization efficiency at batch 1 and batch N
     assert "ORT efficiency" not in md and "Inductor efficiency" not in md  # none measured
     assert "Failed or incomplete runs" in md and "out of range" in md and "no results.json" in md
@@ -95,16 +150,20 @@ def test_report_on_a_fake_sweep(tmp_path):
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {r["method"] for r in rows} == {"lowrank → svd", "none → svd"}
+    assert {r["overrides"] for r in rows} >= {"experiment=x regularizer.lam=5"}  # every one
     assert (tmp_path / "out" / "pareto_digits_lenet5.png").stat().st_size > 10_000
 
 
-def test_settings_keep_only_what_tells_the_runs_apart():
-    runs = [Run(Path(str(i)), "completed", setting=f"experiment=cmp model=lenet5 init_from=a/b "
-                f"regularizer=lowrank regularizer.lam={lam}") for i, lam in enumerate((1, 5))]
-    assert [r.setting for r in distinguishing_settings(runs)] == ["regularizer.lam=1",
-                                                                  "regularizer.lam=5"]
-    single = distinguishing_settings(runs[:1])[0]
-    assert single.setting == "experiment=cmp regularizer.lam=1"  # nothing to compare with
+def test_settings_keep_only_what_differs_between_runs_of_a_dataset_and_model():
+    common = "experiment=cmp model=lenet5 init_from=a/b regularizer=lowrank schedule.epochs=3"
+    runs = [Run(Path(str(i)), "completed", model="lenet5", overrides=f"{common} {extra}")
+            for i, extra in enumerate(("regularizer.lam=1", "regularizer.lam=5",
+                                       "regularizer.lam=5 schedule.optimizer=adam"))]
+    runs.append(Run(Path("3"), "completed", model="lenet300", overrides=common))
+    assert [r.setting for r in distinguishing_settings(runs)] == [
+        "regularizer.lam=1", "regularizer.lam=5", "regularizer.lam=5 schedule.optimizer=adam",
+        ""]  # the lenet300 run has no other to differ from
+    assert distinguishing_settings(runs[:1])[0].setting == ""
 
 
 def test_report_refuses_an_empty_directory(tmp_path):

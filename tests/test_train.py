@@ -12,8 +12,9 @@ import torch
 from compaware import bench, checkpoint, export, loop
 from compaware.config import CONF_DIR, UserError, instantiate
 from compaware.data import DataInfo
+from compaware.layers import dead_layers
 from compaware.models import build_model
-from compaware.summary import format_summary
+from compaware.summary import collapse_reason, format_summary
 from compaware.train import train
 from tests.test_inference import ValueDependent
 
@@ -61,6 +62,10 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
     assert set(on_disk["seconds"]) == {"train", "compress", "finetune", "bench"}
     assert on_disk["config"]["regularizer"]["_target_"].endswith("LowRank")
     assert on_disk["compression"]["details"]["fc1"]["rank"] == 2
+    assert on_disk["collapsed"] is (on_disk["collapse_reason"] is not None)  # rank 2: maybe
+    nonzero = on_disk["compression"]["nonzero_params"]
+    assert 0 < nonzero <= on_disk["params"]["compressed"]
+    assert f"non-zero {nonzero:,}" in " ".join(format_summary(on_disk).split())
     assert any(event.name.startswith("events") for event in (tmp_path / "run" / "tb").iterdir())
 
 
@@ -129,9 +134,36 @@ def test_no_deployed_form_leaves_the_other_results(monkeypatch, caplog):
     assert "bench.inductor=true, but there is no latency compiled by TorchInductor" in caplog.text
 
 
+def test_a_run_whose_weights_are_all_pruned_is_recorded_as_collapsed(make_cfg, capsys,
+                                                                       caplog):
+    results = train(make_cfg("compress=magnitude", "compress.q=100", "bench.latency=false"))
+    assert results["collapsed"] is True
+    assert "within 5 points of chance" in results["collapse_reason"]  # one class for every image
+    assert "in conv1, conv2, fc1, fc2" in results["collapse_reason"]  # every weight zero
+    assert f"COLLAPSED: {results['collapse_reason']}" in capsys.readouterr().out
+    assert "The run collapsed" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # Linear(3, 0)
+def test_a_layer_without_units_or_with_an_all_zero_weight_is_dead():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 0),
+                                torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(2, 2))
+    torch.nn.init.zeros_(model[2].weight)
+    assert dead_layers(model) == ["1", "2"]
+    at_chance = {"accuracy": {"compressed": 14.0, "finetuned": None},
+                 "config": {"data": {"num_classes": 10}}}
+    assert "14.00 % is within 5 points of chance (10.00 %)" in collapse_reason(at_chance)
+    learned = {"accuracy": {"compressed": 14.0, "finetuned": 15.1},
+               "config": {"data": {"num_classes": 10}}}
+    assert collapse_reason(learned) is None
+    assert collapse_reason(learned, ["1", "2"]) == "no units or an all-zero weight in 1, 2"
+
+
 def test_finetune_epochs_zero_skips_finetuning(make_cfg):
     results = train(make_cfg("schedule.finetune_epochs=0", "bench.latency=false"))
     assert results["accuracy"]["finetuned"] is None
+    assert results["accuracy"]["compressed"] > 30 and results["collapsed"] is False  # judged on it
+    assert results["collapse_reason"] is None and "COLLAPSED" not in format_summary(results)
     assert results["latency_ms"] == {"cpu": None, "cuda": None, "onnxruntime": None,
                                      "inductor": None}
     for form in ("onnxruntime", "inductor"):
