@@ -153,10 +153,13 @@ def pick_device(choice: Device) -> torch.device:
 
 
 def objective(results: dict, spec: ObjectiveConfig) -> float:
-    """Final accuracy + weight × log2(compression ratio): what sweepers maximise."""
+    """Final accuracy + weight × log2(compression ratio): what sweepers maximise. A collapsed
+    run scores its accuracy alone: its ratio measures no trade-off and must not win."""
+    accuracy = final_accuracy(results["accuracy"])
+    if results["collapsed"]:
+        return accuracy
     section = results[spec.ratio]
-    ratio = section["dense"] / section["compressed"]
-    return final_accuracy(results["accuracy"]) + spec.weight * math.log2(ratio)
+    return accuracy + spec.weight * math.log2(section["dense"] / section["compressed"])
 
 
 def config_choices() -> dict[str, str]:

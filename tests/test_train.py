@@ -142,6 +142,7 @@ def test_a_run_whose_weights_are_all_pruned_is_recorded_as_collapsed(make_cfg, c
     assert "in conv1, conv2, fc1, fc2" in results["collapse_reason"]  # every weight zero
     assert f"COLLAPSED: {results['collapse_reason']}" in capsys.readouterr().out
     assert "The run collapsed" in caplog.text
+    assert results["objective"] == results["accuracy"]["finetuned"]  # no reward for its ratio
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # Linear(3, 0)
