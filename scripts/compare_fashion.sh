@@ -55,7 +55,7 @@ commands() {  # one line per run: <dir> <overrides...>
          "regularizer.channel=0.03 regularizer.lam=$lam compress=prune schedule.finetune_mask=true"
   done
   for tau in 0.005 0.05; do  # the paper's optimiser (Adam, the tutorial's lr); no fine-tuning
-    echo "$m/sws_$tau model=$m $pre regularizer=sws regularizer.tau=$tau compress=quantize" \
+    echo "$m/sws_$tau model=$m $pre regularizer=sws regularizer.lam=$tau compress=quantize" \
          "schedule.optimizer=adam schedule.lr=5e-4 schedule.lr_schedule=constant" \
          "schedule.finetune_epochs=0"
   done

@@ -3,6 +3,7 @@ safety, its learnable state, and the quantization that follows it."""
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from pathlib import Path
@@ -63,7 +64,31 @@ def test_negative_log_prior_matches_torch_distributions():
     got = prior.negative_log_prior(model)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-2)
     assert mixture.log_pis.exp()[0].item() == pytest.approx(0.99)
-    assert prior.penalty(model).item() == pytest.approx(0.003 / 1000 * got.item())
+    assert prior.penalty(model).item() == pytest.approx(0.5 / len(weights) * got.item())
+
+
+def test_strength_means_the_same_whatever_the_dataset_and_model_size():
+    """lam weighs the mean −log p of a weight: twice the weights, each as likely, give the same
+    penalty (with flat hyper-priors, whose few terms do not grow with the weights), and the
+    dataset's size does not enter it."""
+    narrow = _model()
+    doubled = nn.Sequential(narrow, copy.deepcopy(narrow))  # twice the weights, each as likely
+    other = DataInfo("synthetic", 1, 8, 10, train_size=50_000)
+    flat = {"gamma_zero": [1.0, 1e-9], "gamma": [1.0, 1e-9], "init_std": 0.1}
+    prior, twice, bigger_data = (SoftWeightSharing(components=4, init_range=[-0.3, 0.3], **flat)
+                                 for _ in range(3))
+    prior.setup(narrow, INFO)
+    bigger_data.setup(narrow, other)
+    twice.setup(doubled, INFO)
+    assert bigger_data.penalty(narrow).item() == pytest.approx(prior.penalty(narrow).item())
+    assert twice.penalty(doubled).item() == pytest.approx(prior.penalty(narrow).item(), rel=1e-5)
+
+
+def test_precisions_start_at_their_hyper_priors_mode():
+    prior = _prior(_model())
+    stds = prior.mixture().stds
+    torch.testing.assert_close(stds, torch.full_like(stds, 0.02), rtol=3e-3, atol=0)
+    assert _prior(_model(), init_std=0.25).mixture().stds[3].item() == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("far", [0.0, 40.0], ids=["near", "far"])
@@ -206,7 +231,6 @@ def test_means_start_over_the_weights_range_or_the_configured_one():
     assert prior.means[-1].item() == pytest.approx(weights.max().item())
     assert _prior(model, init_range=[-0.6, 0.6]).means.tolist() == pytest.approx(
         [-0.6, -0.2, 0.2, 0.6])
-    assert prior.mixture().stds.tolist() == pytest.approx([0.25] * 5)
     assert len(_prior(model, biases=False).flat_weights(model)) == 64 * 20 + 20 * 10
 
 
@@ -236,7 +260,7 @@ def test_stats_and_figure():
 
 
 @pytest.mark.parametrize(("kwargs", "option"), [
-    ({"tau": -1}, "regularizer.tau"),
+    ({"lam": -1}, "regularizer.lam"),
     ({"pi_zero": 1}, "regularizer.pi_zero"),
     ({"pi_zero": 0}, "regularizer.pi_zero"),
     ({"components": 0}, "regularizer.components"),

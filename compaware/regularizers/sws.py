@@ -2,10 +2,14 @@
 
 A pre-trained network is retrained under a learned Gaussian-mixture prior over its weights,
 
-    loss = cross-entropy + tau/N · (−log p(w) − Σ_j log Gamma(λ_j | α, β)),
+    loss = mean cross-entropy + lam/P · (−log p(w) − Σ_j log Gamma(λ_j | α, β)),
     p(w) = Π_i Σ_{j=0..J} π_j N(w_i | μ_j, 1/λ_j),
 
-N the training-set size. Component 0 is the zero component: μ_0 = 0 and π_0 fixed; the
+P the number of weights under the prior: ``lam`` weighs the mean negative log-prior of a
+weight against the mean cross-entropy of a sample, so its meaning depends neither on the
+dataset's size nor on the model's. The paper writes the same term as τ/N · (−log p(w)), N
+the training-set size: lam = τ·P/N (the authors' tutorial, τ = 0.003 with 642,460 weights
+and 60,000 images, is lam = 0.032). Component 0 is the zero component: μ_0 = 0 and π_0 fixed; the
 other means, the log-precisions γ_j = log λ_j and the mixing logits are learned, each with its
 own learning rate, as the authors' tutorial does. The weights cluster around the means and
 most of them around zero, so ``compress=quantize`` can then snap every weight to a mean.
@@ -283,10 +287,11 @@ class _NegLogMixture(torch.autograd.Function):
 class SoftWeightSharing(Regularizer):
     """``regularizer=sws``: the mixture prior over the selected layers' weights (and biases).
 
-    ``tau`` is the strength τ (the prior is divided by the training-set size N, given by
-    ``setup``); ``components`` the number J of learned components besides the zero one, whose
-    mixing proportion is fixed at ``pi_zero``. Means start evenly spaced over ``init_range``
-    (default: the range of the weights at the start of retraining), all stds at ``init_std``.
+    ``lam`` is the strength (see the module's docstring); ``components`` the number J of
+    learned components besides the zero one, whose mixing proportion is fixed at ``pi_zero``.
+    Means start evenly spaced over ``init_range`` (default: the range of the weights at the
+    start of retraining), every std at ``init_std`` (default: the mode of its Gamma
+    hyper-prior, σ = √(β/(α−1)), 0.02 for the tutorial's hyper-priors).
     ``gamma_zero`` and ``gamma`` are the (α, β) of the Gamma hyper-priors on the zero
     component's precision and the others'. The weights learn at the stage's lr
     (``schedule.lr``), the means, log-precisions and mixing logits at ``lr_means``,
@@ -303,15 +308,14 @@ class SoftWeightSharing(Regularizer):
     every = "step"  # prox: keep the log-precisions within LOG_PRECISION_RANGE
     needs_pretrained = True
 
-    def __init__(self, tau: float = 0.003, components: int = 16, pi_zero: float = 0.99,
+    def __init__(self, lam: float = 0.5, components: int = 16, pi_zero: float = 0.99,
                  biases: bool = True, init_range: list[float] | None = None,
-                 init_std: float = 0.25, gamma_zero: list[float] = (5000.0, 2.0),
+                 init_std: float | None = None, gamma_zero: list[float] = (5000.0, 2.0),
                  gamma: list[float] = (250.0, 0.1), lr_means: float = 1e-4,
                  lr_log_precisions: float = 3e-3, lr_mixing: float = 3e-3,
                  chunk_size: int | None = None, kernel: str = "native", layers: str = "all",
                  skip_first: bool = False, skip_last: bool = False) -> None:
-        check_range("regularizer.tau", tau, 0)
-        super().__init__(tau, layers, skip_first, skip_last)
+        super().__init__(lam, layers, skip_first, skip_last)
         check_range("regularizer.components", components, 1, integer=True)
         check_range("regularizer.pi_zero", pi_zero, 0, 1, low_open=True)
         if pi_zero == 1:
@@ -319,7 +323,8 @@ class SoftWeightSharing(Regularizer):
                             "regularizer.pi_zero takes a number in (0, 1).")
         self.init_range = None if init_range is None else _pair(
             "regularizer.init_range", init_range, "[low, high] with low < high", strict=True)
-        check_range("regularizer.init_std", init_std, 0, low_open=True)
+        if init_std is not None:
+            check_range("regularizer.init_std", init_std, 0, low_open=True)
         self.hyper_priors = [_pair(f"regularizer.{option}", value, "[alpha, beta] with "
                                    "alpha >= 1 and beta > 0 (a Gamma(alpha, beta) prior)")
                              for option, value in (("gamma_zero", gamma_zero), ("gamma", gamma))]
@@ -332,12 +337,12 @@ class SoftWeightSharing(Regularizer):
         check_choice("regularizer.kernel", kernel, KERNELS)
         if chunk_size is not None:
             check_range("regularizer.chunk_size", chunk_size, 1, integer=True)
-        self.tau, self.components, self.pi_zero = float(tau), int(components), float(pi_zero)
-        self.biases, self.init_std = bool(biases), float(init_std)
+        self.components, self.pi_zero = int(components), float(pi_zero)
+        self.biases, self.init_std = bool(biases), init_std
         self.chunk_size = chunk_size or (EAGER_CHUNK if kernel == "eager" else COMPILED_CHUNK)
         self.lrs = (lr_means, lr_log_precisions, lr_mixing)
         self.sums = mixture_sums(kernel, self.chunk_size)
-        self.train_size = 0
+        self.num_weights = 0
         self.means = self.log_precisions = self.mixing_logits = None
 
     # ------------------------------------------------------------------ the weights and state
@@ -359,13 +364,25 @@ class SoftWeightSharing(Regularizer):
         w = self.flat_weights(model).detach()
         low, high = self.init_range or (float(w.min()), float(w.max()))
         device = w.device
-        self.train_size = data.train_size
+        self.num_weights = len(w)
         self.means = torch.linspace(low, high, self.components, device=device)
-        self.log_precisions = torch.full((self.components + 1,),
-                                         -2 * math.log(self.init_std), device=device)
+        self.log_precisions = self.initial_log_precisions().to(device)
         self.mixing_logits = torch.zeros(self.components, device=device)
         for t in self.state():
             t.requires_grad_()
+
+    def initial_log_precisions(self) -> Tensor:
+        """γ = log λ of the zero component and the others at the start: ``init_std``, or the
+        mode (α−1)/β of each one's Gamma hyper-prior. Starting at the mode matters: from a
+        std as wide as the weights' spread (the tutorial's 0.25), the zero component, which
+        holds π₀ of the mass, claims every weight, and its std shrinks only as fast as the
+        prior drags the weights to zero; meanwhile the wide learned components drift into
+        it, and the quantizer sends almost every weight to zero."""
+        (alpha0, beta0), (alpha, beta) = self.hyper_priors
+        if self.init_std is not None:
+            return torch.full((self.components + 1,), -2 * math.log(self.init_std))
+        modes = torch.tensor([(alpha0 - 1) / beta0] + [(alpha - 1) / beta] * self.components)
+        return modes.log().clamp(*LOG_PRECISION_RANGE)  # α = 1: mode 0, the widest std
 
     def state(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.means, self.log_precisions, self.mixing_logits
@@ -411,7 +428,7 @@ class SoftWeightSharing(Regularizer):
         return nll + ((1 - alphas) * gamma + betas * gamma.exp()).sum()
 
     def penalty(self, model: nn.Module) -> Tensor:
-        return self.tau / self.train_size * self.negative_log_prior(model)
+        return self.lam / self.num_weights * self.negative_log_prior(model)
 
     @torch.no_grad()
     def prox(self, model: nn.Module, step: float) -> None:
