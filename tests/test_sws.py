@@ -84,10 +84,16 @@ def test_strength_means_the_same_whatever_the_dataset_and_model_size():
     assert twice.penalty(doubled).item() == pytest.approx(prior.penalty(narrow).item(), rel=1e-5)
 
 
-def test_precisions_start_at_their_hyper_priors_mode():
-    prior = _prior(_model())
+def test_components_start_narrow_relative_to_the_weights():
+    model = _model()
+    prior = _prior(model)
     stds = prior.mixture().stds
-    torch.testing.assert_close(stds, torch.full_like(stds, 0.02), rtol=3e-3, atol=0)
+    expected = sws.INIT_STD_SHARE * prior.flat_weights(model).detach().std()
+    torch.testing.assert_close(stds, torch.full_like(stds, float(expected)), rtol=1e-5, atol=0)
+    with torch.no_grad():  # the same network at ten times the scale: ten times the stds
+        for p in model.parameters():
+            p.mul_(10)
+    assert _prior(model).mixture().stds[0].item() == pytest.approx(10 * stds[0].item())
     assert _prior(_model(), init_std=0.25).mixture().stds[3].item() == pytest.approx(0.25)
 
 
