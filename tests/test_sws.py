@@ -64,7 +64,7 @@ def test_negative_log_prior_matches_torch_distributions():
     got = prior.negative_log_prior(model)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-2)
     assert mixture.log_pis.exp()[0].item() == pytest.approx(0.99)
-    assert prior.penalty(model).item() == pytest.approx(0.5 / len(weights) * got.item())
+    assert prior.penalty(model).item() == pytest.approx(1.0 / len(weights) * got.item())
 
 
 def test_strength_means_the_same_whatever_the_dataset_and_model_size():

@@ -312,7 +312,7 @@ class SoftWeightSharing(Regularizer):
     every = "step"  # prox: keep the log-precisions within LOG_PRECISION_RANGE
     needs_pretrained = True
 
-    def __init__(self, lam: float = 0.5, components: int = 16, pi_zero: float = 0.99,
+    def __init__(self, lam: float = 1.0, components: int = 16, pi_zero: float = 0.99,
                  biases: bool = True, init_range: list[float] | None = None,
                  init_std: float | None = None, gamma_zero: list[float] = (5000.0, 2.0),
                  gamma: list[float] = (250.0, 0.1), lr_means: float = 1e-4,
