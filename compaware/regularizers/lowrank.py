@@ -79,7 +79,7 @@ class LowRank(ProximalRegularizer):
     def prox(self, model: nn.Module, step: float) -> None:
         for _, layer in self.layers(model):
             w = weight_matrix(layer)
-            w.copy_(shrink_singular_values(w.float(), step * self.lam).to(w.dtype))
+            w.copy_(shrink_singular_values(w.float(), step * self.ramp * self.lam).to(w.dtype))
 
     @torch.no_grad()
     def stats(self, model: nn.Module) -> dict[str, float]:
