@@ -146,6 +146,21 @@ def test_nuclear_prox_of_a_mostly_dead_layer():
             assert (result[~live] == 0).all() if matrix is w else (result[:, ~live] == 0).all()
 
 
+def test_nuclear_prox_where_eigh_returns_nan_on_finite_weights(monkeypatch):
+    """float32 ``eigh`` returned NaN eigenvectors, without an error, for a LeNet-300-100 fc1
+    whose rows SGL had shrunk to subnormal values (lowrank_sgl per step): the SVD does it."""
+    eigh = torch.linalg.eigh
+
+    def nan_vectors(gram):
+        values, vectors = eigh(gram)
+        return values, torch.full_like(vectors, float("nan"))
+
+    w = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    expected = shrink_singular_values(w, 0.5)
+    monkeypatch.setattr(torch.linalg, "eigh", nan_vectors)
+    torch.testing.assert_close(shrink_singular_values(w, 0.5), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_nuclear_prox_keeps_non_finite_weights_visible():
     w = torch.randn(4, 6)
     w[1, 2] = float("nan")

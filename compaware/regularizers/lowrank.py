@@ -44,20 +44,28 @@ def _shrink_rows(matrix: Tensor, threshold: float) -> Tensor:
     σ ≤ t is zeroed whatever its value, and the kept ones are accurate to float round-off of
     σ_max²/σ. Only the k kept directions enter the products (``eigh`` sorts σ ascending: they
     are the last k), so the projection costs k/n of a full one once training has made the
-    layer low-rank. Where ``eigh`` does not converge on finite weights (an ill-conditioned
-    Gram matrix: it happens even in float64), a float64 SVD of the matrix itself does it.
+    layer low-rank. Where ``eigh`` fails on finite weights (an ill-conditioned Gram matrix: it
+    does not converge, even in float64, or returns NaN without an error, as on rows that group
+    sparsity shrank to subnormal values), a float64 SVD of the matrix itself does it.
     """
     try:
         eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T)
     except torch.linalg.LinAlgError:
         if not torch.isfinite(matrix).all():
             raise
-        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-        return ((u * (s - threshold).clamp_min(0)) @ vh).to(matrix.dtype)
+        return _shrink_by_svd(matrix, threshold)
+    if not torch.isfinite(vectors).all() and torch.isfinite(matrix).all():
+        return _shrink_by_svd(matrix, threshold)
     s = eigenvalues.clamp_min(0).sqrt()
     first_kept = len(s) - int((s > threshold).sum())
     u, scale = vectors[:, first_kept:], 1 - threshold / s[first_kept:]
     return (u * scale) @ (u.T @ matrix)
+
+
+def _shrink_by_svd(matrix: Tensor, threshold: float) -> Tensor:
+    """The prox from a float64 SVD: slower than the Gram route, and works on any finite matrix."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return ((u * (s - threshold).clamp_min(0)) @ vh).to(matrix.dtype)
 
 
 def rank_of_spectrum(s: Tensor, tolerance: float = RANK_TOLERANCE) -> int:
