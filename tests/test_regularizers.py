@@ -161,6 +161,14 @@ def test_nuclear_prox_where_eigh_returns_nan_on_finite_weights(monkeypatch):
     torch.testing.assert_close(shrink_singular_values(w, 0.5), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_nuclear_prox_takes_rows_of_subnormal_values_for_dead_ones():
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    w[:3] = torch.finfo(torch.float32).tiny / 4  # subnormal: what SGL's shrinking leaves
+    result = shrink_singular_values(w, 0.1)
+    assert (result[:3] == 0).all()
+    torch.testing.assert_close(result[3:], shrink_singular_values(w[3:], 0.1))
+
+
 def test_nuclear_prox_keeps_non_finite_weights_visible():
     w = torch.randn(4, 6)
     w[1, 2] = float("nan")

@@ -23,11 +23,14 @@ def shrink_singular_values(matrix: Tensor, threshold: float) -> Tensor:
     Rows (or, for a tall matrix, columns) that are entirely zero, such as the dead units
     group sparsity leaves, stay zero under the prox, so only the live ones enter the
     computation: that makes it cheaper, and it keeps out the many exactly-zero eigenvalues
-    on which ``eigh`` fails to converge (see :func:`_shrink_rows`).
+    on which ``eigh`` fails (see :func:`_shrink_rows`). Rows that group sparsity has shrunk
+    to subnormal values count as zero: far below any threshold, they would only break
+    ``eigh``.
     """
     wide = matrix.shape[0] <= matrix.shape[1]
     rows = matrix if wide else matrix.T
-    live = (rows != 0).any(1)  # a NaN row is live: non-finite weights must not vanish
+    # "not all tiny" rather than "any large": a NaN row is live, non-finite weights must not vanish
+    live = ~(rows.abs() < torch.finfo(rows.dtype).tiny).all(1)
     shrunk = torch.zeros_like(rows)
     if live.any():
         shrunk[live] = _shrink_rows(rows[live], threshold)
