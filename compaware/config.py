@@ -102,6 +102,7 @@ class ScheduleConfig:
     epochs: int = 10
     finetune_epochs: int = 3
     lr: float = 0.05
+    strength_ramp: float = 0.3  # share of the regularized stage over which the strength rises
     finetune_lr: float | None = None  # None: lr × 0.1
     finetune_mask: bool = False  # keep the trained model's exact zeros at zero while fine-tuning
     batch_size: int = 64
@@ -207,6 +208,7 @@ def validate(cfg: DictConfig) -> None:
     check_range("schedule.epochs", s.epochs, 0, integer=True)
     check_range("schedule.finetune_epochs", s.finetune_epochs, 0, integer=True)
     check_range("schedule.lr", s.lr, 0, low_open=True)
+    check_range("schedule.strength_ramp", s.strength_ramp, 0, 1)
     if s.finetune_lr is not None:
         check_range("schedule.finetune_lr", s.finetune_lr, 0, low_open=True)
     check_range("schedule.batch_size", s.batch_size, 1, integer=True)

@@ -4,13 +4,15 @@ regularizer and fine-tuning the compressed model without it.
 One epoch::
 
     for x, y in batches:                      # order seeded by (seed, epoch), shared by the ranks
+        regularizer.ramp = ramp.at(step)      # the strength's warm-up (schedule.strength_ramp)
         loss = CE(model(x), y) + regularizer.penalty(model)        # under autocast (schedule.amp)
         if loss is not finite: schedule.on_nan decides: stop | skip_batch | restore
         loss.backward(); regularizer.after_backward(model)
         optimizer.step()                      # with N ranks, DDP averages the gradients
         if regularizer.every == "step": regularizer.prox(model, lr)
         if a preemption signal came: checkpoint this step and stop (compaware/preemption.py)
-    if regularizer.every == "epoch": regularizer.prox(model, t)   # t from lr (and steps)
+    if regularizer.every == "epoch": regularizer.prox(model, t)   # t = lr × steps, at the
+                                                                  # epoch's mean ramp
     scheduler.step(); evaluate; log; checkpoint (atomic, rank 0 only)
 
 Everything an epoch depends on is either in the checkpoint or derived from
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -51,6 +54,7 @@ class Stage:
     epochs: int
     lr: float
     regularizer: Regularizer
+    strength_ramp: float = 0.0  # share of the stage over which the strength rises to lam
 
     @property
     def prefix(self) -> str:
@@ -105,6 +109,31 @@ class Progress:
         return self.batches - self.skipped
 
 
+@dataclass(frozen=True)
+class StrengthRamp:
+    """The share of the regularizer's strength in force at each SGD step of a stage: (k + 1)/n
+    at its k-th step (counted from 0) for the first n steps, then 1.
+
+    A function of the step alone, so a resumed run, also one resumed mid-epoch, ramps exactly
+    as an uninterrupted one.
+    """
+
+    steps: int = 0  # n; 0: the whole strength from the first step
+
+    @classmethod
+    def over(cls, share: float, stage_steps: int) -> StrengthRamp:
+        """The ramp over ``share`` of a stage of ``stage_steps`` steps."""
+        return cls(math.ceil(share * stage_steps))
+
+    def at(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps) if self.steps else 1.0
+
+    def mean(self, first: int, count: int) -> float:
+        """The mean over steps ``first`` … ``first + count − 1``: the share in force of a
+        per-epoch prox, whose threshold sums those steps'."""
+        return sum(self.at(k) for k in range(first, first + count)) / max(count, 1)
+
+
 class NonFinite(Exception):
     """A NaN/Inf loss (or a prox on non-finite weights) at ``step``: schedule.on_nan decides."""
 
@@ -141,8 +170,9 @@ def autocast(amp: Amp, device: torch.device) -> torch.autocast:
 
 def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, device: torch.device,
                     steps: int, progress: Progress, writer: SummaryWriter, tag: str,
-                    first_step: int, desc: str) -> bool:
-    """Continue the epoch from ``progress`` (updated in place) up to ``steps`` batches.
+                    first_step: int, desc: str, ramp: StrengthRamp = StrengthRamp()) -> bool:
+    """Continue the epoch from ``progress`` (updated in place) up to ``steps`` batches, the
+    first of which is the stage's step ``first_step`` (for ``ramp`` and TensorBoard).
 
     Returns True when a preemption signal stopped it at a step boundary. A non-finite loss
     raises :class:`NonFinite`, unless ``schedule.on_nan=skip_batch`` skips the batch.
@@ -154,6 +184,8 @@ def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, devic
     for x, y in bar:
         if progress.batches == steps:
             break
+        step = first_step + progress.batches
+        regularizer.ramp = ramp.at(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if schedule.channels_last and x.dim() == 4:  # activations follow the input's layout;
             x = x.contiguous(memory_format=torch.channels_last)  # weights stay NCHW (proxes)
@@ -184,9 +216,10 @@ def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, devic
             _prox(training, regularizer.prox_step(optimizer.param_groups[0]["lr"], 1),
                   progress.batches)
 
-        step = first_step + progress.batches - 1
         writer.add_scalar(f"{tag}train/loss", loss.item(), step)
         writer.add_scalar(f"{tag}train/loss_reg", loss_reg.item(), step)
+        if ramp.steps:
+            writer.add_scalar(f"{tag}reg/ramp", regularizer.ramp, step)
         progress.loss += loss.item()
         progress.loss_reg += loss_reg.item()
         progress.correct += int((logits.argmax(1) == y).sum())
@@ -263,6 +296,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
     steps_per_epoch = len(train_loader(data, schedule.batch_size, seed, 0))
     if schedule.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, schedule.max_steps_per_epoch)
+    ramp = StrengthRamp.over(stage.strength_ramp, stage.epochs * steps_per_epoch)
     for epoch in range(start, stage.epochs):
         desc = f"{stage.name} {epoch + 1}/{stage.epochs}"
         restart = ((copy.deepcopy(training.state_dict()), replace(progress), rng)
@@ -276,12 +310,13 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                                    skip=progress.batches)
             try:
                 if train_one_epoch(training, batches, schedule, device, steps_per_epoch, progress,
-                                   writer, stage.prefix, epoch * steps_per_epoch, desc):
+                                   writer, stage.prefix, epoch * steps_per_epoch, desc, ramp):
                     _save(training, checkpoint_path, epoch, meta, progress)
                     raise preemption.Preempted(preemption.requested(),
                                                f"{desc}, after batch {progress.batches}",
                                                checkpoint_path)
                 if stage.regularizer.every == "epoch":
+                    stage.regularizer.ramp = ramp.mean(epoch * steps_per_epoch, progress.batches)
                     _prox(training, stage.regularizer.prox_step(lr, progress.steps),
                           progress.batches)
                 break
@@ -314,6 +349,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                  metrics["acc"], val_acc, lr, skipped, _summarize(stats))
         _save(training, checkpoint_path, epoch + 1, meta)
         progress, rng = Progress(), None
+    stage.regularizer.ramp = 1.0  # compression and the run's stats see the whole strength
 
 
 def _save(training: Training, path: Path, epoch: int, meta: dict,

@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> dict:
                                Regularizer()), s,
             checkpoint_path=run_dir / "checkpoints" / "pretrain.pt", **common)
         pretrained = evaluate(model, data, device) if s.pretrain_epochs else None
-        fit(model, data, Stage("train", s.epochs, s.lr, regularizer), s,
+        fit(model, data, Stage("train", s.epochs, s.lr, regularizer, s.strength_ramp), s,
             checkpoint_path=run_dir / "checkpoints" / "train.pt", **common)
     accuracy = {"pretrained": pretrained, "dense": evaluate(model, data, device)}
     # Compression, fine-tuning and the benchmark run once, on rank 0; other ranks stop here.

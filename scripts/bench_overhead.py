@@ -72,15 +72,16 @@ REGULARIZERS: dict[str, tuple[str, dict]] = {
     "l2": ("l2", {}),
     "l1": ("l1", {}),
     "lowrank (epoch)": ("lowrank", {}),
-    # lam / ~1000 steps: the per-epoch row's shrinkage spread over an epoch's steps. At the
-    # per-epoch lam, 5, the per-step proxes zero fc1 within 50 steps, and an eigensolver
-    # is faster on a collapsed spectrum than on the full-rank ones of real training.
-    "lowrank (step)": ("lowrank", {"every": "step", "lam": 0.005}),
+    # lam means the same per step as per epoch (docs/strengths.md): the default's proxes
+    # leave the spectrum full rank over these few steps, as in real training, where an
+    # eigensolver is slower than on a collapsed one.
+    "lowrank (step)": ("lowrank", {"every": "step"}),
     # The same on the convs alone (regularizer.layers=conv), the layers the paper's networks
     # (DecomposeMe, ResNet-50) are made of: LeNet-5's 500 × 800 fc1 is left out, and with it
     # the eigendecomposition of its 500 × 500 Gram matrix, most of the row above.
-    "lowrank (step, convs)": ("lowrank", {"every": "step", "lam": 0.005, "layers": "conv"}),
-    "sgl (epoch)": ("sgl", {}),
+    "lowrank (step, convs)": ("lowrank", {"every": "step", "layers": "conv"}),
+    "sgl (epoch)": ("sgl", {"every": "epoch"}),
+    "sgl (step)": ("sgl", {}),
     "lowrank_sgl (epoch)": ("lowrank_sgl", {}),
     "ssl (step)": ("ssl", {}),
     "sws": ("sws", {}),

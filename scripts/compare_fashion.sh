@@ -40,14 +40,17 @@ commands() {  # one line per run: <dir> <overrides...>
   local m=$1 pre="init_from=$OUT/$1/plain/checkpoints/pretrain.pt schedule.pretrain_epochs=0"
   local trained="init_from=$OUT/$1/plain/checkpoints/train.pt schedule.pretrain_epochs=0"
   trained="$trained schedule.epochs=0 regularizer=none"
-  for lam in 10 25 35 45 60; do
+  # Strengths at the objective's meaning (docs/strengths.md), larger than the defaults: 3
+  # epochs at lr 0.01 are a seventh of the defaults' calibration budget (Σ lr over the steps).
+  for lam in 0.06 0.16 0.22 0.29 0.38; do
     echo "$m/lowrank_$lam model=$m $pre regularizer=lowrank regularizer.lam=$lam compress=svd"
   done
-  for lam in 5 15 25 40; do  # tau=0.97: the nuclear norm needs ~30× the SGL term's strength
+  # tau=0.97: the nuclear norm needs ~30× the SGL term's strength
+  for lam in 0.03 0.1 0.16 0.25; do
     echo "$m/lowrank_sgl_$lam model=$m $pre regularizer=lowrank_sgl regularizer.lam=$lam" \
          "regularizer.tau=0.97 compress=prune+svd"
   done
-  for lam in 0.2 0.5 1.2 2.5 5; do
+  for lam in 0.003 0.006 0.012 0.025 0.05; do
     echo "$m/sgl_$lam model=$m $pre regularizer=sgl regularizer.lam=$lam compress=prune"
   done
   for lam in 0.1 0.2 0.5 1 2; do

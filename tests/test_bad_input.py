@@ -108,6 +108,8 @@ EXPLICIT = [
     (["schedule.epochs=-1"], ["schedule.epochs", ">= 0"]),
     (["schedule.pretrain_epochs=-2"], ["schedule.pretrain_epochs"]),
     (["schedule.lr=0"], ["schedule.lr", "> 0"]),
+    (["schedule.strength_ramp=1.5"], ["schedule.strength_ramp", "[0, 1]"]),
+    (["schedule.strength_ramp=-0.1"], ["schedule.strength_ramp", "[0, 1]"]),
     (["schedule.finetune_lr=-1"], ["schedule.finetune_lr"]),
     (["schedule.batch_size=0"], ["schedule.batch_size"]),
     (["schedule.momentum=1.5"], ["schedule.momentum", "[0, 1]"]),

@@ -41,7 +41,7 @@ NATURAL_COMPRESSOR = {"none": "svd", "l1": "svd", "l2": "svd", "lowrank": "svd",
 
 # Strengths at which a few training steps leave something to remove exactly in many models
 # (singular values soft-thresholded to zero), so that (a) often compresses for real.
-STRONG = {"lowrank": ["regularizer.lam=60"],
+STRONG = {"lowrank": ["regularizer.lam=30"],  # × lr × 2 steps: a threshold of 0.6
           # a mixture that, after a few steps from random weights, does not put every
           # weight in the zero component (a trained network's weights are wider)
           "sws": ["regularizer.init_std=0.01", "regularizer.pi_zero=0.5"]}

@@ -77,9 +77,24 @@ def test_bad_options_name_themselves(kwargs, option):
         LowRank(**kwargs)
 
 
-def test_per_step_prox_uses_lr_and_per_epoch_can_scale_by_steps():
+def test_a_per_epoch_prox_steps_lr_times_the_steps_unless_the_papers_reading_is_asked():
+    assert LowRank(lam=1).prox_step(0.1, 50) == pytest.approx(5.0)
     assert LowRank(lam=1, prox_step="lr").prox_step(0.1, 50) == pytest.approx(0.1)
-    assert LowRank(lam=1, prox_step="lr_x_steps").prox_step(0.1, 50) == pytest.approx(5.0)
+
+
+def test_one_per_epoch_prox_shrinks_as_much_as_the_per_step_proxes_it_stands_for():
+    """With no gradient in between, 10 proxes at t = lr are one at t = lr × 10: the
+    per-epoch prox's threshold is the per-step ones' sum, so lam means the same at both."""
+    torch.manual_seed(0)
+    per_step, per_epoch = LeNet5(), LeNet5()
+    per_epoch.load_state_dict(per_step.state_dict())
+    reg = LowRank(lam=0.5)
+    for _ in range(10):
+        reg.prox(per_step, reg.prox_step(0.01, 1))
+    reg.prox(per_epoch, reg.prox_step(0.01, 10))
+    for name, layer in reg.layers(per_step):
+        torch.testing.assert_close(layer.weight, dict(reg.layers(per_epoch))[name].weight,
+                                   atol=1e-5, rtol=1e-4)
 
 
 def _ranks_after_training(regularizer: Regularizer, tmp_path) -> dict[str, int]:
@@ -98,8 +113,7 @@ def _ranks_after_training(regularizer: Regularizer, tmp_path) -> dict[str, int]:
 @pytest.mark.parametrize("every", ["epoch", "step"])
 def test_training_with_the_nuclear_norm_lowers_rank(tmp_path, every):
     plain = _ranks_after_training(Regularizer(), tmp_path / "none")
-    lam = 8.0 if every == "epoch" else 1.0
-    lowrank = _ranks_after_training(LowRank(lam=lam, every=every), tmp_path / every)
+    lowrank = _ranks_after_training(LowRank(lam=1.0, every=every), tmp_path / every)
     assert plain["rank/fc1"] == 500
     assert all(0 < lowrank[k] <= plain[k] for k in plain)
     assert lowrank["rank/fc1"] < plain["rank/fc1"] / 2
@@ -130,6 +144,29 @@ def test_nuclear_prox_of_a_mostly_dead_layer():
             expected = (u * (s - 1e-4).clamp_min(0)) @ vh
             torch.testing.assert_close(result.double(), expected, atol=1e-6, rtol=0)
             assert (result[~live] == 0).all() if matrix is w else (result[:, ~live] == 0).all()
+
+
+def test_nuclear_prox_where_eigh_returns_nan_on_finite_weights(monkeypatch):
+    """float32 ``eigh`` returned NaN eigenvectors, without an error, for a LeNet-300-100 fc1
+    whose rows SGL had shrunk to subnormal values (lowrank_sgl per step): the SVD does it."""
+    eigh = torch.linalg.eigh
+
+    def nan_vectors(gram):
+        values, vectors = eigh(gram)
+        return values, torch.full_like(vectors, float("nan"))
+
+    w = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    expected = shrink_singular_values(w, 0.5)
+    monkeypatch.setattr(torch.linalg, "eigh", nan_vectors)
+    torch.testing.assert_close(shrink_singular_values(w, 0.5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nuclear_prox_takes_rows_of_subnormal_values_for_dead_ones():
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    w[:3] = torch.finfo(torch.float32).tiny / 4  # subnormal: what SGL's shrinking leaves
+    result = shrink_singular_values(w, 0.1)
+    assert (result[:3] == 0).all()
+    torch.testing.assert_close(result[3:], shrink_singular_values(w[3:], 0.1))
 
 
 def test_nuclear_prox_keeps_non_finite_weights_visible():

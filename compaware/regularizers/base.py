@@ -11,14 +11,23 @@ Where each hook runs (see ``compaware/loop.py``)::
     optimizer.step()
     regularizer.prox(model, step)                         # after the step if every=step,
                                                           # at the end of the epoch if every=epoch
+                                                          # (step: from lr, see prox_step)
     regularizer.stats(model)                              # end of epoch, logged to TensorBoard
     regularizer.figures(model)                            # end of epoch, TensorBoard images
 
 ``prox`` mutates the parameters in place under ``no_grad`` and ``after_backward`` their
-gradients; nothing else touches the model. A regularizer with learnable state (soft
-weight-sharing) creates it in ``setup`` (from the weights it starts from and the data),
-returns it from ``state_dict`` and its parameters from ``param_groups``, so it is optimised
-and checkpointed with the run.
+gradients; nothing else touches the model.
+
+The strength ``lam`` has one meaning for every method: the objective is the mean
+cross-entropy per sample + lam · r(θ). SGD on it takes a step of lr · lam · ∇r, proximal SGD
+a prox of lr · lam · r after each step, and a prox once per epoch one of (lr × the epoch's
+steps) · lam · r, the same threshold summed. None of these depends on the dataset's size or
+the steps per epoch. ``ramp`` scales the strength in force (the loop's warm-up,
+``schedule.strength_ramp``): every penalty, subgradient and prox threshold is multiplied by it.
+
+A regularizer with learnable state (soft weight-sharing) creates it in ``setup`` (from the
+weights it starts from and the data), returns it from ``state_dict`` and its parameters from
+``param_groups``, so it is optimised and checkpointed with the run.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ class Regularizer:
     """
 
     every: str | None = None  # when prox runs: "epoch", "step", or never
+    ramp: float = 1.0  # the share of the strength in force; the loop sets it before each step
     needs_pretrained = False  # a method that retrains a trained network (warned about otherwise)
 
     def __init__(self, lam: float = 0.0, layers: str = "all", skip_first: bool = False,
@@ -89,7 +99,7 @@ class Regularizer:
 
     def prox_step(self, lr: float, steps: int) -> float:
         """The step size of the prox after ``steps`` SGD steps at learning rate ``lr``."""
-        return lr
+        return lr * steps
 
     def stats(self, model: nn.Module) -> dict[str, float]:
         """Scalars to log at the end of each epoch (``reg/<key>``)."""
@@ -113,13 +123,15 @@ class Regularizer:
 class ProximalRegularizer(Regularizer):
     """A regularizer optimised by proximal steps, at ``every: epoch|step``.
 
-    ``prox_step`` chooses the step size t of the prox: ``lr`` (t = current learning rate,
-    the papers' reading) or ``lr_x_steps`` (t = lr × SGD steps since the last prox, so a
-    per-epoch prox shrinks as much as per-step proxes would over the epoch). PAPERS.md
-    lists this as uncertain, hence the choice.
+    ``prox_step`` chooses the step size t of the prox: ``lr_x_steps`` (t = lr × the SGD steps
+    since the last prox: a per-epoch prox shrinks as much as per-step proxes would over the
+    epoch, so lam is the strength of the objective above) or ``lr`` (t = the current learning
+    rate whatever the steps: the literal reading of the papers' once-per-epoch prox, kept for
+    their experiments' λ; its effect grows or shrinks with the steps per epoch). With
+    ``every: step`` both are t = lr.
     """
 
-    def __init__(self, lam: float, every: str = "epoch", prox_step: str = "lr",
+    def __init__(self, lam: float, every: str = "epoch", prox_step: str = "lr_x_steps",
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False) -> None:
         super().__init__(lam, layers, skip_first, skip_last)
         check_choice("regularizer.every", every, EVERY)

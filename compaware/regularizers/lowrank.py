@@ -23,11 +23,14 @@ def shrink_singular_values(matrix: Tensor, threshold: float) -> Tensor:
     Rows (or, for a tall matrix, columns) that are entirely zero, such as the dead units
     group sparsity leaves, stay zero under the prox, so only the live ones enter the
     computation: that makes it cheaper, and it keeps out the many exactly-zero eigenvalues
-    on which ``eigh`` fails to converge (see :func:`_shrink_rows`).
+    on which ``eigh`` fails (see :func:`_shrink_rows`). Rows that group sparsity has shrunk
+    to subnormal values count as zero: far below any threshold, they would only break
+    ``eigh``.
     """
     wide = matrix.shape[0] <= matrix.shape[1]
     rows = matrix if wide else matrix.T
-    live = (rows != 0).any(1)  # a NaN row is live: non-finite weights must not vanish
+    # "not all tiny" rather than "any large": a NaN row is live, non-finite weights must not vanish
+    live = ~(rows.abs() < torch.finfo(rows.dtype).tiny).all(1)
     shrunk = torch.zeros_like(rows)
     if live.any():
         shrunk[live] = _shrink_rows(rows[live], threshold)
@@ -44,20 +47,28 @@ def _shrink_rows(matrix: Tensor, threshold: float) -> Tensor:
     σ ≤ t is zeroed whatever its value, and the kept ones are accurate to float round-off of
     σ_max²/σ. Only the k kept directions enter the products (``eigh`` sorts σ ascending: they
     are the last k), so the projection costs k/n of a full one once training has made the
-    layer low-rank. Where ``eigh`` does not converge on finite weights (an ill-conditioned
-    Gram matrix: it happens even in float64), a float64 SVD of the matrix itself does it.
+    layer low-rank. Where ``eigh`` fails on finite weights (an ill-conditioned Gram matrix: it
+    does not converge, even in float64, or returns NaN without an error, as on rows that group
+    sparsity shrank to subnormal values), a float64 SVD of the matrix itself does it.
     """
     try:
         eigenvalues, vectors = torch.linalg.eigh(matrix @ matrix.T)
     except torch.linalg.LinAlgError:
         if not torch.isfinite(matrix).all():
             raise
-        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-        return ((u * (s - threshold).clamp_min(0)) @ vh).to(matrix.dtype)
+        return _shrink_by_svd(matrix, threshold)
+    if not torch.isfinite(vectors).all() and torch.isfinite(matrix).all():
+        return _shrink_by_svd(matrix, threshold)
     s = eigenvalues.clamp_min(0).sqrt()
     first_kept = len(s) - int((s > threshold).sum())
     u, scale = vectors[:, first_kept:], 1 - threshold / s[first_kept:]
     return (u * scale) @ (u.T @ matrix)
+
+
+def _shrink_by_svd(matrix: Tensor, threshold: float) -> Tensor:
+    """The prox from a float64 SVD: slower than the Gram route, and works on any finite matrix."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return ((u * (s - threshold).clamp_min(0)) @ vh).to(matrix.dtype)
 
 
 def rank_of_spectrum(s: Tensor, tolerance: float = RANK_TOLERANCE) -> int:
@@ -79,7 +90,7 @@ class LowRank(ProximalRegularizer):
     def prox(self, model: nn.Module, step: float) -> None:
         for _, layer in self.layers(model):
             w = weight_matrix(layer)
-            w.copy_(shrink_singular_values(w.float(), step * self.lam).to(w.dtype))
+            w.copy_(shrink_singular_values(w.float(), step * self.ramp * self.lam).to(w.dtype))
 
     @torch.no_grad()
     def stats(self, model: nn.Module) -> dict[str, float]:

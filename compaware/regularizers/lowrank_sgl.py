@@ -26,7 +26,7 @@ class LowRankSGL(SGL):
 
     def __init__(self, lam: float, tau: float = 0.5, alpha: float = 0.5,
                  lam_first: float | None = None, first_layers: int = 0, every: str = "epoch",
-                 prox_step: str = "lr", layers: str = "all", skip_first: bool = False,
+                 prox_step: str = "lr_x_steps", layers: str = "all", skip_first: bool = False,
                  skip_last: bool = True) -> None:
         super().__init__(lam, alpha, lam_first, first_layers, every, prox_step, layers,
                          skip_first, skip_last)
@@ -38,9 +38,10 @@ class LowRankSGL(SGL):
     @torch.no_grad()
     def prox(self, model: nn.Module, step: float) -> None:
         # A term with zero weight is skipped, not applied with a zero threshold: an SVD
-        # round trip is not bit-exact, and τ = 0 or 1 must be exactly sgl or lowrank.
+        # round trip is not bit-exact, and τ = 0 or 1 must be exactly sgl or lowrank. The
+        # nuclear part keeps its own ramp at 1: this one's ramp enters through its step.
         if self.tau > 0:
-            self.nuclear.prox(model, step)
+            self.nuclear.prox(model, self.ramp * step)
         if self.tau < 1:
             super().prox(model, (1 - self.tau) * step)
 

@@ -74,7 +74,7 @@ class SGL(ProximalRegularizer):
     """
 
     def __init__(self, lam: float, alpha: float = 0.5, lam_first: float | None = None,
-                 first_layers: int = 0, every: str = "epoch", prox_step: str = "lr",
+                 first_layers: int = 0, every: str = "epoch", prox_step: str = "lr_x_steps",
                  layers: str = "all", skip_first: bool = False, skip_last: bool = True) -> None:
         super().__init__(lam, every, prox_step, layers, skip_first, skip_last)
         check_range("regularizer.alpha", alpha, 0, 1)
@@ -104,7 +104,7 @@ class SGL(ProximalRegularizer):
     def prox(self, model: nn.Module, step: float) -> None:
         for index, units in enumerate(self.units(model)):
             groups = units.matrix()
-            lam = self.strength(index)
+            lam = self.ramp * self.strength(index)
             group_size = groups.shape[1]
             units.assign(sgl_prox(groups, step * self.alpha * lam,
                                   step * (1 - self.alpha) * lam * math.sqrt(group_size)))

@@ -119,7 +119,7 @@ class SSL(ProximalRegularizer):
 
     def __init__(self, filter: float = 0.0, channel: float = 0.0, shape: float = 0.0,
                  depth: float = 0.0, lam: float = 1.0, method: str = "subgradient",
-                 every: str = "step", prox_step: str = "lr", zero_threshold: float = 1e-4,
+                 every: str = "step", prox_step: str = "lr_x_steps", zero_threshold: float = 1e-4,
                  filter_bias: bool = True, layers: str = "all", skip_first: bool = False,
                  skip_last: bool = True) -> None:
         super().__init__(lam, every, prox_step, layers, skip_first, skip_last)
@@ -165,7 +165,8 @@ class SSL(ProximalRegularizer):
         self.active_families(model)
 
     @torch.no_grad()
-    def group_lasso(self, families: list[GroupFamily]) -> tuple[Tensor, Subgradient]:
+    def group_lasso(self, families: list[GroupFamily],
+                    lam: float) -> tuple[Tensor, Subgradient]:
         """lam · Σ strength · Σ‖w_g‖ over ``families``, and its subgradient: d/dw = w ·
         Σ lam · strength / ‖w_g‖ over the groups w belongs to (0 for a zero group), a sum
         that is a row factor (filter and depth groups) plus a column factor (channel and
@@ -176,7 +177,7 @@ class SSL(ProximalRegularizer):
         factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         terms = []
         for family in families:
-            strength = self.lam * self.strength[family.kind]
+            strength = lam * self.strength[family.kind]
             norms = family.norms(summaries)
             terms.append(strength * norms.sum())
             inverse = torch.where(norms > 0, strength / norms, 0)
@@ -197,7 +198,8 @@ class SSL(ProximalRegularizer):
         the loss, in one fused pass per weight (autograd's is three, and allocates)."""
         if self.method == "proximal":
             return super().penalty(model)
-        value, self._subgradient = self.group_lasso(self.active_families(model))
+        value, self._subgradient = self.group_lasso(self.active_families(model),
+                                                    self.ramp * self.lam)
         return value
 
     @torch.no_grad()
@@ -212,7 +214,7 @@ class SSL(ProximalRegularizer):
         families = self.active_families(model)
         if self.method == "proximal":
             for family in families:
-                family.shrink_(step * self.lam * self.strength[family.kind])
+                family.shrink_(step * self.ramp * self.lam * self.strength[family.kind])
         grouped = {id(t): t for family in families for t, _ in family.members}
         for t in grouped.values():  # |w| ≤ zero_threshold → 0, in one in-place pass
             torch.hardshrink(t, self.zero_threshold, out=t)
@@ -229,5 +231,5 @@ class SSL(ProximalRegularizer):
         if blocks:
             stats["zero_blocks"] = sum(branch_is_zero(block) for _, block in blocks)
         kinds = tuple(kind for kind in KINDS if self.strength[kind] > 0)
-        stats["group_lasso"] = float(self.group_lasso(self.families(model, kinds))[0])
+        stats["group_lasso"] = float(self.group_lasso(self.families(model, kinds), self.lam)[0])
         return stats
