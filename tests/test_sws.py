@@ -84,6 +84,14 @@ def test_strength_means_the_same_whatever_the_dataset_and_model_size():
     assert twice.penalty(doubled).item() == pytest.approx(prior.penalty(narrow).item(), rel=1e-5)
 
 
+def test_the_strength_ramp_scales_the_prior():
+    model = _model()
+    prior = _prior(model)
+    full = prior.penalty(model).item()
+    prior.ramp = 0.25
+    assert prior.penalty(model).item() == pytest.approx(0.25 * full)
+
+
 def test_components_start_narrow_relative_to_the_weights():
     model = _model()
     prior = _prior(model)

@@ -435,7 +435,7 @@ class SoftWeightSharing(Regularizer):
         return nll + ((1 - alphas) * gamma + betas * gamma.exp()).sum()
 
     def penalty(self, model: nn.Module) -> Tensor:
-        return self.lam / self.num_weights * self.negative_log_prior(model)
+        return self.ramp * self.lam / self.num_weights * self.negative_log_prior(model)
 
     @torch.no_grad()
     def prox(self, model: nn.Module, step: float) -> None:
