@@ -220,7 +220,7 @@ def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple
 
 
 def compression_rates(dense: nn.Module, compressed: nn.Module, stored_bytes: int) -> dict:
-    """The rates of PAPERS.md H that do not need a clock: ``params_ratio`` = dense parameters /
+    """The rates of docs/methods.md that do not need a clock: ``params_ratio`` = dense parameters /
     non-zero parameters of the compressed model (Han 2015; ``nonzero_params``, the report's
     non-zero ratio, not its structural params ratio), ``nonzero_fraction`` = its
     inverse, ``storage_ratio`` = dense parameters at 32 bits / bits of the stored file

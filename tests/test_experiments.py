@@ -23,8 +23,8 @@ from compaware.train import train
 EXPERIMENT_DIR = Path(CONF_DIR) / "experiment"
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
 # configs that are not a paper's table row: the comparison's schedule and a search
-NOT_PAPERS = {"compare_fashion", "search_lowrank_lenet5"}
-PAPERS = [e for e in EXPERIMENTS if e not in NOT_PAPERS and not e.endswith("_cpu")]
+NOT_PAPER_CONFIGS = {"compare_fashion", "search_lowrank_lenet5"}
+PAPER_CONFIGS = [e for e in EXPERIMENTS if e not in NOT_PAPER_CONFIGS and not e.endswith("_cpu")]
 ON_THIS_MACHINE = {"fashion_mnist", "digits", "synthetic"}  # what a _cpu variant may use
 INSTALLED = {"digits", "synthetic"} | ({"fashion_mnist"} if Path(DEBIAN_FASHION_MNIST).is_dir()
                                        else set())  # .ci/run installs Fashion-MNIST
@@ -49,7 +49,7 @@ def test_experiment_composes_and_builds(make_cfg, experiment):
     assert f"experiment={experiment}" in header(experiment)  # the command that runs it
 
 
-@pytest.mark.parametrize("experiment", PAPERS)
+@pytest.mark.parametrize("experiment", PAPER_CONFIGS)
 def test_paper_config_names_its_cpu_variant_and_target(make_cfg, experiment):
     variants = [e for e in EXPERIMENTS if e.endswith("_cpu") and f"experiment={e}" in
                 header(experiment)]

@@ -58,7 +58,7 @@ COMPRESSOR_SETTINGS = {
 }
 
 # Compressors that keep the layers' shapes and make the model smaller in their own file
-# format (zeros and shared values, PAPERS.md E-F): MACs stay those of the dense layers, and
+# format (zeros and shared values, docs/methods.md): MACs stay those of the dense layers, and
 # (b) counts the non-zero parameters and the stored file's bytes instead.
 STORED = {"quantize"}
 

@@ -22,7 +22,7 @@ from compaware.residual import residual_blocks
 
 
 @pytest.mark.parametrize(("factory", "params", "macs"), [
-    (LeNet300, 266_610, 266_200),  # PAPERS.md G
+    (LeNet300, 266_610, 266_200),  # docs/methods.md
     (LeNet5, 431_080, 2_293_000),
 ])
 def test_lenet_sizes_match_the_papers(factory, params, macs):
@@ -86,7 +86,7 @@ def test_ssl_mlp_sizes():
 
 
 @pytest.mark.parametrize(("name", "params", "macs"), [
-    ("resnet50", 25_557_032, 4_089_184_256),  # PAPERS.md G: torchvision's published figures
+    ("resnet50", 25_557_032, 4_089_184_256),  # torchvision's published figures
     ("alexnet", 61_100_840, 714_188_480),
 ])
 def test_torchvision_counts_match_the_published_figures(name, params, macs):

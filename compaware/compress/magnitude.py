@@ -1,4 +1,4 @@
-"""Magnitude pruning (Han et al. 2015, "Learning both Weights and Connections"; PAPERS.md F).
+"""Magnitude pruning (Han et al. 2015, "Learning both Weights and Connections"; docs/methods.md).
 
 Per selected layer, every weight with |w| < q · std(W) becomes zero (biases are kept). The
 layers keep their shape, so the saving is in storage: the pruned model is written in the

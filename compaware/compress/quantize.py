@@ -1,11 +1,11 @@
 """Weight sharing: every weight of a layer becomes one of a few shared values.
 
 - ``compress=quantize`` is soft weight-sharing's post-processing (Ullrich et al. 2017,
-  PAPERS.md E): merge the mixture components learned by ``regularizer=sws`` whose KL
+  docs/methods.md): merge the mixture components learned by ``regularizer=sws`` whose KL
   divergence is below ``merge_kl`` (π-weighted mean and variance), set the mean closest to
   zero to 0, and set each weight (and bias, where the prior covered biases) to the mean of its
   most responsible component. Weights sent to 0 are pruned.
-- ``compress=kmeans`` is Deep Compression's weight sharing (Han et al. 2016, PAPERS.md F),
+- ``compress=kmeans`` is Deep Compression's weight sharing (Han et al. 2016; docs/methods.md),
   usable after any regularizer: per layer, 1-D k-means over the non-zero weights with linear
   initialisation, 2**bits − 1 shared values (code 0 is the zero of pruned weights); zeros stay
   zero, so it chains after ``compress=magnitude``. Fine-tuning then trains the shared values.

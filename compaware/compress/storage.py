@@ -1,4 +1,4 @@
-"""Han et al.'s sparse, weight-shared storage format (PAPERS.md F), as a real file.
+"""Han et al.'s sparse, weight-shared storage format (docs/methods.md), as a real file.
 
 The bit model (Han et al. 2015/2016, "Deep Compression"), which :func:`write` both predicts
 and writes, for each coded conv/linear layer, its weight seen as rows × columns

@@ -1,4 +1,4 @@
-"""Low-rank compression by truncated SVD (Alvarez & Salzmann 2017, PAPERS.md section B).
+"""Low-rank compression by truncated SVD (Alvarez & Salzmann 2017; docs/methods.md).
 
 A conv W (out, in, kh, kw), seen as out × (in·kh·kw) = U Σ Vᵀ, truncated to rank r,
 becomes two convs: r filters of in×kh×kw (√Σ Vᵀ, with the original stride, padding and

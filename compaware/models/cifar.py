@@ -1,4 +1,4 @@
-"""The CIFAR-10 networks of SSL (PAPERS.md sections D and G): ResNet-20/32 and the ConvNet.
+"""The CIFAR-10 networks of SSL (docs/methods.md, Wen et al. 2016): ResNet-20/32 and the ConvNet.
 
 Plain ``nn.Sequential`` of standard modules with named layers, like the LeNets, so they
 trace, export and prune, and stats read ``conv1``, ``layer2.0.conv1``…
@@ -90,16 +90,16 @@ class WithinChannelLRN(nn.Module):
 
 
 class SSLConvNet(nn.Sequential):
-    """SSL's CIFAR-10 ConvNet, Caffe's ``cifar10_full`` (PAPERS.md D): conv 32@5×5 →
+    """SSL's CIFAR-10 ConvNet, Caffe's ``cifar10_full`` (docs/methods.md): conv 32@5×5 →
     maxpool 3/2 → ReLU → LRN → conv 32@5×5 → ReLU → avgpool 3/2 → LRN → conv 64@5×5 → ReLU →
     avgpool 3/2 → fc 10.
 
     As in the official prototxt (``examples/cifar10/cifar10_full_train_test_kernel_shape``)
     every conv has padding 2 and pooling rounds up (Caffe's ceil mode), so 32×32 inputs go
     32 → 16 → 8 → 4 and the fc reads 64·4·4 = 1,024 features: 89,440 weights (89,578
-    parameters). PAPERS.md's 79,440 is not reachable by any padding (the convs alone hold
+    parameters). A count of 79,440 is not reachable by any padding (the convs alone hold
     79,200 weights, leaving 240 for an fc of 10 outputs); 89,440 − 79,440 = 10,000 suggests
-    a typo. The prototxt's dropout on the logits is left out (not in PAPERS.md).
+    a typo. The prototxt's dropout on the logits is left out (not in the layer list above).
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:

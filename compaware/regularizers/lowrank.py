@@ -1,4 +1,4 @@
-"""Nuclear-norm regularization (Alvarez & Salzmann 2017, PAPERS.md section B).
+"""Nuclear-norm regularization (Alvarez & Salzmann 2017; docs/methods.md).
 
 r(Θ) = lam · Σ_l ‖W_l‖_*, with each conv weight seen as out × (in·kh·kw). It is
 optimised by its proximal operator, singular-value soft-thresholding:

@@ -1,8 +1,8 @@
-"""Low rank and unit sparsity together (Alvarez & Salzmann 2017, PAPERS.md section B).
+"""Low rank and unit sparsity together (Alvarez & Salzmann 2017; docs/methods.md).
 
 r(Θ) = τ·lam·Σ_l ‖W_l‖_* + (1−τ)·SGL(Θ), where SGL is :class:`SGL` with its per-layer
-strengths λ_l (``lam``, ``lam_first``) and ℓ1 share ``alpha``. PAPERS.md marks the exact
-form as uncertain; this is its natural reading. The nuclear part uses the one strength
+strengths λ_l (``lam``, ``lam_first``) and ℓ1 share ``alpha``. The paper does not confirm the
+exact form; this is its natural reading. The nuclear part uses the one strength
 ``lam`` for every layer, as ``regularizer=lowrank`` does, so that τ = 1 is exactly
 ``lowrank`` and τ = 0 exactly ``sgl``.
 

@@ -1,4 +1,4 @@
-"""Sparse group lasso over units (Alvarez & Salzmann 2016, PAPERS.md section A).
+"""Sparse group lasso over units (Alvarez & Salzmann 2016; docs/methods.md).
 
 One group per output unit of each selected layer: a linear row or a conv filter (all its
 in-channels × kh × kw) with its bias. P_l is the group size of layer l and

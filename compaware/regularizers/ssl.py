@@ -1,4 +1,4 @@
-"""Structured Sparsity Learning (Wen et al. 2016, PAPERS.md section D): group lasso on
+"""Structured Sparsity Learning (Wen et al. 2016; docs/methods.md): group lasso on
 filters, channels, filter shapes and residual branches.
 
     r(W) = lam · Σ_kind strength_kind · Σ_groups ‖w_g‖₂      kind ∈ filter, channel, shape, depth

@@ -1,4 +1,4 @@
-"""Soft weight-sharing (Ullrich, Meeds & Welling 2017; PAPERS.md section E): ``regularizer=sws``.
+"""Soft weight-sharing (Ullrich, Meeds & Welling 2017; docs/methods.md): ``regularizer=sws``.
 
 A pre-trained network is retrained under a learned Gaussian-mixture prior over its weights,
 
