@@ -27,6 +27,7 @@ completed() { (grep -ls '"status": "completed"' "$OUT"/*/*/results.json || true)
 done_before=$(completed)
 
 run() {  # run <dir> <overrides...>: one training run, skipped when it already completed
+  [ -n "${1:-}" ] || return 0  # never clear $OUT itself (an empty line from a killed producer)
   local dir=$OUT/$1; shift
   grep -qs '"status": "completed"' "$dir/results.json" && return 0
   rm -rf "$dir"  # a failed or interrupted attempt: start it again
