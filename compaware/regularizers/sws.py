@@ -9,10 +9,12 @@ P the number of weights under the prior: ``lam`` weighs the mean negative log-pr
 weight against the mean cross-entropy of a sample, so its meaning depends neither on the
 dataset's size nor on the model's. The paper writes the same term as τ/N · (−log p(w)), N
 the training-set size: lam = τ·P/N (the authors' tutorial, τ = 0.003 with 642,460 weights
-and 60,000 images, is lam = 0.032). Component 0 is the zero component: μ_0 = 0 and π_0 fixed; the
-other means, the log-precisions γ_j = log λ_j and the mixing logits are learned, each with its
-own learning rate, as the authors' tutorial does. The weights cluster around the means and
-most of them around zero, so ``compress=quantize`` can then snap every weight to a mean.
+and 60,000 images, is lam = 0.032).
+
+Component 0 is the zero component: μ_0 = 0 and π_0 fixed; the other means, the
+log-precisions γ_j = log λ_j and the mixing logits are learned, each with its own learning
+rate, as the authors' tutorial does. The weights cluster around the means and most of them
+around zero, so ``compress=quantize`` can then snap every weight to a mean.
 
 −log p(w) is computed with the log-sum-exp trick, and its gradient in the same pass
 (:class:`_NegLogMixture`): on a CPU by a hand-written C kernel (``mixture.c``, block by block
