@@ -342,13 +342,19 @@ def method_colours(methods: list[str]) -> dict[str, tuple]:
 # The axes span the runs shown, padded so points and their labels sit inside: accuracy by
 # this share of its range (at least half a point), ratios by this factor (log axes).
 ACCURACY_PAD, RATIO_PAD = 0.05, 1.25
+# Runs more than this many points below the best stay in the table but below the accuracy
+# axis: a trade that costs that much is not one to compare, and a single such run would
+# squash every run worth comparing into a strip at the top.
+ACCURACY_WINDOW = 15.0
 
 
 def accuracy_limits(accuracies: list[float]) -> tuple[float, float]:
-    """The y axis: a little below the lowest accuracy shown to a little above the best.
-    Collapsed runs are not shown, and a run at chance is collapsed by definition, so no
-    such outlier can stretch the axis down and squash the runs worth comparing."""
-    low, high = min(accuracies), max(accuracies)
+    """The y axis: a little below the lowest accuracy shown, but no lower than
+    :data:`ACCURACY_WINDOW` points under the best, to a little above the best. Collapsed runs
+    are not shown (a run at chance is collapsed by definition), so no outlier can stretch
+    the axis down."""
+    high = max(accuracies)
+    low = max(min(accuracies), high - ACCURACY_WINDOW)
     pad = max(ACCURACY_PAD * (high - low), 0.5)
     return low - pad, high + pad
 
@@ -405,8 +411,12 @@ def pareto_figure(runs: list[Run], data: str, model: str,
     axes[0].set_ylabel("final accuracy (%)")
     axes[-1].legend(fontsize="small", loc="best")
     left_out = len(mine) - len(shown)
+    floor = max((r.accuracy for r in shown), default=0.0) - ACCURACY_WINDOW
+    below = sum(r.accuracy < floor for r in shown)
     fig.suptitle(f"{model} on {data}: accuracy vs compression (Pareto frontier per method)"
-                 + (f"; {left_out} collapsed run(s) left out" if left_out else ""))
+                 + (f"; {left_out} collapsed run(s) left out" if left_out else "")
+                 + (f"; {below} run(s) more than {ACCURACY_WINDOW:g} points under the best "
+                    f"below the axis" if below else ""))
     fig.tight_layout()
     return fig
 

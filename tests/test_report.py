@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from compaware.report import (
+    ACCURACY_WINDOW,
     Run,
     distinguishing_settings,
     find_runs,
@@ -75,6 +76,17 @@ def test_a_collapsed_run_is_marked_and_on_no_frontier_and_no_plot_axis(tmp_path)
     assert params_axis.get_ylim() == pytest.approx((84.5, 90.5))  # not down to 12 %
     assert all(max(line.get_xdata()) <= 20 for line in params_axis.lines)
     assert "2 collapsed run(s) left out" in fig.texts[0].get_text()
+
+
+def test_a_run_far_below_the_best_does_not_stretch_the_accuracy_axis(tmp_path):
+    _fake_run(tmp_path, "a", "lowrank", "svd", 90.0, 100)
+    _fake_run(tmp_path, "b", "lowrank", "svd", 86.0, 50)
+    _fake_run(tmp_path, "c", "lowrank", "svd", 61.0, 10)  # not collapsed, 29 points under
+    fig = pareto_figure(find_runs([tmp_path]), "digits", "lenet5",
+                        method_colours(["lowrank → svd"]))
+    low, high = fig.axes[0].get_ylim()
+    assert 90 - ACCURACY_WINDOW - 1 < low < 86 and high == pytest.approx(90 + 0.05 * 15)
+    assert "1 run(s) more than 15 points under the best below the axis" in fig.texts[0].get_text()
 
 
 def test_params_ratio_is_structural_and_the_non_zero_ratio_a_column_of_its_own(tmp_path):
