@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = ("PAPERS.md", "../shared")  # developers' private references, not part of the product
+# Developers' private references, not part of the product; spelt in pieces so that this file
+# does not cite them itself.
+OUTSIDE = ("PAPERS" + ".md", "../" + "shared")
 
 
 def tracked_files() -> list[Path]:
@@ -22,6 +24,6 @@ def tracked_files() -> list[Path]:
 
 def test_no_file_cites_a_document_outside_the_repository():
     citing = [str(path.relative_to(ROOT)) for path in tracked_files()
-              if path.is_file() and path.name != "test_repository.py"
+              if path.is_file()
               and any(name in path.read_text(errors="ignore") for name in OUTSIDE)]
     assert citing == []
