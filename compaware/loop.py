@@ -7,7 +7,7 @@ One epoch::
         regularizer.ramp = ramp.at(step)      # the strength's warm-up (schedule.strength_ramp)
         loss = CE(model(x), y) + regularizer.penalty(model)        # under autocast (schedule.amp)
         if loss is not finite: schedule.on_nan decides: stop | skip_batch | restore
-        loss.backward(); regularizer.after_backward(model)
+        loss.backward(); regularizer.after_backward(model); keep.after_backward(model)
         optimizer.step()                      # with N ranks, DDP averages the gradients
         if regularizer.every == "step": regularizer.prox(model, lr)
         if a preemption signal came: checkpoint this step and stop (compaware/preemption.py)
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from compaware import checkpoint, distributed, preemption
 from compaware.config import Amp, LrSchedule, OnNan, OptimizerName, ScheduleConfig, UserError
 from compaware.data import Data, test_loader, train_loader
+from compaware.keep import KeepStructure
 from compaware.regularizers import Regularizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Stage:
     lr: float
     regularizer: Regularizer
     strength_ramp: float = 0.0  # share of the stage over which the strength rises to lam
+    keep: KeepStructure | None = None  # fine-tuning: what compression made (compaware/keep.py)
 
     @property
     def prefix(self) -> str:
@@ -71,6 +73,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # loss scaling for schedule.amp=fp16 (disabled otherwise)
     regularizer: Regularizer
+    keep: KeepStructure | None = None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -210,6 +213,8 @@ def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, devic
         training.scaler.scale(loss).backward()
         training.scaler.unscale_(optimizer)  # (fp16) the hook sees the true gradients
         regularizer.after_backward(model)
+        if training.keep is not None:
+            training.keep.after_backward(model)
         training.scaler.step(optimizer)
         training.scaler.update()
         if regularizer.every == "step":
@@ -281,7 +286,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
     optimizer = make_optimizer(model, stage.regularizer, schedule, stage.lr)
     training = Training(model, model, optimizer, make_scheduler(optimizer, schedule, stage.epochs),
                         torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
-                        stage.regularizer)
+                        stage.regularizer, stage.keep)
     start, progress, rng = 0, Progress(), None
     if resume and checkpoint_path.exists():
         state = checkpoint.load(checkpoint_path)

@@ -63,6 +63,8 @@ def train(cfg: DictConfig) -> dict:
         retain_freed_memory()
     regularizer = instantiate(cfg.regularizer, "regularizer")
     compressor = instantiate(cfg.compress, "compress")
+    compressor.check_requires(regularizer.publishes,  # before training, not after it
+                              f"this run's regularizer, {type(regularizer).__name__}")
     device = distributed.setup(pick_device(cfg.device), cfg.schedule.batch_size)  # N processes
     run_dir = Path(distributed.broadcast(cfg.paths.run_dir))  # rank 0's, on every rank
     config = to_container(cfg)
@@ -107,14 +109,15 @@ def train(cfg: DictConfig) -> dict:
 
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     with timed(seconds, "compress"):
-        compressed, report = compressor(model, regularizer)
+        compressed, report = compressor(model, regularizer.artifacts(model))
     accuracy["compressed"] = evaluate(compressed, data, device)
 
     # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
     #    made (pruned weights stay zero, shared weights shared).
     with timed(seconds, "finetune"):
         finetune = Stage("finetune", s.finetune_epochs, s.finetune_lr or s.lr * 0.1,
-                         compressor.finetune_constraint(compressed, keep_zeros=s.finetune_mask))
+                         Regularizer(), keep=compressor.finetune_constraint(
+                             compressed, keep_zeros=s.finetune_mask))
         fit(compressed, data, finetune, s,
             checkpoint_path=run_dir / "checkpoints" / "finetune.pt", **common)
     accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from compaware.compress import KMeans, Magnitude
 from compaware.compress.quantize import kmeans_1d
-from compaware.compress.sparse import KeepStructure
 from compaware.config import UserError
+from compaware.keep import KeepStructure
 from compaware.models.lenet import LeNet5
 from compaware.train import train
 

@@ -19,11 +19,11 @@ from compaware.compress import Quantize, storage
 from compaware.config import ScheduleConfig, UserError
 from compaware.data import DataInfo, build_data
 from compaware.loop import evaluate, make_optimizer
+from compaware.mixture import Mixture
 from compaware.models import build_model
 from compaware.regularizers import L2, SoftWeightSharing, sws
 from compaware.regularizers.sws import (
     LOG_PRECISION_RANGE,
-    Mixture,
     _chunk_terms,
     _NegLogMixture,
     mixture_sums,
@@ -312,7 +312,7 @@ def test_quantize_snaps_every_weight_to_a_mixture_mean():
     with torch.no_grad():
         prior.means.copy_(torch.tensor([-0.2, -0.05, 0.1, 0.2]))
         prior.log_precisions.fill_(6.0)
-    compressed, report = Quantize()(model, prior)
+    compressed, report = Quantize()(model, prior.artifacts(model))
     values = torch.cat([p.reshape(-1) for p in compressed.parameters()]).unique()
     assert set(values.tolist()) <= {0.0, *prior.means.tolist()}
     assert report["mixture"]["after_merging"] == 5
@@ -332,16 +332,23 @@ def test_quantize_sets_the_mean_nearest_zero_to_zero():
         prior.means.copy_(torch.tensor([-0.2, 0.01, 0.1, 0.2]))
         prior.log_precisions.fill_(6.0)
         prior.log_precisions[0] = -4.0  # a zero component too wide to win anything
-    compressed, report = Quantize(merge_kl=1e9)(model, prior)  # no merge …
+    compressed, report = Quantize(merge_kl=1e9)(model, prior.artifacts(model))  # no merge …
     assert report["mixture"]["after_merging"] == 1  # … well, everything merges: mean → 0
     assert all((p == 0).all() for p in compressed.parameters())
-    compressed, report = Quantize()(model, prior)
+    compressed, report = Quantize()(model, prior.artifacts(model))
     assert 0.0 in report["mixture"]["means"] and 0.01 not in report["mixture"]["means"]
 
 
 def test_quantize_needs_the_mixture_of_sws():
     with pytest.raises(UserError, match="compress=kmeans"):
-        Quantize()(_model(), L2())
+        Quantize()(_model(), L2().artifacts(_model()))
+
+
+def test_a_run_pairing_quantize_with_another_regularizer_is_refused_before_training(make_cfg):
+    cfg = make_cfg("model=lenet300", "regularizer=l2", "compress=quantize")
+    with pytest.raises(UserError, match="no mixture comes from this run's regularizer, L2"):
+        train(cfg)
+    assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------------ whole runs

@@ -8,10 +8,13 @@ compaware. It also returns a report of what it did per layer, which ends up in
 
 Where each hook runs (see ``compaware/train.py``)::
 
-    compressor.prepare(regularizer)            # read the trained regularizer's state, if needed
-    compressed, report = compressor.compress(copy of the trained model)
+    compressor.check_requires(regularizer.publishes, source)  # at start: can this pair run?
+    compressed, report = compressor(trained model, regularizer.artifacts(model))
     fine-tune compressed under compressor.finetune_constraint(compressed)
     compressor.save(compressed, run_dir)       # its own storage format, if it has one
+
+Compressors know nothing of regularizers: what one needs from training (soft weight-sharing's
+mixture) comes as a named artifact, listed in ``requires``.
 
 Weight sharing and unstructured pruning keep the architecture: their model is smaller in
 storage, not in shape, so they own a file format (``save``) whose size is the reported
@@ -25,7 +28,8 @@ from pathlib import Path
 
 from torch import nn
 
-from compaware.regularizers import FrozenZeros, Regularizer
+from compaware.config import UserError
+from compaware.keep import KeepStructure
 
 Report = dict[str, dict]
 
@@ -33,24 +37,38 @@ Report = dict[str, dict]
 class Compressor:
     """``compress=none``: an unchanged copy (the dense model, benchmarked as "compressed")."""
 
-    def __call__(self, model: nn.Module,
-                 regularizer: Regularizer | None = None) -> tuple[nn.Module, Report]:
-        self.prepare(regularizer)
+    requires: tuple[str, ...] = ()  # artifacts of training it needs (Regularizer.publishes)
+
+    def __call__(self, model: nn.Module, artifacts: dict | None = None) -> tuple[nn.Module, Report]:
+        self.check_requires(tuple(artifacts or ()), "the artifacts given")
+        self.prepare(artifacts or {})
         return self.compress(copy.deepcopy(model))
 
-    def prepare(self, regularizer: Regularizer | None) -> None:
-        """Read what ``compress`` needs from the regularizer the model was trained with
-        (nothing here; soft weight-sharing's quantization reads its mixture)."""
+    def check_requires(self, published: tuple[str, ...], source: str) -> None:
+        """Stop with a clear message when ``source`` (a regularizer) publishes less than this
+        compressor requires: checked before training, not after it."""
+        missing = [key for key in self.requires if key not in published]
+        if missing:
+            raise UserError(self.missing_message(missing, source))
+
+    def missing_message(self, missing: list[str], source: str) -> str:
+        return (f"{type(self).__name__} needs what training learned ({', '.join(missing)}), "
+                f"but none of it comes from {source}.")
+
+    def prepare(self, artifacts: dict) -> None:
+        """Read what ``compress`` needs from the artifacts of training (nothing here; soft
+        weight-sharing's quantization reads its mixture)."""
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         """Compress ``model`` (a private copy, free to modify) and report per layer."""
         return model, {}
 
-    def finetune_constraint(self, model: nn.Module, keep_zeros: bool = False) -> Regularizer:
-        """What fine-tuning ``model`` (this compressor's output) must preserve, as a
-        regularizer for the fine-tuning stage: here nothing, or with ``keep_zeros``
-        (``schedule.finetune_mask``) every exact zero of ``model`` (SSL's frozen structure)."""
-        return FrozenZeros(model) if keep_zeros else Regularizer()
+    def finetune_constraint(self, model: nn.Module,
+                            keep_zeros: bool = False) -> KeepStructure | None:
+        """What fine-tuning ``model`` (this compressor's output) must preserve: here nothing,
+        or with ``keep_zeros`` (``schedule.finetune_mask``) every exact zero of ``model``
+        (SSL's frozen structure)."""
+        return KeepStructure.zeros(model) if keep_zeros else None
 
     def save(self, model: nn.Module, run_dir: Path) -> dict | None:
         """Store ``model`` in this compressor's own format inside ``run_dir``; return what was

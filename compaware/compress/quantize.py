@@ -21,48 +21,53 @@ from torch import Tensor, nn
 
 from compaware.compress.base import Report
 from compaware.compress.sparse import SparseCompressor, nonzero_fraction
-from compaware.config import UserError, check_range
-from compaware.regularizers import Regularizer, SoftWeightSharing
-from compaware.regularizers.sws import Mixture
+from compaware.config import check_range
+from compaware.mixture import Mixture
 
 
 class Quantize(SparseCompressor):
-    """``compress=quantize``: snap the weights to the mixture of ``regularizer=sws``.
+    """``compress=quantize``: snap the weights to the mixture ``regularizer=sws`` learned.
 
-    The layers (and whether biases are quantized) are the regularizer's.
+    The parameters quantized (and so the layers, and whether biases are) are those the prior
+    covered: the ``mixture`` artifact of training comes with their names.
     """
+
+    requires = ("mixture",)
 
     def __init__(self, merge_kl: float = 1e-10, entropy: str = "none") -> None:
         super().__init__(entropy=entropy)
         check_range("compress.merge_kl", merge_kl, 0)
         self.merge_kl = float(merge_kl)
-        self.prior: SoftWeightSharing | None = None
+        self.mixture: Mixture | None = None
+        self.parameters: list[str] = []
 
-    def prepare(self, regularizer: Regularizer | None) -> None:
-        if not isinstance(regularizer, SoftWeightSharing) or regularizer.means is None:
-            name = type(regularizer).__name__ if regularizer is not None else "none"
-            raise UserError(
-                f"compress=quantize snaps the weights to the Gaussian mixture learned by "
-                f"regularizer=sws, but this run's regularizer is {name}. Use regularizer=sws, "
+    def missing_message(self, missing: list[str], source: str) -> str:
+        return (f"compress=quantize snaps the weights to the Gaussian mixture learned by "
+                f"regularizer=sws, but no mixture comes from {source}. Use regularizer=sws, "
                 f"or compress=kmeans for post-hoc weight sharing after any regularizer.")
-        self.prior = regularizer
-        self.select = regularizer.select
-        self.shared_biases = regularizer.biases
+
+    def prepare(self, artifacts: dict) -> None:
+        self.mixture, self.parameters = artifacts["mixture"], list(artifacts["parameters"])
+        self.shared_biases = any(name.endswith(".bias") for name in self.parameters)
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        names = [name.removesuffix(".weight") for name in self.parameters
+                 if name.endswith(".weight")]
+        return [(name, model.get_submodule(name)) for name in names]
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
-        learned = self.prior.mixture()
-        merged = learned.merged(self.merge_kl)
+        merged = self.mixture.merged(self.merge_kl)
         means = merged.means.clone()
         means[means.abs().argmin()] = 0.0
         mixture = Mixture(means, merged.log_precisions, merged.log_pis)
-        for _, tensor in self.prior.tensors(model):
-            chosen = mixture.assign(tensor.reshape(-1), self.prior.chunk_size)
-            tensor.copy_(means[chosen].view_as(tensor))
+        for name in self.parameters:
+            tensor = model.get_parameter(name)
+            tensor.copy_(means[mixture.assign(tensor.reshape(-1))].view_as(tensor))
         report: Report = {name: {"nonzero_fraction": nonzero_fraction(layer.weight),
                                  "shared_values": int(layer.weight.unique().numel())}
-                          for name, layer in self.select(model)}
-        report["mixture"] = {"components": len(learned.means),
+                          for name, layer in self.layers(model)}
+        report["mixture"] = {"components": len(self.mixture.means),
                              "after_merging": len(means), "means": means.tolist()}
         return model, report
 

@@ -3,22 +3,21 @@ weights become zeros and (with sharing) a few distinct values per layer.
 
 Such a model is smaller in storage, not in shape, so these compressors write it in the
 sparse format of :mod:`compaware.compress.storage` (its size is ``bytes.compressed``), and
-fine-tune it under :class:`KeepStructure`, which keeps the zeros zero and the shared weights
-shared.
+fine-tune it under :class:`~compaware.keep.KeepStructure`, which keeps the zeros zero and the
+shared weights shared.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from compaware.compress import storage
 from compaware.compress.base import Compressor
 from compaware.config import check_choice
+from compaware.keep import KeepStructure
 from compaware.layers import LayerSelection
-from compaware.regularizers import Regularizer
 
 FILE_NAME = "model_compressed.cwsf"
 BIT_MODEL = ("Han et al. 2016: per coded layer a float32 codebook (entry 0 = 0.0), CSR with "
@@ -50,7 +49,11 @@ class SparseCompressor(Compressor):
         return {name: storage.LayerCoding(
                     "linear" if isinstance(layer, nn.Linear) else "conv", self.shared,
                     self.shared and self.shared_biases and layer.bias is not None)
-                for name, layer in self.select(model)}
+                for name, layer in self.layers(model)}
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The layers whose weights this compressor zeroes or shares."""
+        return self.select(model)
 
     def save(self, model: nn.Module, run_dir: Path) -> dict:
         stored = storage.write(model, self.codings(model), run_dir / FILE_NAME, self.entropy)
@@ -58,7 +61,7 @@ class SparseCompressor(Compressor):
                 "predicted_bytes": stored.predicted_bytes, "entropy": self.entropy,
                 "bit_model": BIT_MODEL}
 
-    def finetune_constraint(self, model: nn.Module, keep_zeros: bool = False) -> Regularizer:
+    def finetune_constraint(self, model: nn.Module, keep_zeros: bool = False) -> KeepStructure:
         """Zeros are always kept here (``keep_zeros`` changes nothing), and so is sharing."""
         groups = []
         for name, coding in self.codings(model).items():
@@ -68,47 +71,3 @@ class SparseCompressor(Compressor):
 
 def nonzero_fraction(tensor: Tensor) -> float:
     return float(tensor.count_nonzero()) / max(tensor.numel(), 1)
-
-
-class KeepStructure(Regularizer):
-    """Fine-tuning that keeps what compression made, by editing the gradients before each
-    optimizer step: pruned weights get a zero gradient and, with ``shared``, every member of a
-    shared value (within a group: a layer's weight, with its bias where that shares the
-    codebook) gets the sum of its members' gradients.
-
-    That sum is the gradient of the shared value itself (Deep Compression's centroid
-    fine-tuning). Since the members start equal and then see the same gradients, any
-    elementwise optimizer (SGD, momentum, Adam, weight decay) moves them identically: the
-    optimizer trains the shared value, and zeros stay exactly zero.
-    """
-
-    def __init__(self, model: nn.Module, groups: list[list[str]], shared: bool) -> None:
-        super().__init__()
-        self.groups, self.shared = groups, shared
-        self.zero: list[Tensor] = []  # per group: where its values are zero
-        self.keys: list[Tensor] = []  # shared: each value's index among the distinct values
-        with torch.no_grad():
-            for names in groups:
-                values = torch.cat([model.get_parameter(n).reshape(-1) for n in names])
-                self.zero.append(values == 0)
-                if shared:
-                    self.keys.append(torch.unique(values, return_inverse=True)[1])
-
-    @torch.no_grad()
-    def after_backward(self, model: nn.Module) -> None:
-        for i, names in enumerate(self.groups):
-            params = [model.get_parameter(n) for n in names]
-            grads = torch.cat([_grad(p).reshape(-1) for p in params])
-            if self.shared:
-                key = self.keys[i]
-                grads = grads.new_zeros(int(key.max()) + 1).index_add_(0, key, grads)[key]
-            zero = self.zero[i]
-            grads[zero] = 0
-            start = 0
-            for p in params:
-                p.grad = grads[start:start + p.numel()].view_as(p).clone()
-                start += p.numel()
-
-
-def _grad(param: nn.Parameter) -> Tensor:
-    return param.grad if param.grad is not None else torch.zeros_like(param)

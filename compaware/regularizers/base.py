@@ -14,6 +14,8 @@ Where each hook runs (see ``compaware/loop.py``)::
                                                           # (step: from lr, see prox_step)
     regularizer.stats(model)                              # end of epoch, logged to TensorBoard
     regularizer.figures(model)                            # end of epoch, TensorBoard images
+    regularizer.artifacts(model)                          # after training: what it learned,
+                                                          # handed to the compressor
 
 ``prox`` mutates the parameters in place under ``no_grad`` and ``after_backward`` their
 gradients; nothing else touches the model.
@@ -59,6 +61,7 @@ class Regularizer:
     every: str | None = None  # when prox runs: "epoch", "step", or never
     ramp: float = 1.0  # the share of the strength in force; the loop sets it before each step
     needs_pretrained = False  # a method that retrains a trained network (warned about otherwise)
+    publishes: tuple[str, ...] = ()  # the keys of artifacts(): what a compressor may require
 
     def __init__(self, lam: float = 0.0, layers: str = "all", skip_first: bool = False,
                  skip_last: bool = False) -> None:
@@ -107,6 +110,11 @@ class Regularizer:
 
     def figures(self, model: nn.Module) -> dict[str, Figure]:
         """Matplotlib figures to log at the end of each epoch (``reg/<key>`` images)."""
+        return {}
+
+    def artifacts(self, model: nn.Module) -> dict:
+        """What training learned besides the weights, for the compressor (the keys of
+        ``publishes``; soft weight-sharing's mixture). Nothing here."""
         return {}
 
     def param_groups(self, model: nn.Module) -> list[dict]:

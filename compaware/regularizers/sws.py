@@ -29,7 +29,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +39,11 @@ from torch.autograd.function import once_differentiable
 from compaware import native
 from compaware.config import UserError, check_choice, check_range
 from compaware.data import DataInfo
+from compaware.mixture import LOG_2PI, Mixture
 from compaware.regularizers.base import Regularizer
 
 log = logging.getLogger(__name__)
 
-LOG_2PI = math.log(2 * math.pi)
 KERNELS = ("native", "compiled", "eager")  # what computes the prior: regularizer.kernel
 MIXTURE_SOURCE = Path(__file__).with_name("mixture.c")
 EAGER_CHUNK, COMPILED_CHUNK = 16384, 1 << 17  # default weights per chunk of the torch kernels
@@ -63,55 +62,6 @@ LOG_PRECISION_RANGE = (-2 * math.log(10.0), -2 * math.log(1e-4))
 INIT_STD_SHARE = 0.4
 
 
-@dataclass
-class Mixture:
-    """A Gaussian mixture over scalars; component 0 is the zero component."""
-
-    means: Tensor
-    log_precisions: Tensor
-    log_pis: Tensor
-
-    @property
-    def stds(self) -> Tensor:
-        return (-0.5 * self.log_precisions).exp()
-
-    def log_weighted_densities(self, w: Tensor) -> Tensor:
-        """log π_j N(w_i | μ_j, σ_j²): one row per value of ``w``, one column per component."""
-        precision = self.log_precisions.exp()
-        log_norm = self.log_pis + 0.5 * (self.log_precisions - LOG_2PI)
-        return log_norm - 0.5 * precision * (w[:, None] - self.means) ** 2
-
-    def assign(self, w: Tensor, chunk_size: int) -> Tensor:
-        """The most responsible component of each value of ``w`` (chunked)."""
-        return torch.cat([self.log_weighted_densities(c).argmax(1)
-                          for c in w.split(chunk_size)])
-
-    def merged(self, max_kl: float) -> Mixture:
-        """Components whose KL divergence (either way) is below ``max_kl`` merged into one,
-        with π-weighted mean and variance and summed mixing proportion, transitively."""
-        mu, gamma = self.means, self.log_precisions
-        var = (-gamma).exp()
-        # KL(N_i ‖ N_j) = ½(γ_i − γ_j) + ½ λ_j (σ_i² + (μ_i − μ_j)²) − ½
-        kl = 0.5 * (gamma[:, None] - gamma) + 0.5 * gamma.exp() * (
-            var[:, None] + (mu[:, None] - mu) ** 2) - 0.5
-        close = (kl < max_kl) | (kl < max_kl).T
-        group = list(range(len(mu)))  # union-find over the "close" pairs
-        for i, j in close.nonzero().tolist():
-            root_i, root_j = _root(group, i), _root(group, j)
-            group[max(root_i, root_j)] = min(root_i, root_j)
-        roots = torch.tensor([_root(group, i) for i in range(len(mu))])
-        pis = self.log_pis.exp()
-        new_mu, new_var, new_pi = [], [], []
-        for root in roots.unique():
-            members = roots == root
-            share = pis[members] / pis[members].sum()  # exactly 1 for a lone component
-            new_pi.append(pis[members].sum())
-            new_mu.append((share * mu[members]).sum())
-            new_var.append((share * var[members]).sum())
-        return Mixture(torch.stack(new_mu), -torch.stack(new_var).log(),
-                       torch.stack(new_pi).log())
-
-
 def _pair(option: str, value, what: str, strict: bool = False) -> tuple[float, float]:
     """Two numbers from a config list; with ``strict`` the first must be below the second."""
     try:
@@ -122,12 +72,6 @@ def _pair(option: str, value, what: str, strict: bool = False) -> tuple[float, f
     if strict and not first < second:
         raise UserError(f"{option}={value!r} is not an increasing pair; {option} takes {what}.")
     return first, second
-
-
-def _root(group: list[int], i: int) -> int:
-    while group[i] != i:
-        i = group[i]
-    return i
 
 
 def _chunk_terms(w: Tensor, means: Tensor, precisions: Tensor, log_norms: Tensor,
@@ -313,6 +257,7 @@ class SoftWeightSharing(Regularizer):
 
     every = "step"  # prox: keep the log-precisions within LOG_PRECISION_RANGE
     needs_pretrained = True
+    publishes = ("mixture",)
 
     def __init__(self, lam: float = 1.0, components: int = 16, pi_zero: float = 0.99,
                  biases: bool = True, init_range: list[float] | None = None,
@@ -400,6 +345,11 @@ class SoftWeightSharing(Regularizer):
         """The current mixture, zero component first (a detached copy)."""
         with torch.no_grad():
             return self._mixture()
+
+    def artifacts(self, model: nn.Module) -> dict:
+        """The learned mixture and the parameters it covers (``compress=quantize`` snaps
+        them to its means)."""
+        return {"mixture": self.mixture(), "parameters": [name for name, _ in self.tensors(model)]}
 
     def _mixture(self) -> Mixture:
         means = torch.cat([self.means.new_zeros(1), self.means])
