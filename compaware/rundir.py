@@ -6,7 +6,12 @@ however it ends (even SIGKILL), so two processes can never write into one direct
 ``results.json`` records how the run ended: ``completed`` (written by the run),
 ``failed`` (with the error, so a sweep keeps a trace of its failed jobs) or
 ``preempted`` (a rerun in the same directory then resumes by itself, which is what a
-requeued SLURM job does).
+requeued SLURM job does). A start that failed before its first checkpoint holds nothing to
+continue: its directory is free for the corrected command.
+
+Hydra would write its record of the config (``.hydra/``) and open the log file before the
+run can check that the directory is its own; conf/config.yaml turns both off and
+:func:`open_record` writes them once it is.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import logging.handlers
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from compaware import checkpoint, distributed
 from compaware.config import UserError, to_container
@@ -25,6 +32,9 @@ from compaware.config import UserError, to_container
 log = logging.getLogger(__name__)
 
 _held: dict[Path, int] = {}  # the directories this process has claimed, with their lock file
+_log_file: logging.Handler | None = None  # the run's train.log, while it runs
+_held_back: logging.handlers.MemoryHandler | None = None  # what was logged before it opened
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
 class RunDirInUse(UserError):
@@ -69,10 +79,15 @@ def check(run_dir: Path, resume: bool, identity: dict) -> bool:
         if holds_a_run(run_dir):
             raise RunDirInUse(f"{run_dir} already holds a run. Pass resume=true to continue it, "
                               f"or choose a new directory (hydra.run.dir).")
+        if status(run_dir) == "failed":
+            log.info("%s: the start there failed before its first checkpoint; starting afresh",
+                     run_dir)
         return False
     if not saved:
-        raise UserError(f"resume=true but {run_dir} has no checkpoint (checkpoints/*.pt). "
-                        f"Set hydra.run.dir to the directory of the interrupted run.")
+        raise UserError(f"resume=true but {run_dir} has no checkpoint (checkpoints/*.pt): "
+                        f"a run there stopped before its first one, so there is nothing to "
+                        f"continue. Run the same command without resume=true (the directory "
+                        f"can be reused), or set hydra.run.dir to the interrupted run's.")
     now, before = _flatten(identity), _flatten(checkpoint.load(saved[0]).get("identity", {}))
     changed = [k for k in now.keys() | before.keys() if now.get(k) != before.get(k)]
     if changed:
@@ -83,7 +98,65 @@ def check(run_dir: Path, resume: bool, identity: dict) -> bool:
 
 
 def holds_a_run(run_dir: Path) -> bool:
-    return (run_dir / "results.json").exists() or any((run_dir / "checkpoints").glob("*.pt"))
+    """Whether ``run_dir`` holds something a new run would overwrite: a checkpoint, or the
+    record of a run that got past its start (a start that failed with no checkpoint does
+    not count: it left nothing to keep)."""
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return True
+    return (run_dir / "results.json").exists() and status(run_dir) != "failed"
+
+
+def hold_back_log() -> None:
+    """Keep what is logged from now on in memory, for the log file :func:`open_record` opens
+    once the directory is this run's (a refused start drops it)."""
+    global _held_back
+    close_log()
+    _held_back = logging.handlers.MemoryHandler(capacity=1 << 16,
+                                                flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(_held_back)
+
+
+def open_record(run_dir: Path, cfg: DictConfig) -> None:
+    """Once ``run_dir`` is this run's: Hydra's record of the run (``.hydra/config.yaml``,
+    ``hydra.yaml``, ``overrides.yaml``, written atomically) and the log file
+    ``<job name>.log`` (appended to by a resumed run), which starts with what was held back.
+    Nothing outside Hydra's app."""
+    global _log_file
+    if not HydraConfig.initialized():
+        close_log()
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    record = {"config.yaml": cfg, "hydra.yaml": hydra_cfg,
+              "overrides.yaml": hydra_cfg.hydra.overrides.task}
+    for name, node in record.items():
+        checkpoint.write_atomically(run_dir / ".hydra" / name,
+                                    lambda f, node=node: f.write(OmegaConf.to_yaml(node)), "w")
+    _log_file = logging.FileHandler(run_dir / f"{hydra_cfg.hydra.job.name}.log")
+    _log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+    if _held_back is not None:
+        _held_back.setTarget(_log_file)
+        _held_back.flush()
+    _drop_held_back()
+    logging.getLogger().addHandler(_log_file)
+
+
+def close_log() -> None:
+    """Stop writing the current run's log file (the next run in this process has its own)
+    and drop whatever is still held back."""
+    global _log_file
+    _drop_held_back()
+    if _log_file is not None:
+        logging.getLogger().removeHandler(_log_file)
+        _log_file.close()
+        _log_file = None
+
+
+def _drop_held_back() -> None:
+    global _held_back
+    if _held_back is not None:
+        logging.getLogger().removeHandler(_held_back)
+        _held_back.buffer.clear()
+        _held_back = None
 
 
 def status(run_dir: Path) -> str | None:
@@ -98,8 +171,12 @@ def status(run_dir: Path) -> str | None:
 def record_failure(run_dir: Path, cfg: DictConfig, error: BaseException) -> None:
     """``results.json`` with status ``failed`` and the error, so that a sweep keeps a trace
     of a failed job; nothing when the directory belongs to another run."""
-    if not isinstance(error, RunDirInUse):
-        _record(run_dir, cfg, "failed", str(error))
+    if isinstance(error, RunDirInUse):
+        return
+    _record(run_dir, cfg, "failed", str(error))
+    if not any((run_dir / "checkpoints").glob("*.pt")):
+        log.error("%s holds no checkpoint of this run: the corrected command can use the same "
+                  "directory.", run_dir)
 
 
 def record_preemption(run_dir: Path, cfg: DictConfig, message: str) -> None:

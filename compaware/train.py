@@ -58,6 +58,7 @@ RUN_IDENTITY = ("data", "model", "regularizer", "compress", "seed")
 def train(cfg: DictConfig) -> dict:
     """The whole run; returns the results written to ``<run_dir>/results.json`` (by rank 0:
     the other ranks of a distributed run return ``{}`` once training is done)."""
+    rundir.hold_back_log()  # for train.log, opened once the run directory is this run's
     validate(cfg)
     if cfg.retain_freed_memory:
         retain_freed_memory()
@@ -70,6 +71,8 @@ def train(cfg: DictConfig) -> dict:
     config = to_container(cfg)
     identity = {key: config[key] for key in RUN_IDENTITY}
     resume = rundir.check(run_dir, cfg.resume, identity)  # also true for a preempted run
+    if distributed.is_main():
+        rundir.open_record(run_dir, cfg)  # .hydra/ and train.log, now that the directory is ours
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -202,6 +205,8 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as error:
         rundir.record_failure(run_dir, cfg, error)
         raise
+    finally:
+        rundir.close_log()
     return results.get("objective")  # None on ranks > 0 of a distributed run
 
 
