@@ -22,7 +22,7 @@ from compaware.residual import residual_blocks
 
 
 @pytest.mark.parametrize(("factory", "params", "macs"), [
-    (LeNet300, 266_610, 266_200),  # docs/methods.md
+    (LeNet300, 266_610, 266_200),  # docs/papers.md
     (LeNet5, 431_080, 2_293_000),
 ])
 def test_lenet_sizes_match_the_papers(factory, params, macs):

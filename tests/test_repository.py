@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -27,3 +28,9 @@ def test_no_file_cites_a_document_outside_the_repository():
               if path.is_file()
               and any(name in path.read_text(errors="ignore") for name in OUTSIDE)]
     assert citing == []
+
+
+def test_every_docs_page_a_file_cites_exists():
+    cited = {(str(path.relative_to(ROOT)), page) for path in tracked_files() if path.is_file()
+             for page in re.findall(r"docs/[\w.-]+\.md", path.read_text(errors="ignore"))}
+    assert [pair for pair in sorted(cited) if not (ROOT / pair[1]).exists()] == []

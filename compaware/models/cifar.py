@@ -1,4 +1,4 @@
-"""The CIFAR-10 networks of SSL (docs/methods.md, Wen et al. 2016): ResNet-20/32 and the ConvNet.
+"""The CIFAR-10 networks of SSL (docs/papers.md, Wen et al. 2016): ResNet-20/32 and the ConvNet.
 
 Plain ``nn.Sequential`` of standard modules with named layers, like the LeNets, so they
 trace, export and prune, and stats read ``conv1``, ``layer2.0.conv1``…
@@ -90,7 +90,7 @@ class WithinChannelLRN(nn.Module):
 
 
 class SSLConvNet(nn.Sequential):
-    """SSL's CIFAR-10 ConvNet, Caffe's ``cifar10_full`` (docs/methods.md): conv 32@5×5 →
+    """SSL's CIFAR-10 ConvNet, Caffe's ``cifar10_full`` (docs/papers.md): conv 32@5×5 →
     maxpool 3/2 → ReLU → LRN → conv 32@5×5 → ReLU → avgpool 3/2 → LRN → conv 64@5×5 → ReLU →
     avgpool 3/2 → fc 10.
 

@@ -1,4 +1,4 @@
-"""DecomposeMe (Alvarez & Petersson 2016; docs/methods.md): every k×k conv learned as a
+"""DecomposeMe (Alvarez & Petersson 2016; docs/papers.md): every k×k conv learned as a
 vertical k×1 conv → ReLU → horizontal 1×k conv → ReLU ("1D filters").
 
 The papers give the number of 1D layers and the widths, not the rest; what we chose is

@@ -1,4 +1,4 @@
-"""The LeNets of the papers, exactly as the papers give them (docs/methods.md).
+"""The LeNets of the papers, exactly as the papers give them (docs/papers.md).
 
 Plain ``nn.Sequential`` with named layers: nothing but standard modules, so they
 trace, export and prune without special cases, and stats read ``conv1``, ``fc1``…
