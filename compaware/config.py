@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
@@ -30,6 +31,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 # An absolute path, because Hydra reads a relative one as a Python package when the app
 # runs from an installed console script.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+MAX_SEED = 2**32 - 1  # seeds mix with the epoch (seed × 100,003 + epoch) within 64 bits
+MAX_EPOCHS = 100_000  # per stage: more is a typo, and would run for years
 
 
 class UserError(CompactHydraException):
@@ -172,7 +175,7 @@ def check_range(option: str, value: Any, low: float | None = None,
     """Raise a :class:`UserError` unless ``value`` is a number in [low, high] (or (low, high])."""
     kind = "an integer" if integer else "a number"
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or (integer and not float(value).is_integer()):
+    if not is_number or not math.isfinite(value) or (integer and not float(value).is_integer()):
         raise UserError(f"{option}={value!r} is not {kind}; {option} takes {kind}"
                         f"{_describe_range(low, high, low_open)}.")
     too_low = low is not None and (value <= low if low_open else value < low)
@@ -198,15 +201,31 @@ def check_choice(option: str, value: Any, allowed: list[str] | tuple[str, ...]) 
                         f"{', '.join(allowed)}.{hint}")
 
 
+def _check_finite(tree: Any, key: str = "") -> None:
+    """Every number in the config is finite: NaN passes every range check (all comparisons
+    with it are false) and would surface only steps later, as a divergence."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            _check_finite(value, f"{key}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise UserError(f"{key}={tree} is not a finite number; every numeric option takes a "
+                        f"finite value.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range checks on the typed nodes, run before anything is built or written."""
     _check_no_added_keys(cfg)
+    _check_finite(to_container(cfg))
+    check_range("seed", cfg.seed, 0, MAX_SEED, integer=True)
     s, d, b = cfg.schedule, cfg.data, cfg.bench
-    check_range("schedule.pretrain_epochs", s.pretrain_epochs, 0, integer=True)
+    check_range("schedule.pretrain_epochs", s.pretrain_epochs, 0, MAX_EPOCHS, integer=True)
     if s.pretrain_lr is not None:
         check_range("schedule.pretrain_lr", s.pretrain_lr, 0, low_open=True)
-    check_range("schedule.epochs", s.epochs, 0, integer=True)
-    check_range("schedule.finetune_epochs", s.finetune_epochs, 0, integer=True)
+    check_range("schedule.epochs", s.epochs, 0, MAX_EPOCHS, integer=True)
+    check_range("schedule.finetune_epochs", s.finetune_epochs, 0, MAX_EPOCHS, integer=True)
     check_range("schedule.lr", s.lr, 0, low_open=True)
     check_range("schedule.strength_ramp", s.strength_ramp, 0, 1)
     if s.finetune_lr is not None:

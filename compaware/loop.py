@@ -320,6 +320,8 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                     raise preemption.Preempted(preemption.requested(),
                                                f"{desc}, after batch {progress.batches}",
                                                checkpoint_path)
+                if progress.batches and not progress.steps:
+                    raise NonFinite(progress.batches, "every batch of the epoch was skipped")
                 if stage.regularizer.every == "epoch":
                     stage.regularizer.ramp = ramp.mean(epoch * steps_per_epoch, progress.batches)
                     _prox(training, stage.regularizer.prox_step(lr, progress.steps),
@@ -353,7 +355,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                  stage.name, epoch + 1, stage.epochs, metrics["loss"], metrics["loss_reg"],
                  metrics["acc"], val_acc, lr, skipped, _summarize(stats))
         _save(training, checkpoint_path, epoch + 1, meta)
-        progress, rng = Progress(), None
+        progress, rng = Progress(in_a_row=progress.in_a_row), None  # a streak spans epochs
     stage.regularizer.ramp = 1.0  # compression and the run's stats see the whole strength
 
 
