@@ -131,33 +131,53 @@ def _choice(choices: dict, config: dict, group: str) -> str:
 
 
 def _overrides(run_dir: Path) -> str:
-    """The command-line overrides of the run (what a sweep varied), from Hydra's record."""
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if not overrides.is_file():
+    """The command-line overrides of the run (what a sweep varied), from Hydra's record
+    (empty where there is none or it cannot be read)."""
+    try:
+        items = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        return " ".join(str(o) for o in items if not str(o).startswith("hydra"))
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
         return ""
-    items = yaml.safe_load(overrides.read_text()) or []
-    return " ".join(o for o in items if not o.startswith("hydra"))
 
 
 def load_run(run_dir: Path) -> Run:
+    """The run in ``run_dir``; one whose results.json cannot be read, or holds something
+    other than a run's results, comes back with status ``unreadable`` and the reason, so
+    that one damaged file costs its own row and not the report."""
     results_file = run_dir / "results.json"
     if not results_file.is_file():
         return Run(run_dir, "missing", overrides=_overrides(run_dir),
                    error="no results.json (crashed, killed or still running)")
     try:
-        results = json.loads(results_file.read_text())
-    except json.JSONDecodeError as e:
+        return _run_from(run_dir, json.loads(results_file.read_bytes()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         return Run(run_dir, "unreadable", overrides=_overrides(run_dir),
                    error=f"results.json: {e}")
+
+
+def _run_from(run_dir: Path, results: object) -> Run:
+    """The run ``results`` describes, every cell of its table row checked (raises
+    ValueError, TypeError, KeyError or AttributeError where a field has the wrong type)."""
+    if not isinstance(results, dict):
+        raise TypeError(f"holds a JSON {type(results).__name__}, not a run's results")
     config, choices = results.get("config", {}), results.get("choices", {})
     model = _choice(choices, config, "model")
     if model == "torchvision" or "name" in (config.get("model") or {}):
         model = f"{model}:{config['model'].get('name')}"
-    return Run(run_dir, results.get("status", "completed"),
-               data=(config.get("data") or {}).get("name", "?"), model=model,
-               regularizer=_choice(choices, config, "regularizer"),
-               compress=_choice(choices, config, "compress"), overrides=_overrides(run_dir),
-               results=results, error=results.get("error", ""))
+    run = Run(run_dir, str(results.get("status", "completed")),
+              data=str((config.get("data") or {}).get("name", "?")), model=model,
+              regularizer=_choice(choices, config, "regularizer"),
+              compress=_choice(choices, config, "compress"), overrides=_overrides(run_dir),
+              results=results, error=str(results.get("error", "")))
+    if run.status == "completed":
+        for column, value in table_row(run).items():
+            if column not in TEXT_COLUMNS and not _missing(value) and not _is_number(value):
+                raise TypeError(f"{column} is {value!r}, not a number")
+    return run
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # Overrides the table shows in other columns (the groups) or that name a file, not a choice.
@@ -225,6 +245,7 @@ COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
            "acc fine-tuned", *RATIO_COLUMNS, "efficiency b1", "efficiency bN",
            *DEPLOYED_COLUMNS, "collapsed", "overrides", "run")
 CSV_ONLY = ("overrides", "run")  # long: the Markdown table leaves them out
+TEXT_COLUMNS = ("data", "model", "method", "setting", "collapsed", *CSV_ONLY)
 
 Cell = str | float | None
 

@@ -3,13 +3,16 @@ and a run that trained on nothing are all refused, at start where they can be.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from compaware.config import UserError
+from compaware.report import main as report_main
 from compaware.train import train
 from tests.test_faults import _poisoned, reference  # noqa: F401 (a fixture)
+from tests.test_report import _fake_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,3 +40,24 @@ def test_a_run_that_skipped_every_batch_is_not_completed(reference, tmp_path):  
     with pytest.raises(UserError, match="every batch of the epoch was skipped"):
         train(_poisoned(make, tmp_path, 1, 10**6, "schedule.on_nan=skip_batch"))
     assert not (tmp_path / "results.json").exists()
+
+
+DAMAGED = {"garbage": b"\x89\xff\x00binary", "a list": b"[1, 2, 3]", "null": b"null",
+           "wrong type": json.dumps({"status": "completed",
+                                     "accuracy": {"dense": "high", "finetuned": "98"},
+                                     "params": {"dense": 10, "compressed": 5}}).encode(),
+           "half written": b'{"status": "compl'}
+
+
+def test_the_report_lists_damaged_runs_with_the_reason_and_reports_the_rest(tmp_path):
+    _fake_run(tmp_path, "good", "lowrank", "svd", 97.0, 100)
+    for name, content in DAMAGED.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_bytes(content)
+    (tmp_path / "good" / ".hydra" / "overrides.yaml").write_text("- [unclosed")
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "lowrank → svd" in md  # the readable run is reported …
+    for name in DAMAGED:  # … and each damaged one is listed, with why
+        row = next(line for line in md.splitlines() if f"{tmp_path / name} |" in line)
+        assert "| unreadable |" in row and "results.json:" in row
