@@ -48,6 +48,7 @@ from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
 from compaware.regularizers import Regularizer
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
+from compaware.sweep_check import check_sweep
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,10 @@ def run_app() -> None:
     """``compaware train`` and ``python -m compaware.train``. Under torchrun, ranks > 0 add
     overrides that leave the run directory and Hydra's files to rank 0."""
     sys.argv += distributed.hydra_overrides()
+    try:
+        check_sweep(sys.argv[1:])
+    except UserError as error:
+        sys.exit(f"{error}")
     main()
 
 

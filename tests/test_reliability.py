@@ -11,6 +11,7 @@ import pytest
 from compaware.config import UserError
 from compaware.report import main as report_main
 from compaware.train import train
+from tests.conftest import run_cli
 from tests.test_faults import _poisoned, reference  # noqa: F401 (a fixture)
 from tests.test_report import _fake_run
 
@@ -61,3 +62,15 @@ def test_the_report_lists_damaged_runs_with_the_reason_and_reports_the_rest(tmp_
     for name in DAMAGED:  # … and each damaged one is listed, with why
         row = next(line for line in md.splitlines() if f"{tmp_path / name} |" in line)
         assert "| unreadable |" in row and "results.json:" in row
+
+
+def test_a_sweep_with_invalid_values_names_each_and_runs_nothing(tmp_path):
+    out = run_cli("train", "-m", "debug=fast", "schedule.epochs=1,abc,1",
+                  "model=lenet300,resnet5", "regularizer.lam=0.1,-1",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "none of its jobs ran" in out.stderr
+    for value in ("schedule.epochs=abc", "model=resnet5", "regularizer.lam=-1"):
+        assert f"  {value}: " in out.stderr
+    assert "lenet300" not in out.stderr.split("model=resnet5")[0]  # valid values not named
+    assert not (tmp_path / "sweep").exists()
