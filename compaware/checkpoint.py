@@ -1,14 +1,17 @@
-"""Checkpoints that survive interruption and refuse to run code.
+"""Checkpoints that survive interruption, refuse to run code and notice damage.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed
 over the old file: a reader sees the old checkpoint or the new one, never half of
 one. Reads use ``torch.load(weights_only=True)``, which unpickles only tensors and
-plain containers, so a checkpoint cannot execute code; anything unreadable becomes
-a :class:`UserError` saying which file and why.
+plain containers, so a checkpoint cannot execute code. A checkpoint carries the SHA-256 of
+its contents (every key, value and tensor byte), checked when it is read back: a flipped bit
+in a weight would otherwise load silently and surface epochs later as a divergence. Anything
+unreadable or damaged becomes a :class:`UserError` saying which file and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -63,9 +66,38 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Any], None],
         raise
 
 
+CHECKSUM = "sha256"  # the key of a checkpoint's checksum
+
+
 def save(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically."""
-    write_atomically(path, lambda f: torch.save(state, f))
+    """``torch.save`` ``state`` with its checksum to ``path`` atomically."""
+    write_atomically(path, lambda f: torch.save({**state, CHECKSUM: digest(state)}, f))
+
+
+def digest(tree: Any) -> str:
+    """SHA-256 of a checkpoint's contents: keys, plain values, and each tensor's dtype, shape
+    and bytes, in order."""
+    sha = hashlib.sha256()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            sha.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            sha.update(f"dict {len(node)};".encode())
+            for key, value in node.items():
+                sha.update(f"{key!r}:".encode())
+                visit(value)
+        elif isinstance(node, list | tuple):
+            sha.update(f"{type(node).__name__} {len(node)};".encode())
+            for value in node:
+                visit(value)
+        else:
+            sha.update(f"{type(node).__name__} {node!r};".encode())
+
+    visit(tree)
+    return sha.hexdigest()
 
 
 def save_json(data: dict, path: str | os.PathLike) -> None:
@@ -73,8 +105,10 @@ def save_json(data: dict, path: str | os.PathLike) -> None:
     write_atomically(path, lambda f: json.dump(data, f, indent=2), mode="w")
 
 
-def load(path: str | os.PathLike) -> dict:
-    """A checkpoint written by :func:`save`, loaded without executing any code."""
+def load(path: str | os.PathLike, checked: bool = True) -> dict:
+    """A checkpoint written by :func:`save`, loaded without executing any code, its checksum
+    verified (``checked=False``: a file from elsewhere, e.g. a plain state_dict for
+    ``init_from``, which is verified only if it carries one)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist.")
@@ -89,6 +123,15 @@ def load(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a compaware "
                         f"checkpoint dictionary.")
+    recorded = state.pop(CHECKSUM, None)
+    if recorded is None and checked:
+        raise UserError(f"checkpoint {path} carries no checksum: it was not written by this "
+                        f"version of compaware, and a damaged file could not be told from a "
+                        f"good one. Start a new run (or pass it as init_from).")
+    if recorded is not None and recorded != digest(state):
+        raise UserError(f"checkpoint {path} is damaged: its contents do not match the "
+                        f"checksum written with them (a changed bit on disk or in transfer). "
+                        f"Restore the file from a copy, or start the run again.")
     return state
 
 
@@ -107,7 +150,7 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
         raise UserError(f"init_from={source} does not exist. init_from takes a checkpoint file "
                         f"(<run dir>/checkpoints/*.pt) or the directory of a run.")
     try:
-        state = load(path)
+        state = load(path, checked=False)
     except UserError as e:
         raise UserError(f"init_from={source}: {e}") from None
     weights = state.get("model", state)

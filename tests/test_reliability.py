@@ -4,10 +4,13 @@ and a run that trained on nothing are all refused, at start where they can be.""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
+import torch
 
+from compaware import checkpoint
 from compaware.config import UserError
 from compaware.report import main as report_main
 from compaware.train import train
@@ -74,3 +77,24 @@ def test_a_sweep_with_invalid_values_names_each_and_runs_nothing(tmp_path):
         assert f"  {value}: " in out.stderr
     assert "lenet300" not in out.stderr.split("model=resnet5")[0]  # valid values not named
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_named_not_loaded(tmp_path):
+    path = tmp_path / "train.pt"
+    weight = torch.full((1000,), -0.0187)
+    checkpoint.save({"epoch": 2, "model": {"fc.weight": weight}}, path)
+    assert torch.equal(checkpoint.load(path)["model"]["fc.weight"], weight)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(struct.pack("<f", -0.0187)) + 3
+    data[at] ^= 0x04  # an exponent bit: -0.0187 becomes another number, the file still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"checkpoint {path} is damaged"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_without_its_checksum_is_refused_for_resume_but_not_for_init_from(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"model": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}, path)
+    with pytest.raises(UserError, match="carries no checksum"):
+        checkpoint.load(path)
+    checkpoint.load_weights(torch.nn.Linear(3, 2), path)  # a file from elsewhere: no checksum
