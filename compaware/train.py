@@ -5,9 +5,12 @@
 
 Each stage reads its own config group and hands the next a model. Training and
 fine-tuning checkpoint every epoch, so ``resume=true`` (with ``hydra.run.dir`` set to
-the interrupted run) picks up where it stopped: compression is deterministic, so the
-compressed architecture is rebuilt from the final dense weights and fine-tuning
-continues from its own checkpoint. A preemption signal stops the run at the next step
+the interrupted run) picks up where it stopped: the compressed architecture is rebuilt
+from the final dense weights and fine-tuning continues from its own checkpoint.
+Compression is deterministic given the weights, except for the wall-clock timings of
+latency-aware compression: those are recorded (``checkpoints/compression.json``) and
+replayed on resume (compaware/compress/replay.py), and a rebuilt model that does not fit
+the fine-tuning checkpoint stops the run. A preemption signal stops the run at the next step
 with a checkpoint, and the requeued job resumes by itself (compaware/preemption.py).
 
 Under torchrun (or a SLURM job with several tasks) every rank runs this same function:
@@ -17,6 +20,7 @@ fine-tunes and benchmarks.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -32,6 +36,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from compaware import bench, checkpoint, distributed, preemption, rundir
 from compaware.allocator import retain_freed_memory
+from compaware.compress import Compressor
+from compaware.compress.latency import Timer
+from compaware.compress.replay import RecordingTimer, ReplayingTimer
 from compaware.config import (
     CONF_DIR,
     Device,
@@ -42,6 +49,7 @@ from compaware.config import (
     validate,
 )
 from compaware.data import build_data
+from compaware.deploy.timing import LayerTimer
 from compaware.export import check_exportable
 from compaware.layers import dead_layers
 from compaware.loop import Stage, evaluate, fit
@@ -112,9 +120,14 @@ def train(cfg: DictConfig) -> dict:
         return {}
 
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
+    timings = run_dir / "checkpoints" / "compression.json"
     with timed(seconds, "compress"):
-        compressed, report = compressor(model, regularizer.artifacts(model))
+        timer = layer_timer(compressor, timings, resume)
+        compressed, report = compressor(model, regularizer.artifacts(model), timer)
+        keep_timings(timer, timings)
     accuracy["compressed"] = evaluate(compressed, data, device)
+    if resume:
+        check_fits_checkpoint(compressed, run_dir / "checkpoints" / "finetune.pt")
 
     # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
     #    made (pruned weights stay zero, shared weights shared).
@@ -148,6 +161,46 @@ def train(cfg: DictConfig) -> dict:
     checkpoint.save_json(results, run_dir / "results.json")
     print(format_summary(results))
     return results
+
+
+def layer_timer(compressor: Compressor, timings: Path, resume: bool) -> Timer | None:
+    """What a latency-aware compressor times its candidate layers with: when resuming a run
+    that compressed already, the answers its timer gave then (``timings``), so that the same
+    architecture is rebuilt; otherwise a :class:`LayerTimer` in ``compress.latency_form``,
+    its answers recorded. None for a compressor that times nothing."""
+    if not compressor.latency_aware:
+        return None
+    if resume and timings.exists():
+        log.info("compress: replaying the latency timings recorded in %s", timings)
+        return ReplayingTimer(json.loads(timings.read_text())["timings"], timings)
+    return RecordingTimer(LayerTimer(compressor.latency.latency_form))
+
+
+def keep_timings(timer: Timer | None, timings: Path) -> None:
+    """Write the answers of a recording timer to ``timings`` (atomically), before
+    fine-tuning checkpoints a model built on them; check that a replay used them all."""
+    if isinstance(timer, RecordingTimer):
+        checkpoint.save_json({"timings": timer.answers}, timings)
+    elif isinstance(timer, ReplayingTimer):
+        timer.check_all_asked()
+
+
+def check_fits_checkpoint(compressed: torch.nn.Module, saved: Path) -> None:
+    """Stop a resumed run whose compression rebuilt a model other than the one fine-tuning
+    checkpointed in ``saved``: continuing would load weights into the wrong layers, or fail
+    deep inside torch."""
+    if not saved.exists():
+        return
+    before = {name: list(t.shape) for name, t in checkpoint.load(saved)["model"].items()}
+    now = {name: list(t.shape) for name, t in compressed.state_dict().items()}
+    differ = sorted(name for name in before.keys() | now.keys()
+                    if before.get(name) != now.get(name))
+    if differ:
+        shown = ", ".join(f"{name} {before.get(name, 'absent')} → {now.get(name, 'absent')}"
+                          for name in differ[:4]) + (", …" if len(differ) > 4 else "")
+        raise UserError(f"resume: compression rebuilt a model other than the one fine-tuning "
+                        f"checkpointed in {saved} ({shown}). Start a new run, or delete "
+                        f"{saved.name} to fine-tune the rebuilt model from the start.")
 
 
 def pick_device(choice: Device) -> torch.device:

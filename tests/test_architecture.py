@@ -14,6 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "compaware"
 # (what imports, what it must not import): dotted prefixes of compaware's modules.
 RULES = [
     ("compaware.compress", "compaware.regularizers"),
+    ("compaware.compress", "compaware.deploy"),
+    ("compaware.compress", "compaware.bench"),
+    ("compaware.compress", "compaware.export"),
     ("compaware.regularizers", "compaware.compress"),
     ("compaware.models", "compaware.regularizers"),
     ("compaware.models", "compaware.compress"),

@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,69 @@ def test_sigkill_anywhere_then_resume_ends_exactly_as_an_undisturbed_run(
     train(make("resume=true", run_dir=tmp_path))
     assert_same_run(reference_dir, tmp_path)
     assert not list(tmp_path.rglob("*.tmp"))  # a later write cleared what the kill left
+
+
+class PairClock:
+    """A fake :class:`~compaware.deploy.timing.LayerTimer`: seconds = the layer's parameters,
+    × ``factor`` for a factorized pair. At 20 only the largest layers gain from SVD; at 0
+    every pair is faster, so the same weights compress to another architecture."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, layer: torch.nn.Module, x: torch.Tensor) -> float:
+        size = sum(p.numel() for p in layer.parameters())
+        return size * (self.factor if isinstance(layer, torch.nn.Sequential) else 1)
+
+
+def _fail_at_step(monkeypatch, step: int) -> None:
+    """Make the ``step``-th optimizer step of the run raise: a crash, in this process."""
+    real, calls = torch.optim.SGD.step, []
+
+    def step_or_crash(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise RuntimeError("injected crash")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_or_crash)
+
+
+def test_a_latency_aware_run_resumed_in_fine_tuning_rebuilds_the_architecture_it_timed(
+        reference, tmp_path, monkeypatch):
+    """The timings are wall-clock: the resumed run's timer (here another fake clock) would
+    decide otherwise. The run replays the answers recorded in checkpoints/compression.json,
+    and ends exactly as the undisturbed run; without the record the rebuilt model does not fit
+    the fine-tuning checkpoint, and the run says so."""
+    import compaware.train as train_module
+
+    _, make = reference
+    aware = ("compress.latency_aware=true", "compress.latency_batch=2")
+    monkeypatch.setattr(train_module, "LayerTimer", lambda form: PairClock(20))
+    undisturbed = tmp_path / "undisturbed"
+    train(make(*aware, run_dir=undisturbed))
+    details = json.loads((undisturbed / "results.json").read_text())["compression"]["details"]
+    assert details["fc1"]["factorized"] and not details["conv1"]["factorized"]
+
+    with monkeypatch.context() as crash:
+        _fail_at_step(crash, 19)  # fine-tuning epoch 2, step 3 (RUN: 4 + 8 + 8 steps)
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train(make(*aware, run_dir=tmp_path / "run"))
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "finetune.pt")["epoch"] == 1
+    recorded = json.loads((tmp_path / "run" / "checkpoints" / "compression.json").read_text())
+    assert len(recorded["timings"]) == 2 * 4 * 3  # 4 layers and their pairs, 3 rounds each
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    monkeypatch.setattr(train_module, "LayerTimer", lambda form: PairClock(0))
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(tmp_path / "run", unrecorded)
+    (unrecorded / "checkpoints" / "compression.json").unlink()
+    with pytest.raises(UserError, match="rebuilt a model other than the one fine-tuning "
+                                        "checkpointed.*conv1"):
+        train(make(*aware, "resume=true", run_dir=unrecorded))
+
+    train(make(*aware, "resume=true", run_dir=tmp_path / "run"))
+    assert_same_run(undisturbed, tmp_path / "run")
 
 
 def _save_forever(path: Path) -> None:

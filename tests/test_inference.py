@@ -1,12 +1,10 @@
 """The inference path: BatchNorm folding keeps the outputs, ranks and widths round to
-multiples, latency-aware compression keeps a step only where the clock (a fake one, or ONNX
-Runtime's) says it is faster, and the NHWC copies, TorchScript, Inductor and ONNX exports
-compute what the model computes."""
+multiples, and the NHWC copies, TorchScript, Inductor and ONNX exports compute what the model
+computes (latency-aware compression: tests/test_latency.py)."""
 
 from __future__ import annotations
 
 import gc
-import importlib.util
 
 import pytest
 import torch
@@ -14,8 +12,8 @@ from torch import nn
 
 from compaware import bench
 from compaware.bench import channels_last_forward, compare_latency, inference_model
-from compaware.compress import SVD, Prune, latency
-from compaware.compress.latency import LatencyCheck, LayerTimer, round_up
+from compaware.compress import SVD, Prune
+from compaware.compress.latency import round_up
 from compaware.compress.shape import LiveColumnConv2d
 from compaware.config import UserError
 from compaware.export import INDUCTOR_CONVS, compile_inductor, export_onnx, freeze_torchscript
@@ -69,60 +67,6 @@ def test_rounding_to_hardware_friendly_multiples():
     assert pruned.conv2.out_channels == 32 and pruned.fc1.out_features == 256
 
 
-class FakeClock:
-    """Seconds = parameters of the layer, × ``factor`` where ``slow(layer)``: what a real CPU
-    does to a factorized pair or an odd width, caricatured. Counts its calls."""
-
-    def __init__(self, slow, factor: float) -> None:
-        self.slow, self.factor, self.calls = slow, factor, 0
-
-    def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
-        self.calls += 1
-        size = sum(p.numel() for p in layer.parameters())
-        return size * (self.factor if self.slow(layer) else 1)
-
-
-def test_latency_aware_svd_keeps_a_factorization_only_where_it_is_faster():
-    torch.manual_seed(0)
-    svd = SVD(rank=4, latency_aware=True, input_shape=(1, 28, 28), latency_batch=2)
-    svd.latency.timer = clock = FakeClock(lambda layer: isinstance(layer, nn.Sequential), 20)
-    compressed, report = svd(LeNet5())
-    # fc1: 400,500 parameters → a pair of 5,700, still faster at 20×; conv2 (25,050 → 2,250),
-    # conv1 (520 → 200) and fc2 (5,010 → 2,050) are not
-    assert report["fc1"]["factorized"] and isinstance(compressed.fc1, nn.Sequential)
-    for name in ("conv1", "conv2", "fc2"):
-        assert report[name]["reason"] == "not faster when timed"
-        assert not isinstance(getattr(compressed, name), nn.Sequential)
-    assert report["fc1"]["latency_ms"]["factorized"] < report["fc1"]["latency_ms"]["layer"]
-    assert clock.calls == 2 * 4 * LatencyCheck.rounds  # each layer and its pair, per round
-
-
-def test_latency_aware_prune_keeps_a_group_only_where_it_is_faster():
-    torch.manual_seed(0)
-    odd = FakeClock(lambda layer: layer.weight.shape[0] % 2 == 1, 1000)
-    # conv2 50 → 25 units is an odd width: slower on this clock, so conv2 stays whole
-    prune = Prune(ratio=0.5, latency_aware=True, latency_batch=2)
-    prune.latency.timer = odd
-    pruned, report = prune(LeNet5())
-    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (10, 50)
-    assert report["conv2"]["reason"] == "not faster when timed"
-    assert pruned.fc1.out_features == 250
-    timed = report["fc1"]["latency_ms"]
-    assert timed["pruned"] < timed["layers"]
-    # rounded to multiples of 8, every width is even: every pruning step is kept
-    prune = Prune(ratio=0.5, latency_aware=True, latency_batch=2, round_to=8)
-    prune.latency.timer = odd
-    pruned, _ = prune(LeNet5())
-    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (16, 32)
-
-
-def test_latency_aware_needs_an_input_shape():
-    with pytest.raises(UserError, match="compress.input_shape"):
-        SVD(latency_aware=True)
-    with pytest.raises(UserError, match="compress.round_to"):
-        SVD(round_to=0)
-
-
 def test_channels_last_forward_computes_what_the_model_computes():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3, padding=1)
@@ -151,65 +95,6 @@ def test_the_fastest_layout_keeps_each_models_faster_time_per_batch_size(monkeyp
     assert timed["layouts"] == {"batch_1": {"dense": "nchw", "compressed": "nchw"},
                                 "batch_N": {"dense": "nhwc", "compressed": "nhwc"}}
     assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
-
-
-def test_latency_form_takes_eager_channels_last_onnxruntime_or_inductor(monkeypatch):
-    with pytest.raises(UserError, match="compress.latency_form='tensorrt'.*eager, channels_last, "
-                                        "onnxruntime, inductor"):
-        SVD(latency_form="tensorrt")
-    conv, x = nn.Conv2d(8, 8, 3), torch.randn(4, 8, 16, 16)
-    for form in ("channels_last", "eager"):
-        assert LayerTimer(form, min_run_time=0.01)(conv, x) > 0
-    assert conv.weight.is_contiguous()
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "onnxruntime" else
-                        find_spec(name, *args))
-    with pytest.raises(UserError, match="onnxruntime is not installed"):
-        Prune(0.5, latency_aware=True, latency_form="onnxruntime")
-    Prune(0.5, latency_form="onnxruntime")  # not latency-aware: nothing is timed
-
-
-@pytest.mark.parametrize("form, builder", [("onnxruntime", "onnxruntime_forward"),
-                                           ("inductor", "compile_inductor")])
-def test_a_deployed_layer_timer_builds_a_layer_once_per_shape(monkeypatch, form, builder):
-    if form == "onnxruntime":
-        pytest.importorskip("onnxruntime")
-    built = []
-
-    def counted(layer, x, *args):
-        built.append((tuple(layer.weight.shape), x.is_contiguous()))
-        return build(layer, x, *args)
-
-    build = getattr(latency, builder)
-    monkeypatch.setattr(latency, builder, counted)
-    timer = LayerTimer(form, min_run_time=0.01)
-    layer, x = nn.Linear(64, 32), torch.randn(8, 64)
-    assert timer(layer, x) > 0 and timer(layer, x) > 0
-    assert built == [((32, 64), True)]
-    layer.weight = nn.Parameter(layer.weight[:16].detach())  # narrowed in place, as pruned
-    layer.bias = nn.Parameter(layer.bias[:16].detach())
-    assert timer(layer, x) > 0
-    assert built == [((32, 64), True), ((16, 64), True)]
-    conv = nn.Conv2d(3, 4, 3)  # Inductor keeps a compiled network's activations NHWC
-    assert timer(conv, torch.randn(2, 3, 8, 8)) > 0
-    assert built[-1] == ((4, 3, 3, 3), form != "inductor")
-
-
-@pytest.mark.parametrize("form", ["onnxruntime", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_latency_aware_svd_times_layers_in_a_deployment_form(form):
-    if form == "onnxruntime":
-        pytest.importorskip("onnxruntime")
-    svd = SVD(rank=4, latency_aware=True, input_shape=(1, 28, 28), latency_batch=4,
-              latency_form=form)
-    svd.latency.timer.min_run_time = 0.01
-    compressed, report = svd(LeNet5())
-    for name, entry in report.items():  # real clock: each decision follows its own timing
-        timed = entry["latency_ms"]
-        assert timed["layer"] > 0 and timed["factorized"] > 0
-        faster = timed["factorized"] < timed["layer"]
-        assert entry["factorized"] == faster
-        assert isinstance(getattr(compressed, name), nn.Sequential) == faster
 
 
 def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):

@@ -25,7 +25,7 @@ from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5
 from compaware.residual import branch_parameters, residual_blocks
 from compaware.train import train
-from tests.test_inference import FakeClock
+from tests.test_latency import FakeClock
 
 
 def _kill_columns(layer: nn.Module, fraction: float, seed: int = 0) -> torch.Tensor:
@@ -260,8 +260,8 @@ def test_latency_aware_shape_step_keeps_a_live_column_layer_only_where_it_is_fas
     costs its parameters) are replaced."""
     model, _ = _shape_sparse_lenet()
     shape_step = ShapeDepth(latency_aware=True, latency_batch=2, input_shape=(1, 28, 28))
-    shape_step.latency.timer = FakeClock(lambda layer: isinstance(layer, LiveColumnConv2d), 5)
-    compressed, report = shape_step(model)
+    slow = FakeClock(lambda layer: isinstance(layer, LiveColumnConv2d), 5)
+    compressed, report = shape_step(model, timer=slow)
     assert isinstance(compressed.conv1, nn.Conv2d)
     assert report["conv1"]["reason"] == "not faster when timed"
     assert not report["conv1"]["replaced"] and report["conv1"]["live_columns"] == 7

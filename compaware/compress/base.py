@@ -9,12 +9,16 @@ compaware. It also returns a report of what it did per layer, which ends up in
 Where each hook runs (see ``compaware/train.py``)::
 
     compressor.check_requires(regularizer.publishes, source)  # at start: can this pair run?
-    compressed, report = compressor(trained model, regularizer.artifacts(model))
+    compressed, report = compressor(trained model, regularizer.artifacts(model), timer)
     fine-tune compressed under compressor.finetune_constraint(compressed)
     compressor.save(compressed, run_dir)       # its own storage format, if it has one
 
 Compressors know nothing of regularizers: what one needs from training (soft weight-sharing's
-mixture) comes as a named artifact, listed in ``requires``.
+mixture) comes as a named artifact, listed in ``requires``. Nor do they know how a layer is
+deployed: a latency-aware one (``latency_aware``) times its candidate layers with the
+:data:`~compaware.compress.latency.Timer` it is handed (in a run a
+``compaware.deploy.timing.LayerTimer`` in ``latency.latency_form``; in tests a fake clock; in
+a resumed run the answers the interrupted run's compression got).
 
 Weight sharing and unstructured pruning keep the architecture: their model is smaller in
 storage, not in shape, so they own a file format (``save``) whose size is the reported
@@ -28,6 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
+from compaware.compress.latency import LatencyOptions, Timer
 from compaware.config import UserError
 from compaware.keep import KeepStructure
 
@@ -38,10 +43,14 @@ class Compressor:
     """``compress=none``: an unchanged copy (the dense model, benchmarked as "compressed")."""
 
     requires: tuple[str, ...] = ()  # artifacts of training it needs (Regularizer.publishes)
+    latency: LatencyOptions | None = None  # compress.round_to and compress.latency_*, if taken
+    timer: Timer | None = None  # the clock of the current call (use_timer)
 
-    def __call__(self, model: nn.Module, artifacts: dict | None = None) -> tuple[nn.Module, Report]:
+    def __call__(self, model: nn.Module, artifacts: dict | None = None,
+                 timer: Timer | None = None) -> tuple[nn.Module, Report]:
         self.check_requires(tuple(artifacts or ()), "the artifacts given")
         self.prepare(artifacts or {})
+        self.use_timer(timer)
         return self.compress(copy.deepcopy(model))
 
     def check_requires(self, published: tuple[str, ...], source: str) -> None:
@@ -54,6 +63,23 @@ class Compressor:
     def missing_message(self, missing: list[str], source: str) -> str:
         return (f"{type(self).__name__} needs what training learned ({', '.join(missing)}), "
                 f"but none of it comes from {source}.")
+
+    @property
+    def latency_aware(self) -> bool:
+        """Whether ``compress`` times candidate layers, in ``latency.latency_form``: it then
+        needs a timer."""
+        return self.latency is not None and self.latency.latency_aware
+
+    def use_timer(self, timer: Timer | None) -> None:
+        """Take the clock ``compress`` times candidate layers with. A latency-aware compressor
+        refuses to go without one: skipping the timing would report choices never made."""
+        if self.latency_aware and timer is None:
+            form = self.latency.latency_form
+            raise UserError(f"{type(self).__name__} is latency-aware (compress.latency_aware="
+                            f"true) and times candidate layers, but was given no timer: pass "
+                            f"one, e.g. compressor(model, timer=LayerTimer({form!r})) with "
+                            f"compaware.deploy.timing.LayerTimer.")
+        self.timer = timer
 
     def prepare(self, artifacts: dict) -> None:
         """Read what ``compress`` needs from the artifacts of training (nothing here; soft

@@ -13,28 +13,34 @@ ONNX Runtime (``onnxruntime``), or compiled by TorchInductor (``inductor``, as
 PyTorch cost ResNet-50's SVD 2.47× → 2.36× at batch 32 under ONNX Runtime
 (docs/performance.md).
 
-:class:`LayerTimer` measures with ``torch.utils.benchmark``; a compressor holds one in its
-``timer`` attribute, which tests replace by a fake to check the decisions without a clock.
+What times a layer (a :data:`Timer`) is handed to the compressor from outside
+(``compressor(model, artifacts, timer)``): in a run a ``compaware.deploy.timing.LayerTimer``
+in ``latency_form``; in tests a fake clock, to check the decisions without a clock; in a
+resumed run the answers its compression got before (:mod:`compaware.compress.replay`). So
+nothing here knows how a layer is deployed: the options only name the form.
+
+Pruning's candidates are stand-ins (:func:`stand_in`): layers of the pruned widths with
+random weights, timed against the layers of the group as they are
+(:func:`faster_when_pruned`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import statistics
-import tempfile
-import weakref
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Size, nn
 
-from compaware.bench import channels_last_forward, median_ms
 from compaware.config import UserError, check_range
-from compaware.export import compile_inductor, onnxruntime_forward
-from compaware.layers import eval_mode
+from compaware.layers import WEIGHT_LAYERS, eval_mode
 
-Timer = Callable[[nn.Module, torch.Tensor], float]
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+Timer = Callable[[nn.Module, torch.Tensor], float]  # seconds of a layer's forward on an input
 
 
 def round_up(size: int, multiple: int, limit: int) -> int:
@@ -43,49 +49,8 @@ def round_up(size: int, multiple: int, limit: int) -> int:
     return min(-(-size // multiple) * multiple, limit)
 
 
+# what compaware.deploy.timing.LayerTimer times layers in (compress.latency_form)
 LATENCY_FORMS = ("eager", "channels_last", "onnxruntime", "inductor")
-
-
-class LayerTimer:
-    """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
-    in ``form``: ``eager`` (the module in eval mode), ``channels_last`` (a copy in NHWC,
-    :func:`compaware.bench.channels_last_forward`), ``onnxruntime`` (the module exported to
-    ONNX, run by ONNX Runtime's CPU provider) or ``inductor`` (compiled by TorchInductor,
-    :func:`compaware.export.compile_inductor`, on an NHWC input: the layout Inductor keeps
-    between the convs of a compiled network, so a layer is not charged for converting to it).
-    A deployed layer is built once per weight and input shape and kept while the layer lives:
-    a compilation takes seconds."""
-
-    def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
-        self.form, self.min_run_time = form, min_run_time
-        self.deployed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    @torch.inference_mode()
-    def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
-        layer.eval()
-        if self.form == "inductor" and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        forward = (layer if self.form == "eager" else
-                   channels_last_forward(layer) if self.form == "channels_last" else
-                   self.deployed_forward(layer, x))
-        return median_ms(forward, x, self.min_run_time, torch.get_num_threads()) / 1e3
-
-    def deployed_forward(self, layer: nn.Module, x: torch.Tensor) -> Callable:
-        """``layer`` in the deployment form, built anew only when its shapes changed (a
-        pruned layer is narrowed in place between two timings)."""
-        shapes = (tuple(x.shape), *(tuple(p.shape) for p in layer.parameters()))
-        cached = self.deployed.get(layer)
-        if cached is None or cached[0] != shapes:
-            cached = self.deployed[layer] = (shapes, self.deploy(layer, x))
-        return cached[1]
-
-    def deploy(self, layer: nn.Module, x: torch.Tensor) -> Callable:
-        """``layer`` compiled by TorchInductor or exported to an ONNX Runtime session."""
-        if self.form == "inductor":
-            return compile_inductor(layer, x)
-        with tempfile.TemporaryDirectory() as folder:  # the session holds the model
-            return onnxruntime_forward(layer, x, Path(folder) / "layer.onnx",
-                                       torch.get_num_threads())
 
 
 def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
@@ -146,7 +111,7 @@ class LatencyCheck:
         before_s, after_s = (statistics.median(times) for times in zip(*rounds, strict=True))
         return before_s, after_s
 
-    def keeps(self, name: str, layer: nn.Module, replacement: nn.Module, entry: dict,
+    def keeps(self, name: str, layer: nn.Module, replacement: nn.Module, *, entry: dict,
               flag: str, label: str) -> bool:
         """Whether ``replacement`` of layer ``name`` is faster than ``layer``, timed on the
         layer's input. Notes both times in the layer's report ``entry`` (``latency_ms``: the
@@ -166,8 +131,8 @@ class LatencyOptions:
     (the batch size the layers are timed at) and ``latency_form`` (what they are timed in:
     one of :data:`LATENCY_FORMS`), checked once here."""
 
-    def __init__(self, round_to: int, latency_aware: bool, latency_batch: int,
-                 input_shape: tuple[int, ...] | None,
+    def __init__(self, *, round_to: int = 1, latency_aware: bool = False,
+                 latency_batch: int = 32, input_shape: tuple[int, ...] | None = None,
                  latency_form: str = "eager") -> None:
         check_range("compress.round_to", round_to, 1, integer=True)
         check_range("compress.latency_batch", latency_batch, 1, integer=True)
@@ -184,17 +149,70 @@ class LatencyOptions:
         missing = [package for package in ("onnx", "onnxruntime")
                    if latency_aware and latency_form == "onnxruntime"
                    and importlib.util.find_spec(package) is None]
-        if missing:
+        if missing:  # refused at the start of a run, not when compression comes
             raise UserError(f"compress.latency_form=onnxruntime times layers exported to ONNX "
                             f"under ONNX Runtime, and {' and '.join(missing)} is not "
                             f"installed: pip install 'compaware[onnx]', or set "
                             f"compress.latency_form=eager.")
         self.round_to, self.latency_aware = int(round_to), bool(latency_aware)
-        self.latency_batch = int(latency_batch)
-        self.timer: Timer = LayerTimer(latency_form)  # tests put a fake clock here
+        self.latency_batch, self.latency_form = int(latency_batch), latency_form
 
-    def latency_check(self, model: nn.Module, input_shape: tuple[int, ...]) -> LatencyCheck | None:
-        """A :class:`LatencyCheck` on ``model`` when latency-aware, else None."""
+    def latency_check(self, model: nn.Module, input_shape: tuple[int, ...],
+                      timer: Timer | None) -> LatencyCheck | None:
+        """A :class:`LatencyCheck` on ``model`` timing with ``timer`` when latency-aware,
+        else None."""
         if not self.latency_aware:
             return None
-        return LatencyCheck(model, input_shape, self.latency_batch, self.timer)
+        assert timer is not None, "Compressor.use_timer refuses a latency-aware call without one"
+        return LatencyCheck(model, input_shape, self.latency_batch, timer)
+
+
+def pruned_shapes(graph: tp.DependencyGraph, group: tp.Group, remove: list[int],
+                  names: dict[nn.Module, str]) -> dict[str, list[int]]:
+    """Per conv/linear of ``group``: how many output and input units removing the root units
+    ``remove`` takes from it, as ``[out, in]``."""
+    removed = set(remove)
+    shapes: dict[str, list[int]] = {}
+    for item in group:
+        layer = item.dep.layer
+        if not isinstance(layer, WEIGHT_LAYERS) or None in item.root_idxs:
+            continue
+        side = 0 if graph.is_out_channel_pruning_fn(item.dep.handler) else 1
+        shapes.setdefault(names[layer], [0, 0])[side] += sum(r in removed
+                                                             for r in item.root_idxs)
+    return shapes
+
+
+def stand_in(layer: nn.Module, out_removed: int, in_removed: int) -> nn.Module:
+    """A layer of ``layer``'s kind and hyperparameters, ``out_removed`` outputs and
+    ``in_removed`` inputs narrower (random weights: it is only timed)."""
+    param = layer.weight
+    if isinstance(layer, nn.Linear):
+        smaller = nn.Linear(layer.in_features - in_removed, layer.out_features - out_removed,
+                            bias=layer.bias is not None)
+    else:
+        depthwise = layer.groups > 1  # the only grouped convs pruned (prune.blocking_layer)
+        width = layer.out_channels - max(out_removed, in_removed)
+        smaller = type(layer)(width if depthwise else layer.in_channels - in_removed,
+                              width if depthwise else layer.out_channels - out_removed,
+                              layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                              dilation=layer.dilation, groups=width if depthwise else 1,
+                              bias=layer.bias is not None, padding_mode=layer.padding_mode)
+    return smaller.to(device=param.device, dtype=param.dtype)
+
+
+def faster_when_pruned(check: LatencyCheck, model: nn.Module,
+                       shapes: dict[str, list[int]]) -> tuple[float, float]:
+    """Seconds of the group's convs and linears as they are and as pruned (``shapes``, from
+    :func:`pruned_shapes`), each timed on its own input (narrower by the removed input
+    units)."""
+    before, after = [], []
+    for name, (out_removed, in_removed) in shapes.items():
+        layer = model.get_submodule(name)
+        shape = check.input_of(name, layer)
+        before.append((layer, list(shape)))
+        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+        shape[channel_dim] -= (max(out_removed, in_removed) if getattr(layer, "groups", 1) > 1
+                               else in_removed)
+        after.append((stand_in(layer, out_removed, in_removed), shape))
+    return check.compare(before, after)

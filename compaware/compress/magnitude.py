@@ -28,7 +28,8 @@ class Magnitude(SparseCompressor):
 
     def __init__(self, q: float = 1.0, layers: str = "all", skip_first: bool = False,
                  skip_last: bool = False, entropy: str = "none") -> None:
-        super().__init__(layers, skip_first, skip_last, entropy)
+        super().__init__(layers=layers, skip_first=skip_first, skip_last=skip_last,
+                         entropy=entropy)
         check_range("compress.q", q, 0)
         self.q = float(q)
 

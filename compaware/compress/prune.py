@@ -27,9 +27,10 @@ Never removed: the output layer's units (the classes), and the last unit of a la
 Left whole (see :func:`blocking_layer`): channels tied to a grouped or transposed conv, a
 LayerNorm or GroupNorm, attention or a bare parameter; such models (ViT, ConvNeXt, ResNeXt,
 RegNet) are pruned only where those are absent. A model Torch-Pruning cannot trace as a
-whole (ShuffleNet's channel shuffle) is pruned part by part (:func:`traced_parts`): inside
-the largest submodules that trace alone, with the channels on their boundary kept; a model
-no part of which traces stops with a message. The exactness argument assumes that the
+whole (ShuffleNet's channel shuffle) is pruned part by part
+(:func:`~compaware.compress.trace_parts.traced_parts`): inside the largest submodules that
+trace alone, with the channels on their boundary kept; a model no part of which traces stops
+with a message. The exactness argument assumes that the
 functions between layers act on each channel alone and keep zero at zero (ReLU, pooling,
 additions); Torch-Pruning sees a functional op only as its autograd nodes, so a
 LocalResponseNorm, or a sigmoid gate on a channel before an addition, would pass the
@@ -39,7 +40,6 @@ checks and break exactness.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 import torch
 import torch_pruning as tp
@@ -49,129 +49,25 @@ from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import Compressor, Report
 from compaware.compress.depth import remove_zero_branches
-from compaware.compress.latency import LatencyCheck, LatencyOptions, input_shapes, round_up
+from compaware.compress.latency import (
+    LatencyCheck,
+    LatencyOptions,
+    Timer,
+    faster_when_pruned,
+    pruned_shapes,
+    round_up,
+    stand_in,  # noqa: F401  scripts/bench_speedup.py's import until it reads compress.latency
+)
 from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD
+from compaware.compress.trace_parts import example_in_eval_mode, traced_parts
 from compaware.config import UserError, check_range
-from compaware.layers import (
-    WEIGHT_LAYERS,
-    LayerSelection,
-    describe_failure,
-    eval_mode,
-    weight_layers,
-)
+from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
 
 log = logging.getLogger(__name__)
 
 PRODUCERS = (_ConvNd, nn.Linear, _BatchNorm)  # layers whose parameters write a channel
 NORMS_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm)  # a zero channel changes the others
-
-
-@contextmanager
-def example_in_eval_mode(model: nn.Module, input_shape: tuple[int, ...]):
-    """One zero input of ``input_shape`` for ``model``, which is in eval mode meanwhile: a
-    training-mode forward would move BatchNorm's running statistics."""
-    param = next(model.parameters())
-    with eval_mode(model):
-        yield torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-
-
-def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of ``model``, traced (with autograd on: Torch-Pruning follows
-    autograd's graph) on one input of ``input_shape``."""
-    with example_in_eval_mode(model, input_shape) as example, torch.enable_grad():
-        try:
-            return tp.DependencyGraph().build_dependency(model, example, verbose=False)
-        except Exception as e:  # a shape mismatch or an untraceable model, deep inside torch
-            raise UntraceableModel(
-                f"compress: Torch-Pruning could not trace {type(model).__name__} on an input of "
-                f"shape {list(input_shape)} (compress.input_shape, taken from the data): "
-                f"tracing {describe_failure(model, e)}") from None
-
-
-class UntraceableModel(UserError):
-    """Torch-Pruning cannot build the dependency graph of a model."""
-
-
-def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
-                 ) -> list[tuple[tp.DependencyGraph, set[nn.Module]]]:
-    """The dependency graphs to prune ``model`` through, as (graph, boundary) pairs.
-
-    The whole model's graph when Torch-Pruning traces it (no boundary). Otherwise, from the
-    top down, each submodule that traces on its own input (recorded in one forward pass),
-    between two 1×1 stand-ins for the rest of the model: a group that reaches a stand-in
-    (``boundary``) would change what the part takes or gives, and is left whole. The parts
-    that do not trace are left whole, with a log line naming them.
-    """
-    try:
-        return [(dependency_graph(model, input_shape), set())]
-    except UntraceableModel as whole:
-        try:
-            shapes = input_shapes(model, input_shape, batch_size=1)
-        except Exception:  # the model does not even run on this input
-            raise whole from None
-        param = next(model.parameters())
-        parts: list[tuple[tp.DependencyGraph, set[nn.Module]]] = []
-        untraced: list[str] = []
-
-        def visit(prefix: str, module: nn.Module) -> None:
-            for name, child in module.named_children():
-                where = f"{prefix}{name}"
-                example = (torch.zeros(shapes[where], device=param.device, dtype=param.dtype)
-                           if where in shapes else None)
-                try:  # the part's own forward may fail too (several inputs, say)
-                    probed = _Probed.around(child, example)
-                    with torch.enable_grad():
-                        graph = probed and tp.DependencyGraph().build_dependency(
-                            probed, example, verbose=False)
-                except Exception:  # as in dependency_graph: deep inside torch
-                    graph = None
-                if graph:
-                    parts.append((graph, {probed.enter, probed.leave}))
-                elif any(isinstance(m, WEIGHT_LAYERS) for m in child.modules()):
-                    untraced.append(where)
-                    visit(f"{where}.", child)
-
-        with eval_mode(model):
-            visit("", model)
-        if not parts:
-            tried = ", ".join(untraced[:8]) + (", …" if len(untraced) > 8 else "")
-            raise UntraceableModel(f"{whole} No part of it traces alone either (tried: {tried}); "
-                                   f"use compress=svd, or make those layers traceable.") from None
-        log.info("prune: Torch-Pruning cannot trace %s as a whole; pruning inside %d parts "
-                 "that trace alone, their boundary channels kept (not traced: %s)",
-                 type(model).__name__, len(parts), ", ".join(untraced))
-        return parts
-
-
-class _Probed(nn.Module):
-    """A part of a model between two 1×1 layers (``enter``, ``leave``) standing for the rest
-    of the model, so that its boundary channels show up in the part's dependency graph."""
-
-    def __init__(self, part: nn.Module, enter: nn.Module, leave: nn.Module) -> None:
-        super().__init__()
-        self.enter, self.part, self.leave = enter, part, leave
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.leave(self.part(self.enter(x)))
-
-    @classmethod
-    def around(cls, part: nn.Module, example: Tensor | None) -> _Probed | None:
-        """``part`` probed for ``example`` (N, C, …), or None where its input or output is not
-        one tensor of 2 or 4 dimensions."""
-        if example is None or example.dim() not in (2, 4):
-            return None
-        with torch.no_grad():
-            out = part(example)
-        if not isinstance(out, Tensor) or out.dim() not in (2, 4):
-            return None
-        return cls(part, _one_by_one(example), _one_by_one(out))
-
-
-def _one_by_one(x: Tensor) -> nn.Module:
-    channels = x.shape[1]
-    layer = nn.Linear(channels, channels) if x.dim() == 2 else nn.Conv2d(channels, channels, 1)
-    return layer.to(x.device, x.dtype)
 
 
 def check_still_runs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
@@ -251,7 +147,7 @@ def zero_units(norms: Tensor | None, threshold: float) -> Tensor:
     return norms <= threshold * norms.max()
 
 
-def units_to_remove(writers: Tensor, readers: Tensor | None, ratio: float,
+def units_to_remove(writers: Tensor, readers: Tensor | None, *, ratio: float,
                     threshold: float, round_to: int = 1) -> tuple[list[int], int]:
     """The units to remove (never all of them) and how many of them are dead.
 
@@ -268,56 +164,6 @@ def units_to_remove(writers: Tensor, readers: Tensor | None, ratio: float,
     # dead units first, then by writer norm
     order = torch.argsort(torch.where(dead, -1.0, writers.double()), stable=True)
     return sorted(order[:count].tolist()), int(dead.sum())
-
-
-def pruned_shapes(graph: tp.DependencyGraph, group: tp.Group, remove: list[int],
-                  names: dict[nn.Module, str]) -> dict[str, list[int]]:
-    """Per conv/linear of ``group``: how many output and input units removing the root units
-    ``remove`` takes from it, as ``[out, in]``."""
-    removed = set(remove)
-    shapes: dict[str, list[int]] = {}
-    for item in group:
-        layer = item.dep.layer
-        if not isinstance(layer, WEIGHT_LAYERS) or None in item.root_idxs:
-            continue
-        side = 0 if graph.is_out_channel_pruning_fn(item.dep.handler) else 1
-        shapes.setdefault(names[layer], [0, 0])[side] += sum(r in removed
-                                                             for r in item.root_idxs)
-    return shapes
-
-
-def stand_in(layer: nn.Module, out_removed: int, in_removed: int) -> nn.Module:
-    """A layer of ``layer``'s kind and hyperparameters, ``out_removed`` outputs and
-    ``in_removed`` inputs narrower (random weights: it is only timed)."""
-    param = layer.weight
-    if isinstance(layer, nn.Linear):
-        smaller = nn.Linear(layer.in_features - in_removed, layer.out_features - out_removed,
-                            bias=layer.bias is not None)
-    else:
-        depthwise = layer.groups > 1  # the only grouped convs pruned (blocking_layer)
-        width = layer.out_channels - max(out_removed, in_removed)
-        smaller = type(layer)(width if depthwise else layer.in_channels - in_removed,
-                              width if depthwise else layer.out_channels - out_removed,
-                              layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                              width if depthwise else 1, layer.bias is not None,
-                              layer.padding_mode)
-    return smaller.to(device=param.device, dtype=param.dtype)
-
-
-def faster_when_pruned(check: LatencyCheck, model: nn.Module,
-                       shapes: dict[str, list[int]]) -> tuple[float, float]:
-    """Seconds of the group's convs and linears as they are and as pruned, each timed on its
-    own input (narrower by the removed input units)."""
-    before, after = [], []
-    for name, (out_removed, in_removed) in shapes.items():
-        layer = model.get_submodule(name)
-        shape = check.input_of(name, layer)
-        before.append((layer, list(shape)))
-        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
-        shape[channel_dim] -= (max(out_removed, in_removed) if getattr(layer, "groups", 1) > 1
-                               else in_removed)
-        after.append((stand_in(layer, out_removed, in_removed), shape))
-    return check.compare(before, after)
 
 
 def units_per_layer(model: nn.Module) -> dict[str, int]:
@@ -342,7 +188,7 @@ class Prune(Compressor):
     (compaware/compress/latency.py).
     """
 
-    def __init__(self, ratio: float = 0.0, threshold: float = 1e-5,
+    def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5,
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
                  min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
@@ -360,14 +206,15 @@ class Prune(Compressor):
         self.depth, self.shape, self.min_sparsity = depth, shape, float(min_sparsity)
         self.input_shape = tuple(int(size) for size in input_shape)
         self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
-        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, self.input_shape,
-                                      latency_form)
+        self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
+                                      latency_batch=latency_batch, input_shape=self.input_shape,
+                                      latency_form=latency_form)
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         blocks = remove_zero_branches(model) if self.depth else {}
         before = units_per_layer(model)
-        check = self.latency.latency_check(model, self.input_shape)
+        check = self.latency.latency_check(model, self.input_shape, self.timer)
         names = {module: name for name, module in model.named_modules()}
         chosen = [layer for _, layer in self.select(model)]
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
@@ -377,15 +224,16 @@ class Prune(Compressor):
                                               root_module_types=WEIGHT_LAYERS):
                 if any(item.dep.layer in boundary for item in group):
                     continue  # the part's input or output channels: the rest of the model's
-                self.prune_group(model, graph, group, names, notes, check)
+                self.prune_group(model, graph, group, names=names, notes=notes, check=check)
         report: Report = {name: entry for name, entry in blocks.items() if entry["removed"]}
         for name, units in units_per_layer(model).items():
             report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
             if units < before[name]:
                 log.info("prune %s: %d → %d units", name, before[name], units)
         if self.shape:
-            for name, columns in drop_dead_columns(model, self.select(model), 0.0,
-                                                   self.min_sparsity, check).items():
+            for name, columns in drop_dead_columns(model, self.select(model),
+                                                   min_sparsity=self.min_sparsity,
+                                                   check=check).items():
                 if columns.get("live_columns", 0) < columns.get("columns", 0):
                     timed = {**report[name].get("latency_ms", {}),  # the unit pruning's too
                              **columns.get("latency_ms", {})}
@@ -393,7 +241,7 @@ class Prune(Compressor):
         check_still_runs(model, self.input_shape)
         return model, report
 
-    def prune_group(self, model: nn.Module, graph: tp.DependencyGraph, group: tp.Group,
+    def prune_group(self, model: nn.Module, graph: tp.DependencyGraph, group: tp.Group, *,
                     names: dict[nn.Module, str], notes: dict[str, dict],
                     check: LatencyCheck | None) -> None:
         """Remove the group's dead units and its ``ratio`` share (rounded to ``round_to``),
@@ -409,8 +257,8 @@ class Prune(Compressor):
             notes.update({name: {"reason": reason} for name in writers})
             return
         norms = unit_norms(graph, group, "out")
-        remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), self.ratio,
-                                       self.threshold, self.latency.round_to)
+        remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), ratio=self.ratio,
+                                       threshold=self.threshold, round_to=self.latency.round_to)
         if zero == len(norms):
             log.warning("prune: all %d units of %s are dead (zero or unread); keeping one "
                         "so that the layer keeps a width of 1", len(norms), ", ".join(writers))
@@ -426,24 +274,38 @@ class Prune(Compressor):
         if remove:
             group.prune(remove)
 
+
 class PruneSVD(Compressor):
     """``compress=prune+svd``: :class:`Prune`, then :class:`SVD` on what is left (the natural
     pairing for ``regularizer=lowrank_sgl``). ``threshold`` is both the zero-unit and the
     zero-singular-value threshold (relative, as in each); ``skip_last`` applies to SVD."""
 
-    def __init__(self, ratio: float = 0.0, threshold: float = 1e-5, energy: float = 1.0,
+    def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5, energy: float = 1.0,
                  rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  latency_form: str = "eager") -> None:
-        self.prune = Prune(ratio, threshold, input_shape, layers, skip_first, depth, shape,
-                           min_sparsity, round_to, latency_aware, latency_batch, latency_form)
-        self.svd = SVD(energy, rank, threshold, layers, skip_first, skip_last, round_to,
-                       latency_aware, latency_batch, input_shape, latency_form)
+        both = {"threshold": threshold, "input_shape": input_shape, "layers": layers,
+                "skip_first": skip_first, "round_to": round_to, "latency_aware": latency_aware,
+                "latency_batch": latency_batch, "latency_form": latency_form}
+        self.prune = Prune(ratio, depth=depth, shape=shape, min_sparsity=min_sparsity, **both)
+        self.svd = SVD(energy=energy, rank=rank, skip_last=skip_last, **both)
+        self.latency = self.prune.latency  # the same options as the SVD's
+
+    def use_timer(self, timer: Timer | None) -> None:
+        super().use_timer(timer)
+        self.prune.use_timer(timer)
+        self.svd.use_timer(timer)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         model, pruned = self.prune.compress(model)
         model, factorized = self.svd.compress(model)
-        return model, {name: {**pruned.get(name, {}), **factorized.get(name, {})}
-                       for name in pruned | factorized}
+        report: Report = {}
+        for name in pruned | factorized:
+            first, then = pruned.get(name, {}), factorized.get(name, {})
+            report[name] = {**first, **then}
+            timed = {**first.get("latency_ms", {}), **then.get("latency_ms", {})}
+            if timed:  # both steps' timings, not only the factorization's
+                report[name]["latency_ms"] = timed
+        return model, report

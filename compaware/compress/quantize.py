@@ -100,7 +100,8 @@ class KMeans(SparseCompressor):
     def __init__(self, linear_bits: int = 5, conv_bits: int = 8, iterations: int = 100,
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  entropy: str = "none") -> None:
-        super().__init__(layers, skip_first, skip_last, entropy)
+        super().__init__(layers=layers, skip_first=skip_first, skip_last=skip_last,
+                         entropy=entropy)
         check_range("compress.linear_bits", linear_bits, 1, 16, integer=True)
         check_range("compress.conv_bits", conv_bits, 1, 16, integer=True)
         check_range("compress.iterations", iterations, 1, integer=True)

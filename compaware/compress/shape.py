@@ -166,7 +166,7 @@ def unsupported(layer: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def drop_dead_columns(model: nn.Module, layers: list[tuple[str, nn.Module]],
+def drop_dead_columns(model: nn.Module, layers: list[tuple[str, nn.Module]], *,
                       threshold: float = 0.0, min_sparsity: float = 0.0,
                       check: LatencyCheck | None = None) -> Report:
     """Replace, in ``model``, each of ``layers`` (qualified name, module) that has columns
@@ -189,8 +189,8 @@ def drop_dead_columns(model: nn.Module, layers: list[tuple[str, nn.Module]],
         if report[name]["replaced"]:
             live_layer = (LiveInputLinear if isinstance(layer, nn.Linear)
                           else LiveColumnConv2d)(layer, live)
-            if check is None or check.keeps(name, layer, live_layer, report[name], "replaced",
-                                            "live_columns"):
+            if check is None or check.keeps(name, layer, live_layer, entry=report[name],
+                                            flag="replaced", label="live_columns"):
                 model.set_submodule(name, live_layer)
         elif dead > 0:
             report[name]["reason"] = f"{dead:.0%} of the columns dead, below min_sparsity"

@@ -32,7 +32,7 @@ class ShapeDepth(Compressor):
     the MACs it reports removed are MACs that cost time.
     """
 
-    def __init__(self, threshold: float = 0.0, min_sparsity: float = 0.0, layers: str = "all",
+    def __init__(self, threshold: float = 0.0, *, min_sparsity: float = 0.0, layers: str = "all",
                  skip_first: bool = False, skip_last: bool = False,
                  input_shape: tuple[int, ...] | None = None, latency_aware: bool = False,
                  latency_batch: int = 32, latency_form: str = "eager") -> None:
@@ -41,12 +41,12 @@ class ShapeDepth(Compressor):
         self.threshold, self.min_sparsity = float(threshold), float(min_sparsity)
         self.select = LayerSelection("compress", layers, skip_first, skip_last)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
-        self.latency = LatencyOptions(1, latency_aware, latency_batch, self.input_shape,
-                                      latency_form)
+        self.latency = LatencyOptions(latency_aware=latency_aware, latency_batch=latency_batch,
+                                      input_shape=self.input_shape, latency_form=latency_form)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         report = remove_zero_branches(model, self.threshold)
-        check = self.latency.latency_check(model, self.input_shape)
-        report.update(drop_dead_columns(model, self.select(model), self.threshold,
-                                        self.min_sparsity, check))
+        check = self.latency.latency_check(model, self.input_shape, self.timer)
+        report.update(drop_dead_columns(model, self.select(model), threshold=self.threshold,
+                                        min_sparsity=self.min_sparsity, check=check))
         return model, report

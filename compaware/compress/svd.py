@@ -71,8 +71,9 @@ def factorize(layer: nn.Module, u: Tensor, s: Tensor, vh: Tensor, rank: int) -> 
         second = nn.Linear(rank, layer.out_features, bias=has_bias)
     else:
         conv = type(layer)  # Conv1d or Conv2d
-        first = conv(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, bias=False, padding_mode=layer.padding_mode)
+        first = conv(layer.in_channels, rank, layer.kernel_size, stride=layer.stride,
+                     padding=layer.padding, dilation=layer.dilation, bias=False,
+                     padding_mode=layer.padding_mode)
         second = conv(rank, layer.out_channels, 1, bias=has_bias)
     pair = nn.Sequential(first, second).to(device=layer.weight.device, dtype=layer.weight.dtype)
     with torch.no_grad():
@@ -93,7 +94,7 @@ class SVD(Compressor):
     Layers it cannot factorize are skipped and reported with the reason (module docstring).
     """
 
-    def __init__(self, energy: float = 1.0, rank: int | None = None, threshold: float = 1e-5,
+    def __init__(self, energy: float = 1.0, *, rank: int | None = None, threshold: float = 1e-5,
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  input_shape: tuple[int, ...] | None = None,
@@ -104,14 +105,15 @@ class SVD(Compressor):
         check_range("compress.threshold", threshold, 0, 1)
         self.energy, self.rank, self.threshold = float(energy), rank, float(threshold)
         self.select = LayerSelection("compress", layers, skip_first, skip_last)
-        self.latency = LatencyOptions(round_to, latency_aware, latency_batch, input_shape,
-                                      latency_form)
+        self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
+                                      latency_batch=latency_batch, input_shape=input_shape,
+                                      latency_form=latency_form)
         self.input_shape = tuple(input_shape) if input_shape else None
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         report: Report = {}
-        check = self.latency.latency_check(model, self.input_shape)
+        check = self.latency.latency_check(model, self.input_shape, self.timer)
         for name, layer in self.select(model):
             skip = ("grouped conv" if is_grouped(layer) else
                     "its parent reads the weight directly" if read_by_parent(model, name) else
@@ -134,7 +136,7 @@ class SVD(Compressor):
                 report[name]["reason"] = "not cheaper at this rank"
                 continue
             pair = factorize(layer, u, s, vh, rank)
-            if check is None or check.keeps(name, layer, pair, report[name], "factorized",
-                                            "factorized"):
+            if check is None or check.keeps(name, layer, pair, entry=report[name],
+                                            flag="factorized", label="factorized"):
                 model.set_submodule(name, pair)
         return model, report

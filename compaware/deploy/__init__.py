@@ -1,0 +1,1 @@
+"""Deployment: the forms a trained model runs in, and the clocks that time them."""

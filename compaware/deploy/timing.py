@@ -1,0 +1,63 @@
+"""The clock latency-aware compression times candidate layers with (``compress.latency_aware``).
+
+A compressor gets its timer from outside (``compressor(model, artifacts, timer=...)``), so
+that compression needs nothing of the deployment forms: ``compaware/train.py`` builds a
+:class:`LayerTimer` in the form ``compress.latency_form`` names, and tests hand in a fake
+clock. Any ``Callable[[nn.Module, Tensor], float]`` giving seconds will do
+(:data:`compaware.compress.base.Timer`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compaware.bench import channels_last_forward, median_ms
+from compaware.export import compile_inductor, onnxruntime_forward
+
+
+class LayerTimer:
+    """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
+    in ``form``: ``eager`` (the module in eval mode), ``channels_last`` (a copy in NHWC,
+    :func:`compaware.bench.channels_last_forward`), ``onnxruntime`` (the module exported to
+    ONNX, run by ONNX Runtime's CPU provider) or ``inductor`` (compiled by TorchInductor,
+    :func:`compaware.export.compile_inductor`, on an NHWC input: the layout Inductor keeps
+    between the convs of a compiled network, so a layer is not charged for converting to it).
+    A deployed layer is built once per weight and input shape and kept while the layer lives:
+    a compilation takes seconds."""
+
+    def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
+        self.form, self.min_run_time = form, min_run_time
+        self.deployed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @torch.inference_mode()
+    def __call__(self, layer: nn.Module, x: torch.Tensor) -> float:
+        layer.eval()
+        if self.form == "inductor" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        forward = (layer if self.form == "eager" else
+                   channels_last_forward(layer) if self.form == "channels_last" else
+                   self.deployed_forward(layer, x))
+        return median_ms(forward, x, self.min_run_time, torch.get_num_threads()) / 1e3
+
+    def deployed_forward(self, layer: nn.Module, x: torch.Tensor) -> Callable:
+        """``layer`` in the deployment form, built anew only when its shapes changed (a
+        pruned layer is narrowed in place between two timings)."""
+        shapes = (tuple(x.shape), *(tuple(p.shape) for p in layer.parameters()))
+        cached = self.deployed.get(layer)
+        if cached is None or cached[0] != shapes:
+            cached = self.deployed[layer] = (shapes, self.deploy(layer, x))
+        return cached[1]
+
+    def deploy(self, layer: nn.Module, x: torch.Tensor) -> Callable:
+        """``layer`` compiled by TorchInductor or exported to an ONNX Runtime session."""
+        if self.form == "inductor":
+            return compile_inductor(layer, x)
+        with tempfile.TemporaryDirectory() as folder:  # the session holds the model
+            return onnxruntime_forward(layer, x, Path(folder) / "layer.onnx",
+                                       torch.get_num_threads())
