@@ -152,7 +152,7 @@ def test_train_compress_reload(make_cfg, tmp_path, record_property, model_id, ov
     def compress(setting: str) -> tuple[torch.nn.Module, dict, Compressor]:
         node = OmegaConf.merge(cfg.compress, OmegaConf.from_dotlist(settings[setting]))
         compressor_ = instantiate(node, "compress")
-        compressed, report = compressor_(model, trained_with)
+        compressed, report = compressor_(model, trained_with.artifacts(model))
         return compressed.eval(), report, compressor_
 
     lossless = model
