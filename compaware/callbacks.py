@@ -19,13 +19,18 @@ class CheckOutputDir(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+        _check_writable(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
-def _check_writable(path: Path, option: str) -> None:
+def _check_writable(value: Any, option: str) -> None:
+    if value is None or not str(value).strip():  # Path("") is the current directory
+        raise SystemExit(f"{option} is empty, which would write the run into the current "
+                         f"directory. {option} takes the path of a directory for the run "
+                         f"(leave it out for a new dated one under outputs/).")
+    path = Path(str(value))
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()

@@ -19,7 +19,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import transforms
 
-from compaware import distributed
+from compaware import distributed, resources
 from compaware.config import DataConfig, UserError, check_choice
 
 # Debian's dataset-fashion-mnist package installs the IDX files here.
@@ -45,6 +45,7 @@ class Data:
 def build_data(cfg: DataConfig) -> Data:
     """The train and test sets ``cfg`` asks for (``data.limit``: the first N training samples)."""
     check_choice("data.name", cfg.name, sorted(LOADERS))
+    check_fits_in_memory(cfg)
     train, test, channels, num_classes = LOADERS[cfg.name](cfg)
     if cfg.name != "synthetic" and (channels, num_classes) != (cfg.channels, cfg.num_classes):
         raise UserError(
@@ -95,6 +96,23 @@ def _standardized(train_x: torch.Tensor, test_x: torch.Tensor, train_y, test_y,
     train = TensorDataset((train_x - mean) / std, torch.as_tensor(train_y, dtype=torch.long))
     test = TensorDataset((test_x - mean) / std, torch.as_tensor(test_y, dtype=torch.long))
     return train, test, train_x.shape[1], num_classes
+
+
+# The datasets held in memory as tensors, by their number of images (synthetic: configured).
+IN_MEMORY = {"digits": 1797, "mnist": 70_000, "fashion_mnist": 70_000}
+
+
+def check_fits_in_memory(cfg: DataConfig) -> None:
+    """Stop before loading a dataset held in memory whose images, resized to
+    ``data.image_size`` (float32, with the copy resizing makes), cannot fit."""
+    images = (cfg.train_size + cfg.test_size if cfg.name == "synthetic"
+              else IN_MEMORY.get(cfg.name, 0))
+    per_image = 4 * cfg.channels * cfg.image_size ** 2
+    resources.require(2 * images * per_image, f"data={cfg.name} at data.image_size="
+                      f"{cfg.image_size} ({images:,} images held in memory)",
+                      "data.image_size" + (" or data.train_size/test_size"
+                                           if cfg.name == "synthetic" else ""),
+                      torch.device("cpu"))
 
 
 def _resized(images: torch.Tensor, size: int) -> torch.Tensor:

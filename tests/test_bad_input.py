@@ -66,7 +66,7 @@ def discovered_rows() -> list[tuple[list[str], list[str]]]:
                 if bool in kinds:
                     bad = ["maybe"]
                 elif kinds & {int, float}:
-                    bad = ["abc", "-1e9"]
+                    bad = ["abc", "-1e9", "nan"]
                 elif str in kinds:
                     bad = ["no_such_choice"]
                 else:
@@ -105,7 +105,7 @@ EXPLICIT = [
     (["regularizer.lam=-1"], ["regularizer.lam", ">= 0"]),
     (["compress.energy=2"], ["compress.energy", "(0, 1]"]),
     (["regularizer.every=sometimes"], ["regularizer.every", "epoch", "step"]),
-    (["schedule.epochs=-1"], ["schedule.epochs", ">= 0"]),
+    (["schedule.epochs=-1"], ["schedule.epochs", "[0, 100000]"]),
     (["schedule.pretrain_epochs=-2"], ["schedule.pretrain_epochs"]),
     (["schedule.lr=0"], ["schedule.lr", "> 0"]),
     (["schedule.strength_ramp=1.5"], ["schedule.strength_ramp", "[0, 1]"]),
@@ -139,6 +139,18 @@ EXPLICIT = [
     # unwritable output directories
     (["hydra.run.dir=/proc/compaware"], ["hydra.run.dir=/proc/compaware", "cannot be written"]),
     (["-m", "hydra.sweep.dir=/proc/compaware", "seed=1,2"], ["hydra.sweep.dir"]),
+    (["hydra.run.dir="], ["hydra.run.dir is empty"]),
+    # not finite, or beyond what any machine runs (checked at start, not steps or hours later)
+    (["regularizer.lam=nan"], ["regularizer.lam", "finite"]),
+    (["schedule.lr=inf"], ["schedule.lr", "finite"]),
+    (["schedule.momentum=nan"], ["schedule.momentum", "finite"]),
+    (["compress.energy=nan"], ["compress.energy", "finite"]),
+    (["seed=18446744073709551616"], ["seed", "[0, 4294967295]"]),
+    (["schedule.epochs=1000000000000"], ["schedule.epochs", "[0, 100000]"]),
+    (["data.image_size=20000"], ["data.image_size", "GiB"]),
+    # pairs that could only fail after training
+    (["compress=quantize", "regularizer=l2"], ["compress=quantize", "regularizer=sws"]),
+    (["-m", "schedule.epochs=1,abc"], ["schedule.epochs=abc", "none of its jobs ran"]),
 ]
 
 
