@@ -3,7 +3,10 @@ and a run that trained on nothing are all refused, at start where they can be.""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import random
 import struct
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 from compaware import checkpoint
+from compaware.compress import KMeans, storage
 from compaware.config import UserError
 from compaware.report import main as report_main
 from compaware.train import train
@@ -98,3 +102,63 @@ def test_a_checkpoint_without_its_checksum_is_refused_for_resume_but_not_for_ini
     with pytest.raises(UserError, match="carries no checksum"):
         checkpoint.load(path)
     checkpoint.load_weights(torch.nn.Linear(3, 2), path)  # a file from elsewhere: no checksum
+
+
+def _cwsf(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    compressor = KMeans(linear_bits=3)
+    compressed, _ = compressor(torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(),
+                                                   torch.nn.Linear(20, 4)))
+    compressor.save(compressed, tmp_path)
+    return tmp_path / "model_compressed.cwsf", compressed
+
+
+def test_every_damaged_cwsf_file_is_named_never_loaded(tmp_path):
+    path, _ = _cwsf(tmp_path)
+    good = path.read_bytes()
+    rng = random.Random(0)
+    damaged = [good[:cut] for cut in (5, 10, len(good) // 2, len(good) - 1)]
+    for at in rng.sample(range(4, len(good)), 150):  # a flipped bit anywhere past the magic
+        flipped = bytearray(good)
+        flipped[at] ^= 1 << rng.randrange(8)
+        damaged.append(bytes(flipped))
+    for data in damaged:
+        path.write_bytes(data)
+        with pytest.raises(storage.DamagedFile, match=str(path)):
+            storage.read_state_dict(path)
+
+
+def _sealed(body: bytes) -> bytes:
+    """``body`` with a valid checksum: a crafted file, not a damaged one."""
+    return body + hashlib.sha256(body).digest()
+
+
+def test_a_crafted_cwsf_file_is_checked_before_anything_is_allocated(tmp_path):
+    path = tmp_path / "crafted.cwsf"
+    header = storage.MAGIC + struct.pack("<BBI", storage.VERSION, 0, 1)
+    huge = header + b"\x01w" + struct.pack("<BB2I", storage.SPARSE, 2, 100_000, 100_000)
+    path.write_bytes(_sealed(huge + struct.pack("<BBBIIB", 8, 4, 0, 16, 1000, 11)))
+    with pytest.raises(storage.DamagedFile, match="more than this machine's memory"):
+        storage.read_state_dict(path)
+    rows = header + b"\x01w" + struct.pack("<BB2I", storage.SPARSE, 2, 2**28, 1)
+    path.write_bytes(_sealed(rows + struct.pack("<BBBIIB", 8, 4, 0, 16, 2**31, 32)))
+    with pytest.raises(storage.DamagedFile):
+        storage.read_state_dict(path)
+    code = header + b"\x01w" + struct.pack("<BBI", storage.RAW, 1, 4) + b"\x04load"
+    path.write_bytes(_sealed(code + struct.pack("<I", 16) + bytes(16)))
+    with pytest.raises(storage.DamagedFile, match="dtype 'load'"):
+        storage.read_state_dict(path)
+
+
+def test_the_cwsf_file_is_written_atomically(tmp_path, monkeypatch):
+    path, compressed = _cwsf(tmp_path)
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("compaware.checkpoint.os.fsync", full_disk)
+    with pytest.raises(UserError, match="cannot write .*model_compressed.cwsf.*disk full"):
+        KMeans(linear_bits=2).save(compressed, tmp_path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_compressed.cwsf"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from compaware.checkpoint import write_atomically
 from compaware.compress import storage
 from compaware.compress.base import Compressor
 from compaware.config import check_choice
@@ -56,7 +57,8 @@ class SparseCompressor(Compressor):
         return self.select(model)
 
     def save(self, model: nn.Module, run_dir: Path) -> dict:
-        stored = storage.write(model, self.codings(model), run_dir / FILE_NAME, self.entropy)
+        data, stored = storage.encode(model, self.codings(model), self.entropy)
+        write_atomically(run_dir / FILE_NAME, lambda f: f.write(data))
         return {"file": FILE_NAME, "bytes": stored.bytes,
                 "predicted_bytes": stored.predicted_bytes, "entropy": self.entropy,
                 "bit_model": BIT_MODEL}

@@ -27,19 +27,28 @@ its state-dict key (u8 length + UTF-8), kind (u8: 0 raw, 1 sparse), ndim (u8), d
 each), then for a raw tensor its dtype name and one stream of its bytes, for a sparse layer
 the relative-index bits, value bits, has-bias flag (u8 each), k and entries (u32 each),
 pointer bits (u8) and the streams codebook, row pointers, relative indices, values [, bias
-codes]. A stream is its byte length (u32) followed by its bytes.
+codes]. A stream is its byte length (u32) followed by its bytes. The file ends with the
+SHA-256 of everything before it.
+
+The reader trusts nothing: the checksum is verified before anything is parsed, every size a
+record declares is checked against the bytes that carry it and against the machine's memory
+before anything is allocated, a compressed stream is inflated to no more than the bytes it
+must hold, and a dtype is one of a fixed list. Whatever is wrong with a file, reading it
+raises :class:`DamagedFile` naming the file, never a raw parsing error or wrong weights.
 
 The file holds every tensor of the model's state dict, so :func:`load` rebuilds the model
 from it into a module of the same architecture (a "skeleton": the model class, or the
 standalone ``model_compressed.pt2``); this module needs only torch, numpy and the standard
-library.
+library. :func:`encode` makes the file's bytes; the compressor writes them atomically.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import lzma
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -50,11 +59,19 @@ import torch
 from torch import nn
 
 MAGIC = b"CWSF"  # compaware weight-sharing format
-VERSION = 1
+VERSION = 2  # 2: a SHA-256 trailer
+CHECKSUM_BYTES = 32
 RELATIVE_INDEX_BITS = {"linear": 5, "conv": 8}
 CODECS = {"none": None, "zlib": zlib, "lzma": lzma}
 RAW, SPARSE = 0, 1
 FLOAT_BITS = 32
+DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}  # what a raw tensor may be
+
+
+class DamagedFile(ValueError):
+    """A file that is not a complete, intact compaware weight-sharing file."""
 
 
 @dataclass(frozen=True)
@@ -133,33 +150,45 @@ class _Writer:
 
 
 class _Reader:
+    """Reads a file's fields in order; every read checks that the bytes are there, and a
+    stream is inflated to exactly the bytes its caller expects, no more."""
+
     def __init__(self, data: bytes, at: int = 0) -> None:
         self.data, self.at, self.codec = data, at, None
 
+    def take(self, length: int) -> bytes:
+        if length > len(self.data) - self.at:
+            raise DamagedFile(f"it ends {length - (len(self.data) - self.at)} bytes early")
+        self.at += length
+        return self.data[self.at - length:self.at]
+
     def fields(self, fmt: str) -> tuple:
-        values = struct.unpack_from("<" + fmt, self.data, self.at)
-        self.at += struct.calcsize("<" + fmt)
-        return values
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
 
     def text(self) -> str:
         (length,) = self.fields("B")
-        self.at += length
-        return self.data[self.at - length:self.at].decode()
+        return self.take(length).decode()
 
-    def stream(self) -> bytes:
+    def stream(self, expected: int) -> bytes:
+        """The next stream, which must hold ``expected`` bytes once inflated."""
         (length,) = self.fields("I")
-        self.at += length
-        data = self.data[self.at - length:self.at]
-        return self.codec.decompress(data) if self.codec is not None else data
+        data = self.take(length)
+        if self.codec is not None:
+            inflater = (zlib.decompressobj() if self.codec is zlib
+                        else lzma.LZMADecompressor())
+            data = inflater.decompress(data, expected)
+        if len(data) != expected:
+            raise DamagedFile(f"a stream holds {len(data)} bytes where {expected} belong")
+        return data
 
     def symbols(self, count: int, bits: int) -> np.ndarray:
-        data = self.stream()
         if self.codec is None:
-            return _unpack(data, count, bits).astype(np.int64)
-        return np.frombuffer(data, _uint_dtype(bits)).astype(np.int64)
+            return _unpack(self.stream(math.ceil(count * bits / 8)), count, bits).astype(np.int64)
+        dtype = _uint_dtype(bits)
+        return np.frombuffer(self.stream(count * dtype.itemsize), dtype).astype(np.int64)
 
-    def floats(self) -> np.ndarray:
-        return np.frombuffer(self.stream(), "<f4")
+    def floats(self, count: int) -> np.ndarray:
+        return np.frombuffer(self.stream(4 * count), "<f4")
 
 
 # ------------------------------------------------------------------------------ CSR coding
@@ -243,13 +272,22 @@ def _write_sparse(out: _Writer, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _read_sparse(source: _Reader, shape: tuple[int, ...]) -> tuple[torch.Tensor, np.ndarray | None]:
     index_bits, value_bits, has_bias, k, entries, pointer_bits = source.fields("BBBIIB")
-    rows = shape[0]
-    codebook = source.floats()
+    rows, columns = shape[0], math.prod(shape[1:])
+    if not (index_bits <= 32 and value_bits <= 32 and pointer_bits <= 32 and k <= entries + rows + 1
+            and entries <= rows * columns):
+        raise DamagedFile(f"a layer declares {entries} entries, {k} shared values, and "
+                          f"{index_bits}/{value_bits}/{pointer_bits}-bit fields for a "
+                          f"{rows}×{columns} weight")
+    codebook = source.floats(k)
     pointers = source.symbols(rows + 1, pointer_bits)
     relative = source.symbols(entries, index_bits)
-    values = codebook[source.symbols(entries, value_bits)] if k else source.floats()
-    matrix = np.zeros((rows, math.prod(shape[1:])), dtype=np.float32)
+    values = codebook[source.symbols(entries, value_bits)] if k else source.floats(entries)
+    if pointers[0] != 0 or pointers[-1] != entries or np.any(np.diff(pointers) < 0):
+        raise DamagedFile("a layer's row pointers do not add up to its entries")
     entry_rows, entry_cols = _csr_positions(pointers, relative)
+    if len(entry_cols) and entry_cols.max() >= columns:
+        raise DamagedFile(f"a layer stores an entry past its {columns} columns")
+    matrix = np.zeros((rows, columns), dtype=np.float32)
     matrix[entry_rows, entry_cols] = values  # fillers write their 0
     bias = codebook[source.symbols(rows, value_bits)] if has_bias else None
     return torch.from_numpy(matrix.reshape(shape)), bias
@@ -265,10 +303,10 @@ def _write_raw(out: _Writer, tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size() * 8
 
 
-def write(model: nn.Module, codings: dict[str, LayerCoding], path: str | Path,
-          entropy: str = "none") -> Stored:
-    """Store every tensor of ``model``'s state dict at ``path``: the layers named in
-    ``codings`` in the sparse format, the rest raw. Returns the file size and predicted bits."""
+def encode(model: nn.Module, codings: dict[str, LayerCoding],
+           entropy: str = "none") -> tuple[bytes, Stored]:
+    """The file of every tensor of ``model``'s state dict: the layers named in ``codings`` in
+    the sparse format, the rest raw; with what it holds (its size and the predicted bits)."""
     state = model.state_dict()
     coded = {f"{name}.weight": name for name in codings}
     skip = {f"{name}.bias" for name, c in codings.items() if c.shared_bias}
@@ -288,34 +326,68 @@ def write(model: nn.Module, codings: dict[str, LayerCoding], path: str | Path,
             bits += _write_sparse(out, tensor, bias, coding)
         else:
             bits += _write_raw(out, tensor)
-    path = Path(path)
-    path.write_bytes(b"".join(out.parts))
-    return Stored(path.stat().st_size, bits)
+    body = b"".join(out.parts)
+    data = body + hashlib.sha256(body).digest()
+    return data, Stored(len(data), bits)
+
+
+def _memory_bytes() -> int:
+    """The machine's physical memory: no declared tensor may be larger."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 40
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict stored by :func:`write` (coded layers as float32)."""
+    """The state dict stored by :func:`encode` (coded layers as float32); a file that is not
+    intact raises :class:`DamagedFile` naming it."""
     data = Path(path).read_bytes()
     if data[:4] != MAGIC:
-        raise ValueError(f"{path} is not a compaware weight-sharing file (no {MAGIC!r} header)")
+        raise DamagedFile(f"{path} is not a compaware weight-sharing file (no {MAGIC!r} header)")
+    try:
+        return _parse(data)
+    except (DamagedFile, struct.error, zlib.error, lzma.LZMAError, UnicodeDecodeError,
+            IndexError, ValueError, OverflowError, MemoryError) as e:
+        raise DamagedFile(f"{path} is damaged and was not loaded: {e}") from None
+
+
+def _parse(data: bytes) -> dict[str, torch.Tensor]:
     source = _Reader(data, at=len(MAGIC))
     version, codec, count = source.fields("BBI")
     if version != VERSION:
-        raise ValueError(f"{path} has format version {version}; this reader reads {VERSION}")
-    source.codec = list(CODECS.values())[codec]
+        raise DamagedFile(f"it has format version {version}; this reader reads {VERSION}")
+    body, checksum = data[:-CHECKSUM_BYTES], data[-CHECKSUM_BYTES:]
+    if len(data) < len(MAGIC) + 6 + CHECKSUM_BYTES or hashlib.sha256(body).digest() != checksum:
+        raise DamagedFile("its contents do not match the checksum written with them")
+    if codec >= len(CODECS):
+        raise DamagedFile(f"codec {codec} is not one of {len(CODECS)}")
+    source.data, source.codec = body, list(CODECS.values())[codec]
     state: dict[str, torch.Tensor] = {}
+    budget = _memory_bytes()
     for _ in range(count):
         key = source.text()
         kind, ndim = source.fields("BB")
         shape = source.fields(f"{ndim}I")
-        if kind == SPARSE:
+        budget -= 4 * math.prod(shape)  # what the tensor takes as float32, before it is made
+        if budget < 0:
+            raise DamagedFile(f"{key} declares a {'×'.join(map(str, shape))} tensor: with the "
+                              f"ones before it, more than this machine's memory")
+        if kind == SPARSE and ndim >= 2:
             state[key], bias = _read_sparse(source, shape)
             if bias is not None:
                 state[key.removesuffix("weight") + "bias"] = torch.from_numpy(bias.copy())
+        elif kind == RAW:
+            name = source.text()
+            if name not in DTYPES:
+                raise DamagedFile(f"{key} has dtype {name!r}, not one of {', '.join(DTYPES)}")
+            size = math.prod(shape) * DTYPES[name].itemsize
+            raw = torch.tensor(np.frombuffer(source.stream(size), np.uint8))
+            state[key] = raw.view(DTYPES[name]).reshape(shape)
         else:
-            dtype = getattr(torch, source.text())
-            raw = torch.tensor(np.frombuffer(source.stream(), np.uint8))
-            state[key] = raw.view(dtype).reshape(shape)
+            raise DamagedFile(f"{key} has record kind {kind} with {ndim} dimensions")
+    if source.at != len(body):
+        raise DamagedFile(f"{len(body) - source.at} bytes follow the last record")
     return state
 
 
