@@ -21,15 +21,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import BenchConfig, UserError
-from compaware.export import (
+from compaware.deploy.export import (
     compile_inductor,
     export_model,
     inductor_convs,
     onnxruntime_forward,
 )
-from compaware.fold import fold_batchnorm
+from compaware.deploy.fold import fold_batchnorm
 from compaware.layers import eval_mode, weight_layers
-from compaware.pooling import swap_max_pools
+from compaware.deploy.pooling import swap_max_pools
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""The deployment wing: what a trained model costs and how it runs outside compaware.
+
+Measurement (bench.py), the inference forms it times models in (forms.py), standalone
+files and compilers (export.py), BatchNorm folding (fold.py), the strided max-pool rewrite
+(pooling.py) and the opt-in allocator setting (allocator.py). It knows nothing of training
+or of the compression methods: those hand it models.
+"""
