@@ -17,8 +17,10 @@ RULES = [
     ("compaware.regularizers", "compaware.compress"),
     ("compaware.models", "compaware.regularizers"),
     ("compaware.models", "compaware.compress"),
-    ("compaware.bench", "compaware.train"),
-    ("compaware.bench", "compaware.loop"),
+    ("compaware.deploy", "compaware.train"),
+    ("compaware.deploy", "compaware.loop"),
+    ("compaware.deploy", "compaware.regularizers"),
+    ("compaware.deploy", "compaware.compress"),
     ("compaware.report", "compaware.train"),
     ("compaware.report", "compaware.loop"),
 ]

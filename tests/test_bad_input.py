@@ -124,7 +124,11 @@ EXPLICIT = [
     (["bench.batch_size=0"], ["bench.batch_size"]),
     (["bench.min_run_time=0"], ["bench.min_run_time"]),
     (["bench.threads=0"], ["bench.threads"]),
-    (["bench.layout=nhcw"], ["bench.layout", "nchw, nhwc, fastest", "nhwc"]),
+    (["bench.forms=[eager,channel_last]"],
+     ["bench.forms", "eager, channels_last, strided_pools, inductor, onnxruntime",
+      "channels_last"]),
+    (["bench.forms=[eager,eager]"], ["bench.forms", "twice"]),
+    (["bench.fastest=true"], ["bench.fastest", "bench.forms=[eager,channels_last]"]),
     (["model=torchvision", "model.name=resnet"], ["model.name", "resnet18"]),
     # conflicting options
     (["data.channels=3"], ["data.channels", "data=digits"]),

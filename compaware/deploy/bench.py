@@ -1,4 +1,5 @@
-"""What a model costs: parameters, MACs, bytes on disk and measured latency.
+"""What a model costs: parameters, MACs, bytes on disk and measured latency, in the inference
+forms of compaware/deploy/forms.py.
 
 MACs come from ``torch.utils.flop_counter`` (FLOPs / 2: it counts 2 per
 multiply-accumulate of convs, linears and matmuls), latency from
@@ -28,8 +29,9 @@ from compaware.deploy.export import (
     onnxruntime_forward,
 )
 from compaware.deploy.fold import fold_batchnorm
-from compaware.layers import eval_mode, weight_layers
+from compaware.deploy.forms import FASTEST, FORMS
 from compaware.deploy.pooling import swap_max_pools
+from compaware.layers import eval_mode, weight_layers
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,29 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
+               threads: int) -> float:
+    """Median wall time of one forward pass of ``batch`` in milliseconds (eval mode)."""
+    model.eval()
+    return median_ms(model, batch, min_run_time, threads)
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Each conv/linear layer's weight shape: the structure a compressor changed."""
+    return {name: list(m.weight.shape) for name, m in weight_layers(model)}
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """What is exported (``model_<name>.pt2``) and what the ``eager`` form times, dense and
+    compressed alike, as a deployment would run it: an eval-mode copy of ``model`` with its
+    BatchNorms folded (compaware/deploy/fold.py). Same function; every other form starts
+    from it."""
+    return fold_batchnorm(model)[0]
+
+
 def channels_last_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A copy of ``model`` with its 4-D weights in NHWC (``torch.channels_last``), as a
-    forward function that converts a 4-D input the same way.
+    """The ``channels_last`` form: a copy of ``model`` with its 4-D weights in NHWC
+    (``torch.channels_last``), as a forward function that converts a 4-D input the same way.
 
     oneDNN's CPU convolutions work in NHWC: given NCHW they reorder activations and weights
     on each call, a memory-bound cost that does not shrink with the MACs. At batch 32 NHWC
@@ -97,25 +119,37 @@ def channels_last_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Te
     return forward
 
 
-def latency_ms(model: nn.Module, batch: torch.Tensor, min_run_time: float,
-               threads: int) -> float:
-    """Median wall time of one forward pass of ``batch`` in milliseconds (eval mode)."""
-    model.eval()
-    return median_ms(model, batch, min_run_time, threads)
+def strided_pools_model(model: nn.Module) -> nn.Module:
+    """The ``strided_pools`` form: a copy of ``model`` with every ``nn.MaxPool2d`` replaced by
+    compaware/deploy/pooling.py's, which pools eagerly on NCHW CPU tensors as maxima of
+    strided views, off PyTorch's slow NCHW kernel (same outputs, bit for bit)."""
+    model = copy.deepcopy(model)
+    swap_max_pools(model)
+    return model
 
 
-def inference_model(model: nn.Module) -> nn.Module:
-    """What is timed and exported, dense and compressed alike, as a deployment would run it:
-    an eval-mode copy of ``model`` with its BatchNorms folded (compaware/fold.py) and its
-    max-pools off PyTorch's slow NCHW kernel (compaware/pooling.py). Same function."""
-    folded = fold_batchnorm(model)[0]
-    swap_max_pools(folded)
-    return folded
-
-
-def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Each conv/linear layer's weight shape: the structure a compressor changed."""
-    return {name: list(m.weight.shape) for name, m in weight_layers(model)}
+def form_forward(form: str, model: nn.Module, example: torch.Tensor,
+                 convs: str = "onednn") -> Callable[[torch.Tensor], object]:
+    """``model`` (an :func:`inference_model`) in ``form`` (a key of
+    :data:`~compaware.deploy.forms.FORMS`), as a forward function of batches shaped like
+    ``example`` (a traced form may fix the batch size): ``eager`` is ``model`` itself.
+    ``inductor`` compiles with ``convs`` (see :data:`compaware.deploy.export.INDUCTOR_CONVS`)
+    at torch's current thread count. A form the model cannot be built in (onnxruntime not
+    installed, a model that cannot be exported or compiled) stops with a
+    :class:`~compaware.config.UserError`."""
+    if form == "eager":
+        return model
+    if form == "channels_last":
+        return channels_last_forward(model)
+    if form == "strided_pools":
+        return strided_pools_model(model)
+    if form == "inductor":
+        return compile_inductor(model, example, convs)
+    if form == "onnxruntime":
+        with tempfile.TemporaryDirectory() as folder:  # the session holds the model
+            return onnxruntime_forward(model, example, Path(folder) / "model.onnx",
+                                       torch.get_num_threads())
+    raise ValueError(f"{form!r} is not an inference form; the forms are {', '.join(FORMS)}")
 
 
 def side_by_side_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...],
@@ -133,90 +167,66 @@ def side_by_side_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...],
     return results
 
 
-def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch_size: int,
-                    device: torch.device, min_run_time: float, threads: int,
-                    layout: str = "nchw") -> dict:
-    """:func:`side_by_side_ms` of the models in eager PyTorch on ``device`` (copies: the
-    models stay where they are), in ``layout``: ``nchw``, ``nhwc``
-    (:func:`channels_last_forward`) or ``fastest``: each model in whichever of the two runs
-    it faster at each batch size, recorded under ``layouts``. NHWC makes some models faster
-    and others slower, and differently at batch 1 and batch 32 (docs/performance.md): timed
-    in one fixed layout, a compressed model can look better or worse than it deploys."""
-    def forward_in(form: str) -> Callable:
-        def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
-            model = copy.deepcopy(model).to(device).eval()
-            return channels_last_forward(model) if form == "nhwc" else model
-        return forward_of
-
-    forms = ("nchw", "nhwc") if layout == "fastest" else (layout,)
-    timed = {form: side_by_side_ms(models, input_shape, batch_size, device, min_run_time,
-                                   threads, forward_in(form)) for form in forms}
-    if layout != "fastest":
-        return {**timed[layout], "layout": layout}
-    results, layouts = fastest_variant(timed)
-    return {**results, "layout": layout, "layouts": layouts}
-
-
 def fastest_variant(timed: dict[str, dict]) -> tuple[dict, dict]:
-    """``timed``: variant → :func:`side_by_side_ms` of the same models in that variant. Each
-    model's time in its fastest variant at each batch size (in side_by_side_ms's form), and
-    which variant that was: ``{batch_1: {name: variant}, batch_N: {...}}``. What a deployment
-    would pick, for the dense and the compressed model alike."""
-    results = dict(next(iter(timed.values())))
+    """``timed``: variant → :func:`side_by_side_ms` of the same models in that variant (a
+    form, or Inductor's convs). Each model's time in its fastest variant at each batch size
+    (in side_by_side_ms's form), and which variant that was: ``{batch_1: {name: variant},
+    batch_N: {...}}``. What a deployment would pick, for the dense and the compressed model
+    alike."""
+    first = next(iter(timed.values()))
+    results = {key: first[key] for key in ("threads", "batch_size", "device")}
     chosen = {}
     for key in ("batch_1", "batch_N"):
         chosen[key] = {name: min(timed, key=lambda variant: timed[variant][key][name])
-                       for name in results[key]}
+                       for name in first[key]}
         results[key] = {name: timed[variant][key][name] for name, variant in chosen[key].items()}
     return results, chosen
 
 
-# The deployment forms a run can time besides eager PyTorch (bench.<form>=true): the
-# results.json keys latency_ms.<form> and efficiency_<form>.
-DEPLOYED_FORMS = {"onnxruntime": "exported to ONNX, under ONNX Runtime's CPU provider",
-                  "inductor": "compiled by TorchInductor, weights frozen, convs on oneDNN or "
-                              "PyTorch's dispatch, whichever is faster"}
-
-
-def deployed_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...],
-                     batch_size: int, min_run_time: float, threads: int) -> dict | None:
-    """:func:`side_by_side_ms` of the models in a deployment form (a key of
-    ``DEPLOYED_FORMS``) on the CPU: ``onnxruntime``, the form in which compression paid most
-    in eager-timed choices, or ``inductor``, PyTorch 2's own compiler, in which factorized
-    and pruned layers realise more of their MAC savings at batch 32 than eagerly
-    (docs/performance.md). Each model is traced at the batch size it is timed at (a traced
-    module may fix it), with ``threads`` (Inductor builds its kernels for a thread count).
-    Compiled, each model is timed with its convs on oneDNN and on PyTorch's own dispatch
-    (:func:`~compaware.export.inductor_convs`), and keeps the faster at each batch size,
-    recorded under ``convs``: small convs at batch 1 run faster without oneDNN's per-call
-    set-up, large ones and batch 32 with it.
+def form_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...],
+                 batch_size: int, min_run_time: float, threads: int,
+                 device: torch.device | None = None) -> dict | None:
+    """:func:`side_by_side_ms` of the models (each an :func:`inference_model`) in ``form`` (a
+    key of :data:`~compaware.deploy.forms.FORMS`) on ``device`` (None: the CPU; the traced forms,
+    inductor and onnxruntime, on the CPU only). Each model is built in the form at the batch size it
+    is timed at (a traced module may fix it), with ``threads`` (Inductor builds its kernels
+    for a thread count). ``inductor`` compiles each model with its convs on oneDNN and on
+    PyTorch's own dispatch (:func:`~compaware.deploy.export.inductor_convs`), and keeps the
+    faster at each batch size, recorded under ``convs``: small convs at batch 1 run faster
+    without oneDNN's per-call set-up, large ones and batch 32 with it.
     None, with a warning, where the form is unavailable (onnxruntime not installed, a model
     that cannot be exported or compiled): the run's other results stand."""
-    def compiled_with(convs: str) -> Callable:
+    def built_with(convs: str) -> Callable:
         def forward_of(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
+            if next(model.parameters()).device != batch.device:
+                model = copy.deepcopy(model).to(batch.device)
             with torch_threads(threads):
-                return compile_inductor(model, batch, convs)
+                return form_forward(form, model, batch, convs)
         return forward_of
 
-    with tempfile.TemporaryDirectory() as tmp:
-        def in_onnxruntime(name: str, model: nn.Module, batch: torch.Tensor) -> Callable:
-            return onnxruntime_forward(model, batch, Path(tmp) / f"{name}_{len(batch)}.onnx",
-                                       threads)
+    def timed(convs: str = "onednn") -> dict:
+        return side_by_side_ms(models, input_shape, batch_size, device or torch.device("cpu"),
+                               min_run_time, threads, built_with(convs))
 
-        def timed(forward_of: Callable) -> dict:
-            return side_by_side_ms(models, input_shape, batch_size, torch.device("cpu"),
-                                   min_run_time, threads, forward_of)
+    try:
+        if form != "inductor":
+            return timed()
+        results, convs = fastest_variant({convs: timed(convs) for convs in inductor_convs()})
+        return {**results, "convs": convs}
+    except UserError as e:
+        log.warning("bench.forms has %s, but there is no latency %s: %s", form, FORMS[form], e)
+        return None
 
-        try:
-            if form == "onnxruntime":
-                return timed(in_onnxruntime)
-            results, convs = fastest_variant({convs: timed(compiled_with(convs))
-                                              for convs in inductor_convs()})
-            return {**results, "convs": convs}
-        except UserError as e:
-            log.warning("bench.%s=true, but there is no latency %s: %s", form,
-                        DEPLOYED_FORMS[form], e)
-            return None
+
+def fastest_latency(timed: dict[str, dict | None]) -> dict | None:
+    """The ``fastest`` choice: ``timed`` (form → :func:`form_latency`) reduced to each model's
+    time in its fastest form at each batch size, the form recorded under ``forms``; None
+    where no form was timed."""
+    timed = {form: result for form, result in timed.items() if result}
+    if not timed:
+        return None
+    results, forms = fastest_variant(timed)
+    return {**results, "forms": forms}
 
 
 def compression_rates(dense: nn.Module, compressed: nn.Module, stored_bytes: int) -> dict:
@@ -242,14 +252,24 @@ def efficiency(macs: dict, latency: dict | None) -> dict:
 
 
 def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: BenchConfig,
-            run_dir: Path) -> dict:
-    """Parameters, MACs, bytes of the standalone file ``model_<name>.pt2`` (written to
-    ``run_dir``), layer shapes and latency of each model, and the realization efficiency
-    (:func:`efficiency`, on the CPU; ``efficiency_<form>`` in each deployment form asked for,
-    ``bench.onnxruntime=true`` or ``bench.inductor=true``), as the results.json sections.
+            run_dir: Path, stored: dict | None = None, details: dict | None = None) -> dict:
+    """The results.json sections of the ``dense`` and the ``compressed`` model (the keys of
+    ``models``), ready to be written:
 
-    Parameters, MACs and shapes are those of the models as trained; the standalone files and
-    the latencies are those of their :func:`inference_model`, dense and compressed alike."""
+    - ``params``, ``macs``, ``structure`` (layer shapes): of the models as trained;
+    - ``bytes``: of the standalone file ``model_<name>.pt2`` of each :func:`inference_model`
+      (written to ``run_dir``), except where the compressor stored the compressed model in a
+      format of its own: ``stored`` (what its ``save`` returned), whose ``bytes`` are then
+      ``bytes.compressed``, the .pt2 file's ``bytes.compressed_pt2``;
+    - ``latency_ms``: each model's :func:`inference_model` timed in each form of
+      ``bench.forms`` on the CPU (``latency_ms.<form>``; None for a form not timed),
+      ``fastest`` (with ``bench.fastest=true``) and ``cuda`` (eager, where CUDA is available);
+    - ``efficiency`` (in the eager form) and ``efficiency_<form>`` (every other form and
+      ``fastest``): :func:`efficiency`;
+    - ``compression``: the compressor's report (``details``), ``stored`` as ``storage``, and
+      :func:`compression_rates`.
+
+    Nothing is timed in a form not asked for: the default times the very model exported."""
     costs: dict = {key: {} for key in ("params", "macs", "bytes", "structure")}
     inference = {}
     for name, model in models.items():
@@ -259,19 +279,26 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
         costs["bytes"][name] = export_model(inference[name], torch.zeros(2, *input_shape),
                                             run_dir / f"model_{name}.pt2")
         costs["structure"][name] = layer_shapes(model)
+    if stored:
+        costs["bytes"]["compressed_pt2"] = costs["bytes"]["compressed"]
+        costs["bytes"]["compressed"] = stored["bytes"]
     threads = cfg.threads or torch.get_num_threads()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    costs["latency_ms"] = {"cpu": None, "cuda": None} | dict.fromkeys(DEPLOYED_FORMS)
+    latency: dict = dict.fromkeys([*FORMS, FASTEST, "cuda"])
     if cfg.latency:
-        for device in devices:
-            costs["latency_ms"][device.type] = compare_latency(
-                inference, input_shape, cfg.batch_size, device, cfg.min_run_time, threads,
-                cfg.layout if device.type == "cpu" else "nchw")
-        for form in DEPLOYED_FORMS:
-            if getattr(cfg, form):
-                costs["latency_ms"][form] = deployed_latency(
-                    form, inference, input_shape, cfg.batch_size, cfg.min_run_time, threads)
-    costs["efficiency"] = efficiency(costs["macs"], costs["latency_ms"]["cpu"])
-    for form in DEPLOYED_FORMS:
-        costs[f"efficiency_{form}"] = efficiency(costs["macs"], costs["latency_ms"][form])
+        for form in cfg.forms:
+            latency[form] = form_latency(form, inference, input_shape, cfg.batch_size,
+                                         cfg.min_run_time, threads)
+        if cfg.fastest:
+            latency[FASTEST] = fastest_latency({form: latency[form] for form in cfg.forms})
+        if torch.cuda.is_available():
+            latency["cuda"] = form_latency("eager", inference, input_shape, cfg.batch_size,
+                                           cfg.min_run_time, threads, torch.device("cuda"))
+    costs["latency_ms"] = latency
+    costs["efficiency"] = efficiency(costs["macs"], latency["eager"])
+    for form in [*FORMS, FASTEST]:
+        if form != "eager":
+            costs[f"efficiency_{form}"] = efficiency(costs["macs"], latency[form])
+    compression = {"details": details} | ({"storage": stored} if stored else {})
+    costs["compression"] = compression | compression_rates(
+        models["dense"], models["compressed"], costs["bytes"]["compressed"])
     return costs
