@@ -142,7 +142,7 @@ def test_report_shows_a_deployed_form_s_efficiency_where_a_run_measured_it(tmp_p
 def test_the_latency_ratio_is_the_eager_forms_or_an_older_runs_cpu_one(tmp_path):
     """Runs record the eager form's latency as latency_ms.eager; runs written before the
     inference forms recorded it as latency_ms.cpu (the fake runs here)."""
-    older = _fake_run(tmp_path, "older", "lowrank", "svd", 97.0, 100)
+    _fake_run(tmp_path, "older", "lowrank", "svd", 97.0, 100)
     newer = _fake_run(tmp_path, "newer", "lowrank", "svd", 97.0, 100)
     results = json.loads((newer / "results.json").read_text())
     results["latency_ms"] = {"eager": results["latency_ms"].pop("cpu"), "cuda": None}
