@@ -27,12 +27,15 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from compaware.deploy.forms import FORMS
+
 # The config tree at the repository's top level (the package is installed editable).
 # An absolute path, because Hydra reads a relative one as a Python package when the app
 # runs from an installed console script.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MAX_SEED = 2**32 - 1  # seeds mix with the epoch (seed × 100,003 + epoch) within 64 bits
 MAX_EPOCHS = 100_000  # per stage: more is a typo, and would run for years
+MAX_RUN_TIME = 60.0  # seconds per latency measurement; a benchmark times dozens
 
 
 class UserError(CompactHydraException):
@@ -129,9 +132,10 @@ class BenchConfig:
     batch_size: int = 32  # the "batch_N" of latency_ms
     min_run_time: float = 0.3  # seconds per measurement (torch.utils.benchmark)
     threads: int | None = None  # None: torch's default for this machine
-    onnxruntime: bool = False  # also time both models under ONNX Runtime (compaware[onnx])
-    inductor: bool = False  # also time both models compiled by TorchInductor (frozen)
-    layout: str = "nchw"  # CPU timing: nchw | nhwc | fastest (each model in its faster one)
+    # CPU inference forms timed (compaware/deploy/forms.py): eager | channels_last |
+    # strided_pools | inductor | onnxruntime; eager is what the exported model_*.pt2 runs
+    forms: list[str] = field(default_factory=lambda: ["eager"])
+    fastest: bool = False  # also each model in the fastest of `forms`, per batch size
 
 
 @dataclass
@@ -163,7 +167,10 @@ class RunConfig:
     resume: bool = False
     init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
     device: Device = Device.cpu
-    retain_freed_memory: bool = True  # glibc keeps freed activations: no page faults per pass
+    # Opt-in, for the whole process: glibc keeps freed tensor memory for reuse instead of
+    # returning it to the system (compaware/deploy/allocator.py): no page faults per forward
+    # pass, but the process keeps its peak memory. Off: the C library's defaults.
+    retain_freed_memory: bool = False
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -248,10 +255,18 @@ def validate(cfg: DictConfig) -> None:
     check_range("data.test_size", d.test_size, 1, integer=True)
     check_range("data.noise", d.noise, 0)
     check_range("bench.batch_size", b.batch_size, 1, integer=True)
-    check_range("bench.min_run_time", b.min_run_time, 0, low_open=True)
+    check_range("bench.min_run_time", b.min_run_time, 0, MAX_RUN_TIME, low_open=True)
     if b.threads is not None:
         check_range("bench.threads", b.threads, 1, integer=True)
-    check_choice("bench.layout", b.layout, ("nchw", "nhwc", "fastest"))
+    for form in b.forms:
+        check_choice("bench.forms", form, list(FORMS))
+    if len(set(b.forms)) < len(b.forms):
+        raise UserError(f"bench.forms={list(b.forms)} names a form twice; bench.forms takes "
+                        f"each of {', '.join(FORMS)} at most once.")
+    if b.fastest and len(b.forms) < 2:
+        raise UserError(f"bench.fastest=true keeps each model's fastest form among bench.forms, "
+                        f"which names {len(b.forms)}: name two or more, e.g. "
+                        f"bench.forms=[eager,channels_last].")
     check_choice("objective.ratio", cfg.objective.ratio, ("params", "macs", "bytes"))
     check_range("objective.weight", cfg.objective.weight, 0)
     if cfg.resume and cfg.init_from:

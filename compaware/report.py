@@ -100,15 +100,19 @@ class Run:
         return (self.results.get("compression") or {}).get("params_ratio")
 
     def latency_ratio(self, batch: str = "batch_N") -> float | None:
-        cpu = (self.results.get("latency_ms") or {}).get("cpu")
-        if not cpu:
+        """dense / compressed CPU latency in the eager form (``latency_ms.eager``; runs
+        written before the inference forms recorded it as ``latency_ms.cpu``)."""
+        latency = self.results.get("latency_ms") or {}
+        eager = latency.get("eager") or latency.get("cpu")
+        if not eager:
             return None
-        times = cpu[batch]
+        times = eager[batch]
         return times["dense"] / times["compressed"] if times["compressed"] else None
 
     def efficiency(self, batch: str = "batch_N", section: str = "efficiency") -> float | None:
-        """Realization efficiency: the run's ``efficiency`` entry (``efficiency_onnxruntime``,
-        ``efficiency_inductor``: in that form, where ``bench.<form>=true`` measured it), or for runs
+        """Realization efficiency: the run's ``efficiency`` entry (the eager form;
+        ``efficiency_<form>``: in another form of ``bench.forms``, or ``efficiency_fastest``,
+        where the run measured it), or for runs
         written before the entry existed, the same quotient (latency ratio ÷ MACs ratio) from
         their CPU numbers."""
         recorded = (self.results.get(section) or {}).get(batch)
@@ -234,10 +238,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
-# Efficiency in the deployment forms a run may also time (bench.onnxruntime, bench.inductor):
-# column → (results.json section, batch); a column is shown where some run measured it.
+# Efficiency in the inference forms a run may time besides eager (bench.forms, and
+# bench.fastest: compaware/deploy/forms.py): column → (results.json section, batch); a column
+# is shown where some run measured it.
 DEPLOYED_COLUMNS = {f"{short} efficiency {b}": (f"efficiency_{form}", batch)
-                    for form, short in (("onnxruntime", "ORT"), ("inductor", "Inductor"))
+                    for form, short in (("channels_last", "NHWC"),
+                                        ("strided_pools", "Strided-pools"),
+                                        ("onnxruntime", "ORT"), ("inductor", "Inductor"),
+                                        ("fastest", "Fastest"))
                     for b, batch in (("b1", "batch_1"), ("bN", "batch_N"))}
 RATIO_COLUMNS = ("params ratio", "non-zero ratio", "MACs ratio", "storage ratio",
                  "latency ratio b1", "latency ratio bN")

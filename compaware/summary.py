@@ -90,9 +90,8 @@ def format_summary(results: dict) -> str:
              for row in [header, *rows]]
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items())
     threads = next((lat["threads"] for lat in results["latency_ms"].values() if lat), None)
-    layout = (results["latency_ms"]["cpu"] or {}).get("layout")  # bench.layout
     lines.append(f"seconds: {seconds}" + (f"; latency with {threads} CPU threads" if threads
-                                          else "") + (f", {layout} layout" if layout else ""))
+                                          else ""))
     if results.get("collapsed"):
         lines.append(f"COLLAPSED: {results['collapse_reason']}")
     return "\n".join(lines)

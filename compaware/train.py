@@ -34,8 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware import bench, checkpoint, distributed, preemption, rundir
-from compaware.allocator import retain_freed_memory
+from compaware import checkpoint, distributed, preemption, rundir
 from compaware.compress import Compressor
 from compaware.compress.latency import Timer
 from compaware.compress.replay import RecordingTimer, ReplayingTimer
@@ -49,12 +48,15 @@ from compaware.config import (
     validate,
 )
 from compaware.data import build_data
+from compaware.deploy import bench
+from compaware.deploy.allocator import retain_freed_memory
+from compaware.deploy.export import check_exportable
 from compaware.deploy.timing import LayerTimer
-from compaware.export import check_exportable
 from compaware.layers import dead_layers
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
 from compaware.regularizers import Regularizer
+from compaware.resources import check_batches
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
 from compaware.sweep_check import check_sweep
 
@@ -69,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
     the other ranks of a distributed run return ``{}`` once training is done)."""
     rundir.hold_back_log()  # for train.log, opened once the run directory is this run's
     validate(cfg)
-    if cfg.retain_freed_memory:
+    if cfg.retain_freed_memory:  # opt-in: for the whole process (compaware/deploy/allocator.py)
         retain_freed_memory()
     regularizer = instantiate(cfg.regularizer, "regularizer")
     compressor = instantiate(cfg.compress, "compress")
@@ -95,6 +97,8 @@ def train(cfg: DictConfig) -> dict:
     info = data.info
     input_shape = (info.channels, info.image_size, info.image_size)
     check_exportable(model, input_shape)  # now, not after training: the results need the file
+    check_batches(model, input_shape, cfg.schedule.batch_size,
+                  cfg.bench.batch_size if cfg.bench.latency else None, device)
     s = cfg.schedule
     writer = SummaryWriter(str(run_dir / "tb")) if distributed.is_main() else distributed.NoWriter()
     common = {"seed": cfg.seed, "device": device, "writer": writer, "resume": resume,
@@ -139,21 +143,16 @@ def train(cfg: DictConfig) -> dict:
             checkpoint_path=run_dir / "checkpoints" / "finetune.pt", **common)
     accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None
 
-    # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency. A compressor
-    #    with a storage format of its own writes its file; that file's size is bytes.compressed.
+    # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency, as the
+    #    results.json sections. A compressor with a storage format of its own writes its file
+    #    first; that file's size is bytes.compressed.
     with timed(seconds, "bench"):
-        costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
-                              cfg.bench, run_dir)
         stored = compressor.save(compressed, run_dir)
-    compression = {"details": report}
-    if stored:
-        compression["storage"] = stored
-        costs["bytes"]["compressed_pt2"] = costs["bytes"]["compressed"]
-        costs["bytes"]["compressed"] = stored["bytes"]
-    compression.update(bench.compression_rates(model, compressed, costs["bytes"]["compressed"]))
+        costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
+                              cfg.bench, run_dir, stored=stored, details=report)
     writer.close()
 
-    results = {"accuracy": accuracy, **costs, "compression": compression,
+    results = {"accuracy": accuracy, **costs,
                "regularizer": regularizer.stats(model), "seconds": seconds,
                "status": "completed", "choices": config_choices(), "config": config}
     results |= collapse_verdict(results, dead_layers(compressed))  # warns when collapsed

@@ -10,67 +10,53 @@ sparsity (a share of every conv's im2col columns zeroed, smallest norms first, t
 ``compress=ssl``'s live-column layers) and the latency-aware variants (``round_to=8`` and
 ``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
 latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
-ratio (1: the whole MAC saving became time). Both models run in one inference form,
-BatchNorm folded, max-pools off PyTorch's slow NCHW kernel (``bench.inference_model``):
-eager PyTorch (NCHW, what a run's benchmark times) by default; NHWC
-(``channels_last``), each model in whichever of the two layouts runs it faster at each batch
-size (``fastest``: what a deployment would pick), TorchScript frozen, compiled by
-TorchInductor (``inductor``: frozen, C++ wrapper, convs prepacked for oneDNN;
-``inductor_aten``: convs left to PyTorch's own dispatch; ``inductor_fastest``: each model
-compiled both ways, the faster kept per batch size), ONNX Runtime, or each model in the
-fastest of all of these (``best``: what a deployment free to choose would run) with
-``--form``; the latency-aware variants time their layers in that form (in NCHW eager for
-``fastest``, ``best`` and TorchScript, on oneDNN for the Inductor forms) unless
-``--latency-form`` names another. Dense and compressed are timed interleaved in this
-process, ``--rounds`` times, and the median of the per-round ratios is reported, so load
-from other processes hits both alike.
+ratio (1: the whole MAC saving became time). Both models run in one inference form
+(compaware/deploy/forms.py, the forms ``compaware train`` times with ``bench.forms``), each
+from the model as exported (``bench.inference_model``: BatchNorm folded): ``eager`` (NCHW,
+what the exported file runs) by default; ``channels_last`` (NHWC), ``strided_pools``
+(max-pools off PyTorch's slow NCHW kernel), ``inductor`` (compiled by TorchInductor, frozen,
+C++ wrapper, each model with its convs on oneDNN or PyTorch's dispatch, the faster kept per
+batch size), ``onnxruntime``, or ``fastest`` (each model in the fastest of ``--fastest-of``,
+all the forms by default, per batch size: what a deployment free to choose would run) with
+``--form``. The latency-aware variants time their layers in that form (eager for
+``strided_pools`` and ``fastest``) unless ``--latency-form`` names another. Dense and
+compressed are timed interleaved in this process, ``--rounds`` times, and the median of the
+per-round ratios is reported, so load from other processes hits both alike.
 
-A second table compares inference forms of each model, dense and pruned at 0.5: eager with
-BatchNorm, BatchNorm folded and max-pools swapped (NCHW and channels_last), TorchScript
-frozen, compiled by TorchInductor and ONNX Runtime (when installed).
+A second table compares the inference forms of each model, dense and pruned at 0.5, with
+two reference rows besides them: eager with its BatchNorms (as trained) and TorchScript
+frozen.
+
+The process's allocator is left as a run leaves it (``retain_freed_memory=false``);
+``--retain-freed-memory`` times as a run with ``retain_freed_memory=true`` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import logging
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from compaware.allocator import retain_freed_memory  # noqa: E402
-from compaware.bench import (  # noqa: E402
-    channels_last_forward,
-    count_macs,
-    inference_model,
-    torch_threads,
-)
-from compaware.compress import SVD, Prune, ShapeDepth  # noqa: E402
-from compaware.compress.latency import LATENCY_FORMS, input_shapes  # noqa: E402
-from compaware.compress.prune import stand_in  # noqa: E402
-from compaware.compress.svd import choose_rank, factorize, singular_triplets  # noqa: E402
-from compaware.config import UserError  # noqa: E402
-from compaware.export import (  # noqa: E402
-    compile_inductor,
-    freeze_torchscript,
-    inductor_convs,
-    onnxruntime_forward,
-)
-from compaware.layers import weight_layers, weight_matrix  # noqa: E402
-from compaware.models.decomposeme import DecomposeMe  # noqa: E402
-from compaware.models.lenet import LeNet5  # noqa: E402
-from compaware.models.tv import torchvision_classifier  # noqa: E402
+from compaware.compress import SVD, Compressor, Prune, ShapeDepth
+from compaware.compress.latency import input_shapes, stand_in
+from compaware.compress.svd import choose_rank, factorize, singular_triplets
+from compaware.config import UserError
+from compaware.deploy.allocator import retain_freed_memory
+from compaware.deploy.bench import count_macs, form_forward, inference_model, torch_threads
+from compaware.deploy.export import freeze_torchscript, inductor_convs
+from compaware.deploy.forms import FASTEST, FORMS, LAYER_FORMS, layer_form
+from compaware.deploy.timing import LayerTimer
+from compaware.layers import weight_layers, weight_matrix
+from compaware.models.decomposeme import DecomposeMe
+from compaware.models.lenet import LeNet5
+from compaware.models.tv import torchvision_classifier
 
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 import torch.utils.benchmark as benchmark  # noqa: E402
@@ -113,20 +99,18 @@ def ssl_shape(share: float, **latency) -> Callable[[nn.Module, tuple], nn.Module
     def compress(model: nn.Module, shape: tuple) -> nn.Module:
         model = zero_columns(model, share)
         options = {"input_shape": shape, **latency} if latency else {}
-        return ShapeDepth(min_sparsity=0.5, **options)(model)[0]
+        return timed(ShapeDepth(min_sparsity=0.5, **options), model)
     return compress
 
 
 def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], nn.Module]:
-    return lambda model, shape: make(shape)(model)[0]
+    return lambda model, shape: timed(make(shape), model)
 
 
-def latency_form_of(form: str) -> str:
-    """The form the latency-aware variants time their layers in by default: the form
-    benchmarked (NCHW eager for TorchScript, ``fastest`` and ``best``; on oneDNN for the
-    Inductor forms)."""
-    return ("inductor" if form.startswith("inductor") else form if form in LATENCY_FORMS
-            else "eager")
+def timed(compress: Compressor, model: nn.Module) -> nn.Module:
+    """``model`` compressed, a latency-aware compressor timing its layers as a run's does."""
+    timer = LayerTimer(compress.latency.latency_form) if compress.latency_aware else None
+    return compress(model, timer=timer)[0]
 
 
 def variants(batch: int, latency_form: str) -> dict[str, Callable[[nn.Module, tuple],
@@ -199,15 +183,10 @@ SPEEDUP_WIDTHS = [18, 28, 10, 7, 7, 7, 7, 22]
 
 
 def speedup_table(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        _speedup_table(args, Path(tmp))
-
-
-def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
-    latency_form = args.latency_form or latency_form_of(args.form)
+    latency_form = args.latency_form or layer_form(args.form)
     print(f"Realization efficiency = latency ratio ÷ MACs ratio; CPU, "
           f"{torch.get_num_threads()} threads, batch 1 and batch {args.batch_size}, median of "
-          f"{args.rounds} interleaved rounds, both models {FORMS[args.form]}; latency-aware "
+          f"{args.rounds} interleaved rounds, both models {describe(args)}; latency-aware "
           f"layers timed {latency_form}")
     print(row(SPEEDUP_HEAD, SPEEDUP_WIDTHS))
     for name in args.models:
@@ -216,9 +195,10 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
         dense_macs = count_macs(dense, shape)
         batches = [torch.randn(batch_size, *shape) for batch_size in (1, args.batch_size)]
         try:  # traced forms are traced at the batch size they are timed at
-            dense_forms = [inference_form(dense, args.form, batch, workdir) for batch in batches]
+            dense_forms = [inference_form(dense, args.form, batch, args.fastest_of)
+                           for batch in batches]
         except UserError as e:  # e.g. an op the ONNX exporter does not support at this size
-            print(f"{name} ({size}px): no {FORMS[args.form]} form: {str(e)[:200]}", flush=True)
+            print(f"{name} ({size}px): no {args.form} form: {str(e)[:200]}", flush=True)
             continue
         for label, compress in variants(args.batch_size, latency_form).items():
             if args.only and not any(word in label for word in args.only):
@@ -230,7 +210,8 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
             ratios = []
             for batch, dense_form in zip(batches, dense_forms, strict=True):
                 forms = {"dense": dense_form,
-                         "compressed": inference_form(compressed, args.form, batch, workdir)}
+                         "compressed": inference_form(compressed, args.form, batch,
+                                                      args.fastest_of)}
                 measured = interleaved(forms, batch, args.rounds, args.block)
                 ratios.append(measured["speedup compressed"])
             efficiency = [r / macs_ratio for r in ratios]
@@ -242,55 +223,37 @@ def _speedup_table(args: argparse.Namespace, workdir: Path) -> None:
             logging.info("%s %s: %.0f s", name, label, time.perf_counter() - start)
 
 
-FORMS = {"eager": "eager, BN folded, max-pools strided", "channels_last": "eager, BN folded, NHWC",
-         "fastest": "eager, BN folded, each in its faster layout (NCHW, max-pools strided, or "
-                    "NHWC) per batch size",
-         "torchscript": "TorchScript frozen", "inductor": "compiled by TorchInductor, frozen",
-         "inductor_aten": "compiled by TorchInductor, frozen, convs on PyTorch's dispatch",
-         "inductor_fastest": "compiled by TorchInductor, frozen, each with its convs on oneDNN or "
-                             "PyTorch's dispatch, whichever is faster per batch size",
-         "onnxruntime": "ONNX Runtime",
-         "best": "each in the fastest of eager NCHW, eager NHWC, TorchInductor (convs on oneDNN "
-                 "or PyTorch's dispatch) and ONNX Runtime, per batch size"}
-# The forms that time each model in every one of several other forms and keep the fastest,
-# for the dense and the compressed model alike: what a deployment would pick.
-CHOOSING_FORMS = {"fastest": ("eager", "channels_last"),
-                  "inductor_fastest": ("inductor", "inductor_aten"),
-                  "best": ("eager", "channels_last", "inductor", "inductor_aten", "onnxruntime")}
+def describe(args: argparse.Namespace) -> str:
+    """What ``--form`` runs the models as, in words."""
+    if args.form == FASTEST:
+        return f"each in the fastest of {', '.join(args.fastest_of)} per batch size"
+    return FORMS[args.form]
 
 
 def inference_form(model: nn.Module, form: str, example: torch.Tensor,
-                   workdir: Path) -> Callable[[torch.Tensor], object]:
-    """``model`` in an inference form (a key of FORMS), BatchNorm folded and max-pools swapped
-    (``bench.inference_model``), callable on a batch."""
-    if form in CHOOSING_FORMS:
-        return faster_of(available_forms(model, CHOOSING_FORMS[form], example, workdir), example)
+                   among: tuple[str, ...] = tuple(FORMS)) -> Callable[[torch.Tensor], object]:
+    """``model`` in an inference form (a key of ``forms.FORMS``, or ``fastest``: the fastest
+    of the forms ``among`` that it can be built in), from the model as exported
+    (``bench.inference_model``), callable on batches like ``example``. ``inductor``: each
+    model with its convs on oneDNN or PyTorch's dispatch, whichever runs ``example`` faster,
+    as ``compaware train``'s ``bench.forms=[inductor]`` keeps."""
+    if form == FASTEST:
+        return faster_of(available_forms(model, among, example), example)
     deployed = inference_model(model)
-    if form == "eager":
-        return deployed
-    if form == "channels_last":
-        return channels_last_forward(deployed)
-    if form == "torchscript":
-        return freeze_torchscript(deployed, example)
-    if form in ("inductor", "inductor_aten"):
-        return compile_inductor(deployed, example,
-                                "aten" if form == "inductor_aten" else "onednn")
-    return onnxruntime_forward(deployed, example, workdir / f"{id(model)}_{len(example)}.onnx",
-                               torch.get_num_threads())
+    if form == "inductor":
+        return faster_of({convs: form_forward(form, deployed, example, convs)
+                          for convs in inductor_convs()}, example)
+    return form_forward(form, deployed, example)
 
 
 def available_forms(model: nn.Module, forms: tuple[str, ...], example: torch.Tensor,
-                    workdir: Path) -> dict[str, Callable[[torch.Tensor], object]]:
-    """``model`` in each of ``forms`` that this process and this model allow: Inductor's
-    convs on PyTorch's dispatch only where the switch is installed
-    (``export.inductor_convs``), ONNX Runtime only where it is installed and the model
-    exports. A UserError where none is left."""
+                    ) -> dict[str, Callable[[torch.Tensor], object]]:
+    """``model`` in each of ``forms`` that this process and this model allow (ONNX Runtime
+    only where it is installed and the model exports). A UserError where none is left."""
     built = {}
     for form in forms:
-        if form == "inductor_aten" and "aten" not in inductor_convs():
-            continue
         try:
-            built[form] = inference_form(model, form, example, workdir)
+            built[form] = inference_form(model, form, example)
         except UserError as e:  # e.g. AlexNet at 112 px has no ONNX form
             logging.info("no %s form: %s", form, str(e)[:200])
     if not built:
@@ -312,17 +275,21 @@ def faster_of(variants: dict[str, Callable], batch: torch.Tensor,
     return variants[chosen]
 
 
-def inference_forms(model: nn.Module, example: torch.Tensor, workdir: Path) -> dict:
-    """The same network in each inference form (ONNX Runtime when installed)."""
-    forms = {"eager, BatchNorm": model.eval()}
-    for form, label in FORMS.items():
-        if form in CHOOSING_FORMS:  # both its variants are in the table already
-            continue
-        if form != "onnxruntime" or importlib.util.find_spec("onnxruntime"):
-            try:
-                forms[label] = inference_form(model, form, example, workdir)
-            except UserError as e:  # e.g. AlexNet at 112 px has no ONNX form
-                logging.warning("no %s form: %s", label, str(e)[:200])
+# The reference rows of the forms table, besides the forms: the model as trained, and
+# TorchScript frozen (an older serving stack's form; not one compaware train times).
+AS_TRAINED, TORCHSCRIPT = "eager, BatchNorm (as trained)", "TorchScript frozen (reference)"
+
+
+def inference_forms(model: nn.Module, example: torch.Tensor) -> dict:
+    """The same network as trained, in each inference form it can be built in (ONNX Runtime
+    where installed) and frozen by TorchScript."""
+    forms = {AS_TRAINED: model.eval()}
+    for form in FORMS:
+        try:
+            forms[form] = inference_form(model, form, example)
+        except UserError as e:  # e.g. AlexNet at 112 px has no ONNX form
+            logging.warning("no %s form: %s", form, str(e)[:200])
+    forms[TORCHSCRIPT] = freeze_torchscript(inference_model(model), example)
     return forms
 
 
@@ -331,7 +298,7 @@ def forms_table(args: argparse.Namespace) -> None:
           f"with BatchNorm), median of {args.rounds} interleaved rounds")
     heads = ["model", "form", "b1 ms", "b1 speedup", f"b{args.batch_size} ms",
              f"b{args.batch_size} speedup"]
-    label_width = max(len(label) for form, label in FORMS.items() if form not in CHOOSING_FORMS)
+    label_width = max(len(label) for label in (AS_TRAINED, TORCHSCRIPT, *FORMS))
     widths = [30, label_width, 9, 10, 9, 10]
     print(row(heads, widths))
     for model_name in args.models:
@@ -339,20 +306,18 @@ def forms_table(args: argparse.Namespace) -> None:
         size = shape[-1]
         with torch_threads(args.compress_threads):
             pruned = Prune(0.5, input_shape=shape)(dense)[0].eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, model in (("dense", dense), ("prune ratio=0.5", pruned)):
-                cells: dict[str, list[str]] = {}
-                for batch_size in (1, args.batch_size):
-                    batch = torch.randn(batch_size, *shape)
-                    forms = inference_forms(model, batch, Path(tmp))
-                    measured = interleaved(forms, batch, args.rounds, args.block)
-                    for form in forms:
-                        cells.setdefault(form, []).extend(
-                            [f"{measured[form] * 1e3:.2f}",
-                             f"{measured[f'speedup {form}']:.2f}×"])
-                for form, values in cells.items():
-                    print(row([f"{model_name} ({size}px) {name}", form, *values], widths),
-                          flush=True)
+        for name, model in (("dense", dense), ("prune ratio=0.5", pruned)):
+            cells: dict[str, list[str]] = {}
+            for batch_size in (1, args.batch_size):
+                batch = torch.randn(batch_size, *shape)
+                forms = inference_forms(model, batch)
+                measured = interleaved(forms, batch, args.rounds, args.block)
+                for form in forms:
+                    cells.setdefault(form, []).extend(
+                        [f"{measured[form] * 1e3:.2f}", f"{measured[f'speedup {form}']:.2f}×"])
+            for form, values in cells.items():
+                print(row([f"{model_name} ({size}px) {name}", form, *values], widths),
+                      flush=True)
 
 
 def layer_kind(layer: nn.Module) -> str:
@@ -430,26 +395,31 @@ def main() -> None:
     parser.add_argument("--block", type=float, default=0.05,
                         help="seconds per measurement block (at least one call)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--release-memory", action="store_true",
-                        help="let glibc hand freed tensor memory back to the system, to be "
-                        "page-faulted in again (compaware train's retain_freed_memory=false)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="let glibc keep freed tensor memory for reuse instead of "
+                        "page-faulting it in again (compaware train's "
+                        "retain_freed_memory=true; default: off, as a run)")
     parser.add_argument("--compress-threads", type=int, default=1,
                         help="torch threads while compressing (not timed)")
-    parser.add_argument("--form", choices=list(FORMS), default="eager",
-                        help="the inference form of both models in the speedup table")
-    parser.add_argument("--latency-form", choices=LATENCY_FORMS,
+    parser.add_argument("--form", choices=[*FORMS, FASTEST], default="eager",
+                        help="the inference form of both models in the speedup table "
+                        "(compaware/deploy/forms.py; fastest: each model in the fastest of "
+                        "--fastest-of per batch size)")
+    parser.add_argument("--fastest-of", nargs="+", choices=list(FORMS), default=list(FORMS),
+                        help="the forms --form fastest chooses among (default: all)")
+    parser.add_argument("--latency-form", choices=LAYER_FORMS,
                         help="what the latency-aware variants time their layers in (default: "
-                        "the form benchmarked, eager for fastest, best and torchscript)")
+                        "the form benchmarked; eager for strided_pools and fastest)")
     parser.add_argument("--tables", nargs="+", choices=("speedup", "forms", "layers"),
                         default=["speedup", "forms", "layers"], help="which tables to print")
     parser.add_argument("--verbose", action="store_true", help="also log each row's time and, "
-                        "with a --form that chooses (fastest, inductor_fastest, best), each "
-                        "model's chosen form per batch size and the forms it could not build")
+                        "with --form fastest or inductor, each model's chosen form (convs) per "
+                        "batch size and the forms it could not build")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s")
     torch.set_num_threads(args.threads)
-    if not args.release_memory:  # as `compaware train` runs (retain_freed_memory)
+    if args.retain_freed_memory:  # as `compaware train retain_freed_memory=true` runs
         retain_freed_memory()
     tables = {"speedup": speedup_table, "forms": forms_table, "layers": layer_kinds_table}
     for name in args.tables:

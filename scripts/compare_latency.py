@@ -7,7 +7,10 @@ machine had then; to compare the models of different runs, time them together:
         outputs/B/model_compressed.pt2 --shape 1 28 28
 
 prints the median forward time at batch 1 and batch N of each file and its speed-up
-over the first one.
+over the first one. The files run as exported: the ``eager`` form of compaware/deploy/forms.py
+(a run's ``latency_ms.eager``). The allocator is left as a run leaves it by default
+(``retain_freed_memory=false``); ``--retain-freed-memory`` times as a run with
+``retain_freed_memory=true`` does.
 """
 
 from __future__ import annotations
@@ -15,19 +18,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.utils.benchmark as benchmark
 
-from compaware.allocator import retain_freed_memory
-from compaware.export import load_exported
-
-
-@torch.inference_mode()
-def median_ms(model, batch: torch.Tensor, min_run_time: float, threads: int) -> float:
-    """As ``compaware.bench.latency_ms``, for exported programs (already in eval mode; they
-    refuse ``.eval()``)."""
-    timer = benchmark.Timer(stmt="model(batch)", globals={"model": model, "batch": batch},
-                            num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+from compaware.deploy.allocator import retain_freed_memory
+from compaware.deploy.bench import median_ms
+from compaware.deploy.export import load_exported
 
 
 def main() -> None:
@@ -38,8 +32,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measure")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="let glibc keep freed tensor memory for reuse (compaware train's "
+                        "retain_freed_memory=true; default: off, as a run)")
     args = parser.parse_args()
-    retain_freed_memory()  # as the runs timed them (compaware train's retain_freed_memory)
+    if args.retain_freed_memory:  # as `compaware train retain_freed_memory=true` timed them
+        retain_freed_memory()
     models = {path: load_exported(path) for path in args.models}
     for size in (1, args.batch_size):
         batch = torch.randn(size, *args.shape)

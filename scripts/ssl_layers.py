@@ -25,10 +25,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from compaware.bench import count_macs, latency_ms
 from compaware.checkpoint import load_weights
 from compaware.compress.shape import LiveColumnConv2d, live_columns
 from compaware.data import DataInfo
+from compaware.deploy.bench import count_macs, latency_ms
 from compaware.models import build_model
 
 

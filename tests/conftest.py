@@ -61,7 +61,7 @@ def run_cli(*args: str, cwd: Path | None = None,
 def assert_reloads_without_compaware(model, example, tmp_path: Path) -> None:
     """``model`` exported to a standalone file gives the same outputs on ``example`` in a
     fresh Python that never imports compaware."""
-    from compaware.export import export_model
+    from compaware.deploy.export import export_model
 
     model.eval()
     export_model(model, example[:2], tmp_path / "m.pt2")

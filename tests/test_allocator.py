@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from compaware.allocator import retain_freed_memory
+from compaware.deploy.allocator import retain_freed_memory
 
 FAULTS_PER_CONV = """
 import resource, sys, torch
 import torch.nn.functional as F
-from compaware.allocator import retain_freed_memory
+from compaware.deploy.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 torch.set_num_threads(1)

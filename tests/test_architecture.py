@@ -11,20 +11,23 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "compaware"
 
-# (what imports, what it must not import): dotted prefixes of compaware's modules.
+# (what imports, what it must not import): dotted prefixes of compaware's modules. The
+# compressors get their latency timer from outside; of the deployment wing they may name
+# the forms a layer is timed in (EXCEPTIONS), nothing that builds or times one.
 RULES = [
     ("compaware.compress", "compaware.regularizers"),
     ("compaware.compress", "compaware.deploy"),
-    ("compaware.compress", "compaware.bench"),
-    ("compaware.compress", "compaware.export"),
     ("compaware.regularizers", "compaware.compress"),
     ("compaware.models", "compaware.regularizers"),
     ("compaware.models", "compaware.compress"),
-    ("compaware.bench", "compaware.train"),
-    ("compaware.bench", "compaware.loop"),
+    ("compaware.deploy", "compaware.train"),
+    ("compaware.deploy", "compaware.loop"),
+    ("compaware.deploy", "compaware.regularizers"),
+    ("compaware.deploy", "compaware.compress"),
     ("compaware.report", "compaware.train"),
     ("compaware.report", "compaware.loop"),
 ]
+EXCEPTIONS = {("compaware.compress.latency", "compaware.deploy.forms")}
 
 
 def module_name(path: Path) -> str:
@@ -57,7 +60,8 @@ def within(module: str, prefix: str) -> bool:
 def test_import_rule(importer, forbidden):
     assert any(within(name, importer) for name in MODULES), f"no module {importer}: stale rule"
     breaking = sorted(f"{name} imports {target}" for name in MODULES if within(name, importer)
-                      for target in imported(name) if within(target, forbidden))
+                      for target in imported(name) if within(target, forbidden)
+                      and (name, target) not in EXCEPTIONS)
     assert breaking == []
 
 

@@ -124,7 +124,11 @@ EXPLICIT = [
     (["bench.batch_size=0"], ["bench.batch_size"]),
     (["bench.min_run_time=0"], ["bench.min_run_time"]),
     (["bench.threads=0"], ["bench.threads"]),
-    (["bench.layout=nhcw"], ["bench.layout", "nchw, nhwc, fastest", "nhwc"]),
+    (["bench.forms=[eager,channel_last]"],
+     ["bench.forms", "eager, channels_last, strided_pools, inductor, onnxruntime",
+      "channels_last"]),
+    (["bench.forms=[eager,eager]"], ["bench.forms", "twice"]),
+    (["bench.fastest=true"], ["bench.fastest", "bench.forms=[eager,channels_last]"]),
     (["model=torchvision", "model.name=resnet"], ["model.name", "resnet18"]),
     # conflicting options
     (["data.channels=3"], ["data.channels", "data=digits"]),
@@ -148,6 +152,9 @@ EXPLICIT = [
     (["seed=18446744073709551616"], ["seed", "[0, 4294967295]"]),
     (["schedule.epochs=1000000000000"], ["schedule.epochs", "[0, 100000]"]),
     (["data.image_size=20000"], ["data.image_size", "GiB"]),
+    (["schedule.batch_size=1000000"], ["schedule.batch_size", "GiB"]),
+    (["bench.latency=true", "bench.batch_size=1000000"], ["bench.batch_size", "GiB"]),
+    (["bench.min_run_time=1e9"], ["bench.min_run_time", "(0, 60.0]"]),
     # pairs that could only fail after training
     (["compress=quantize", "regularizer=l2"], ["compress=quantize", "regularizer=sws"]),
     (["-m", "schedule.epochs=1,abc"], ["schedule.epochs=abc", "none of its jobs ran"]),

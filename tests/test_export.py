@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compaware.config import UserError
-from compaware.export import check_exportable
+from compaware.deploy.export import check_exportable
 from compaware.train import train
 
 

@@ -122,7 +122,7 @@ KILL_POINTS = [
     ("during a checkpoint write (half written)", "torch:save", 3, True),
     ("during compression (between two layers)", "compaware.compress.svd:factorize", 2, False),
     ("during fine-tuning (epoch 1, step 3)", "torch.optim:SGD.step", 15, False),
-    ("during the export of the compressed model", "compaware.bench:export_model", 2, False),
+    ("during the export of the compressed model", "compaware.deploy.bench:export_model", 2, False),
 ]
 
 

@@ -10,14 +10,25 @@ import pytest
 import torch
 from torch import nn
 
-from compaware import bench
-from compaware.bench import channels_last_forward, compare_latency, inference_model
 from compaware.compress import SVD, Prune
 from compaware.compress.latency import round_up
 from compaware.compress.shape import LiveColumnConv2d
 from compaware.config import UserError
-from compaware.export import INDUCTOR_CONVS, compile_inductor, export_onnx, freeze_torchscript
-from compaware.fold import fold_batchnorm
+from compaware.deploy import bench
+from compaware.deploy.bench import (
+    channels_last_forward,
+    fastest_latency,
+    form_latency,
+    inference_model,
+    strided_pools_model,
+)
+from compaware.deploy.export import (
+    INDUCTOR_CONVS,
+    compile_inductor,
+    export_onnx,
+    freeze_torchscript,
+)
+from compaware.deploy.fold import fold_batchnorm
 from compaware.models.lenet import LeNet5
 from tests.test_prune import _resnet, randomize_norms
 
@@ -80,25 +91,30 @@ def test_channels_last_forward_computes_what_the_model_computes():
             torch.testing.assert_close(forward(batch), model(batch), atol=1e-5, rtol=1e-4)
         convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert all(w.is_contiguous() for w in convs)  # timed on a copy: the model is as it was
-    timed = compare_latency({"lenet5": LeNet5()}, (1, 28, 28), 2, torch.device("cpu"), 0.01, 1,
-                            layout="nhwc")  # bench.layout=nhwc
-    assert timed["layout"] == "nhwc" and timed["batch_1"]["lenet5"] > 0
+    timed = form_latency("channels_last", {"lenet5": inference_model(LeNet5())}, (1, 28, 28), 2,
+                         0.01, 1)  # bench.forms=[channels_last]
+    assert timed["device"] == "cpu" and timed["batch_1"]["lenet5"] > 0
 
 
-def test_the_fastest_layout_keeps_each_models_faster_time_per_batch_size(monkeypatch):
+def test_the_fastest_choice_keeps_each_models_fastest_form_per_batch_size(monkeypatch):
     def fake_ms(forward, batch, min_run_time, threads):  # NCHW faster at batch 1, NHWC at 4
         in_nchw = isinstance(forward, nn.Module)  # NHWC: channels_last_forward's function
         return 1.0 if in_nchw == (len(batch) == 1) else 2.0
     monkeypatch.setattr(bench, "median_ms", fake_ms)
-    timed = compare_latency({"dense": LeNet5(), "compressed": LeNet5()}, (1, 28, 28), 4,
-                            torch.device("cpu"), 0.01, 1, layout="fastest")  # bench.layout
-    assert timed["layouts"] == {"batch_1": {"dense": "nchw", "compressed": "nchw"},
-                                "batch_N": {"dense": "nhwc", "compressed": "nhwc"}}
-    assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
+    models = {"dense": inference_model(LeNet5()), "compressed": inference_model(LeNet5())}
+    timed = {form: form_latency(form, models, (1, 28, 28), 4, 0.01, 1)
+             for form in ("eager", "channels_last")}  # bench.fastest=true
+    timed["onnxruntime"] = None  # a form that could not be built is left out of the choice
+    fastest = fastest_latency(timed)
+    assert fastest["forms"] == {"batch_1": {"dense": "eager", "compressed": "eager"},
+                                "batch_N": {"dense": "channels_last",
+                                            "compressed": "channels_last"}}
+    assert fastest["batch_1"] == fastest["batch_N"] == {"dense": 1.0, "compressed": 1.0}
+    assert fastest_latency({"eager": None}) is None
 
 
 def test_torchscript_and_onnx_exports_compute_what_the_model_computes(tmp_path):
-    model = inference_model(_resnet())  # BatchNorm folded, its max-pool swapped
+    model = strided_pools_model(inference_model(_resnet()))  # BN folded, its max-pool swapped
     x = torch.randn(3, 1, 32, 32)
     expected = model(x)
     torch.testing.assert_close(freeze_torchscript(model, x[:1])(x), expected,

@@ -25,11 +25,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware.bench import count_macs, count_params
 from compaware.compress import Compressor
 from compaware.config import CONF_DIR, instantiate
 from compaware.data import build_data
-from compaware.export import export_model
+from compaware.deploy.bench import count_macs, count_params
+from compaware.deploy.export import export_model
 from compaware.loop import Stage, fit
 from compaware.models import build_model
 

@@ -10,9 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from compaware.bench import count_macs, count_params
 from compaware.config import CONF_DIR, UserError
 from compaware.data import DataInfo
+from compaware.deploy.bench import count_macs, count_params
 from compaware.models import build_model
 from compaware.models.cifar import SSLConvNet, resnet20, resnet32
 from compaware.models.decomposeme import DecomposeMe

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from compaware.bench import count_macs, count_params
 from compaware.compress import Prune, PruneSVD
 from compaware.config import UserError
+from compaware.deploy.bench import count_macs, count_params
 from compaware.models.lenet import LeNet5, LeNet300
 from compaware.models.tv import torchvision_classifier
 from tests.conftest import assert_reloads_without_compaware, run_cli

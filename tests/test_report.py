@@ -119,7 +119,10 @@ def test_the_plot_labels_each_point_and_gives_each_method_a_colour_of_its_own(tm
     assert [line.get_linestyle() for line in params_axis.lines].count("--") == 1  # none → svd
 
 
-@pytest.mark.parametrize("form, column", [("onnxruntime", "ORT"), ("inductor", "Inductor")])
+@pytest.mark.parametrize("form, column", [("onnxruntime", "ORT"), ("inductor", "Inductor"),
+                                          ("channels_last", "NHWC"),
+                                          ("strided_pools", "Strided-pools"),
+                                          ("fastest", "Fastest")])
 def test_report_shows_a_deployed_form_s_efficiency_where_a_run_measured_it(tmp_path, form,
                                                                             column):
     _fake_run(tmp_path, "eager", "lowrank", "svd", 97.0, 100)
@@ -134,6 +137,19 @@ def test_report_shows_a_deployed_form_s_efficiency_where_a_run_measured_it(tmp_p
     assert md.count("efficiency b1") == 2  # the eager column and this form's only
     with open(tmp_path / "out" / "results.csv") as f:
         assert {r[f"{column} efficiency bN"] for r in csv.DictReader(f)} == {"1.04", ""}
+
+
+def test_the_latency_ratio_is_the_eager_forms_or_an_older_runs_cpu_one(tmp_path):
+    """Runs record the eager form's latency as latency_ms.eager; runs written before the
+    inference forms recorded it as latency_ms.cpu (the fake runs here)."""
+    _fake_run(tmp_path, "older", "lowrank", "svd", 97.0, 100)
+    newer = _fake_run(tmp_path, "newer", "lowrank", "svd", 97.0, 100)
+    results = json.loads((newer / "results.json").read_text())
+    results["latency_ms"] = {"eager": results["latency_ms"].pop("cpu"), "cuda": None}
+    (newer / "results.json").write_text(json.dumps(results))
+    runs = {run.path.name: run for run in find_runs([tmp_path])}
+    for run in (runs["older"], runs["newer"]):
+        assert run.latency_ratio("batch_1") == 2.0 and run.latency_ratio("batch_N") == 4.0
 
 
 def test_pareto_front_keeps_only_undominated_points():

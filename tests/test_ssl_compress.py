@@ -12,14 +12,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compaware import checkpoint
-from compaware.bench import count_macs, count_params
 from compaware.compress import Prune, ShapeDepth
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.shape import LiveColumnConv2d, LiveInputLinear, drop_dead_columns
 from compaware.config import UserError, instantiate
 from compaware.data import DataInfo
-from compaware.export import export_model, load_exported
-from compaware.fold import fold_batchnorm
+from compaware.deploy.bench import count_macs, count_params
+from compaware.deploy.export import export_model, load_exported
+from compaware.deploy.fold import fold_batchnorm
 from compaware.models import build_model
 from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from compaware.bench import count_macs, count_params
 from compaware.compress import SVD
 from compaware.compress.svd import choose_rank, factorize
+from compaware.deploy.bench import count_macs, count_params
 from compaware.layers import is_grouped, weight_layers, weight_matrix
 from compaware.models.lenet import LeNet5
 from compaware.models.tv import torchvision_classifier

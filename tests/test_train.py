@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from compaware import bench, checkpoint, export, loop
+from compaware import checkpoint, loop
 from compaware.config import CONF_DIR, UserError, instantiate
 from compaware.data import DataInfo
+from compaware.deploy import bench, export
+from compaware.deploy.forms import FASTEST, FORMS
 from compaware.layers import dead_layers
 from compaware.models import build_model
 from compaware.summary import collapse_reason, format_summary
@@ -49,12 +51,15 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
     assert on_disk["macs"]["compressed"] < on_disk["macs"]["dense"]
     assert on_disk["bytes"]["compressed"] < on_disk["bytes"]["dense"]
     assert on_disk["bytes"]["dense"] == (tmp_path / "run" / "model_dense.pt2").stat().st_size
-    cpu = on_disk["latency_ms"]["cpu"]
-    assert cpu["threads"] >= 1 and cpu["layout"] == "nchw"  # bench.layout=nchw
-    assert "CPU threads, nchw layout" in format_summary(on_disk)
+    eager = on_disk["latency_ms"]["eager"]
+    assert eager["threads"] >= 1 and eager["device"] == "cpu"
+    assert all(on_disk["latency_ms"][form] is None  # bench.forms=[eager]: nothing else timed
+               for form in [*FORMS, FASTEST] if form != "eager")
+    assert "eager ms, batch 1" in format_summary(on_disk)
+    assert "CPU threads" in format_summary(on_disk)
     for batch in ("batch_1", "batch_N"):
-        assert cpu[batch]["dense"] > 0 and cpu[batch]["compressed"] > 0
-        speedup = cpu[batch]["dense"] / cpu[batch]["compressed"]
+        assert eager[batch]["dense"] > 0 and eager[batch]["compressed"] > 0
+        speedup = eager[batch]["dense"] / eager[batch]["compressed"]
         macs_ratio = on_disk["macs"]["dense"] / on_disk["macs"]["compressed"]
         assert on_disk["efficiency"][batch] == pytest.approx(speedup / macs_ratio)
     if not torch.cuda.is_available():
@@ -71,7 +76,7 @@ def test_default_run_writes_every_result(make_cfg, tmp_path):
 
 def test_onnxruntime_latency_and_efficiency_on_request(make_cfg):
     pytest.importorskip("onnxruntime")
-    results = train(make_cfg("compress.rank=2", "bench.onnxruntime=true"))
+    results = train(make_cfg("compress.rank=2", "bench.forms=[eager,onnxruntime]"))
     ort = results["latency_ms"]["onnxruntime"]
     macs_ratio = results["macs"]["dense"] / results["macs"]["compressed"]
     for batch in ("batch_1", "batch_N"):
@@ -92,7 +97,7 @@ def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch, torch_thr
     torch.manual_seed(0)
     models = {"dense": torch.nn.Linear(64, 64), "compressed": torch.nn.Linear(64, 8)}
     torch_threads(3)
-    timed = bench.deployed_latency("inductor", models, (64,), 4, 0.01, 1)
+    timed = bench.form_latency("inductor", models, (64,), 4, 0.01, 1)
     assert sorted(compiled) == sorted((size, 1, convs) for size in (1, 1, 4, 4)  # each model,
                                       for convs in export.INDUCTOR_CONVS)  # at the threads timed
     assert torch.get_num_threads() == 3  # and restored after
@@ -112,7 +117,7 @@ def test_compiled_each_model_keeps_its_faster_convs_per_batch_size(monkeypatch):
     monkeypatch.setattr(bench, "compile_inductor", name_the_convs)
     monkeypatch.setattr(bench, "median_ms", fake_ms)
     models = {"dense": torch.nn.Linear(4, 4), "compressed": torch.nn.Linear(4, 4)}
-    timed = bench.deployed_latency("inductor", models, (4,), 4, 0.01, 1)
+    timed = bench.form_latency("inductor", models, (4,), 4, 0.01, 1)
     assert timed["convs"] == {"batch_1": {"dense": "aten", "compressed": "aten"},
                               "batch_N": {"dense": "onednn", "compressed": "onednn"}}
     assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
@@ -124,14 +129,15 @@ def test_no_deployed_form_leaves_the_other_results(monkeypatch, caplog):
 
     monkeypatch.setattr(export, "export_onnx", refuse)
     models = {"dense": torch.nn.Linear(4, 2)}
-    assert bench.deployed_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
+    assert bench.form_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
     assert "an op it lacks" in caplog.text
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
-    assert bench.deployed_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
+    assert bench.form_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
     assert "onnxruntime is not installed" in caplog.text
     models = {"dense": torch.nn.Sequential(torch.nn.Linear(4, 2), ValueDependent())}
-    assert bench.deployed_latency("inductor", models, (4,), 2, 0.01, 1) is None
-    assert "bench.inductor=true, but there is no latency compiled by TorchInductor" in caplog.text
+    assert bench.form_latency("inductor", models, (4,), 2, 0.01, 1) is None
+    assert "bench.forms has inductor, but there is no latency compiled by TorchInductor" in (
+        caplog.text)
 
 
 def test_a_run_whose_weights_are_all_pruned_is_recorded_as_collapsed(make_cfg, capsys,
@@ -165,19 +171,19 @@ def test_finetune_epochs_zero_skips_finetuning(make_cfg):
     assert results["accuracy"]["finetuned"] is None
     assert results["accuracy"]["compressed"] > 30 and results["collapsed"] is False  # judged on it
     assert results["collapse_reason"] is None and "COLLAPSED" not in format_summary(results)
-    assert results["latency_ms"] == {"cpu": None, "cuda": None, "onnxruntime": None,
-                                     "inductor": None}
-    for form in ("onnxruntime", "inductor"):
+    assert results["latency_ms"] == dict.fromkeys([*FORMS, FASTEST, "cuda"])
+    assert results["efficiency"] == {"batch_1": None, "batch_N": None}
+    for form in ("channels_last", "strided_pools", "onnxruntime", "inductor", "fastest"):
         assert results[f"efficiency_{form}"] == {"batch_1": None, "batch_N": None}
 
 
-@pytest.mark.parametrize("retain", [True, False])
-def test_retain_freed_memory_is_applied_as_configured(make_cfg, monkeypatch, retain):
+@pytest.mark.parametrize("retain", [None, True, False])
+def test_retain_freed_memory_is_applied_only_on_request(make_cfg, monkeypatch, retain):
     calls = []
     monkeypatch.setattr("compaware.train.retain_freed_memory", lambda: calls.append(1))
-    train(make_cfg(f"retain_freed_memory={retain}", "schedule.finetune_epochs=0",
-                   "bench.latency=false"))
-    assert len(calls) == int(retain)
+    setting = [] if retain is None else [f"retain_freed_memory={retain}"]  # None: the default
+    train(make_cfg(*setting, "schedule.finetune_epochs=0", "bench.latency=false"))
+    assert len(calls) == int(bool(retain))
 
 
 class _Interrupted(Exception):

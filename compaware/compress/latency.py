@@ -6,12 +6,12 @@ tiled for. So a latency-aware compressor times each candidate change of a layer 
 device the model is on, at the layer's real input shape, and keeps the change only where
 the layer (for pruning: every layer the change touches) gets faster, timing candidate and
 original in alternating rounds. The layers are timed in the form the model will run in
-(``compress.latency_form``): eager PyTorch (``eager``, NCHW, what a run's benchmark times by
-default; ``channels_last``, NHWC, for ``bench.layout=nhwc``), exported to ONNX and run by
-ONNX Runtime (``onnxruntime``), or compiled by TorchInductor (``inductor``, as
-``bench.inductor=true`` times the model). Each favours other shapes: choices timed in eager
-PyTorch cost ResNet-50's SVD 2.47× → 2.36× at batch 32 under ONNX Runtime
-(docs/performance.md).
+(``compress.latency_form``, one of the layer forms of :mod:`compaware.deploy.forms`, the
+vocabulary ``bench.forms`` uses): eager PyTorch (``eager``, NCHW, what a run's benchmark
+times by default; ``channels_last``, NHWC), exported to ONNX and run by ONNX Runtime
+(``onnxruntime``), or compiled by TorchInductor (``inductor``). Each favours other shapes:
+choices timed in eager PyTorch cost ResNet-50's SVD 2.47× → 2.36× at batch 32 under ONNX
+Runtime (docs/performance.md).
 
 What times a layer (a :data:`Timer`) is handed to the compressor from outside
 (``compressor(model, artifacts, timer)``): in a run a ``compaware.deploy.timing.LayerTimer``
@@ -35,6 +35,7 @@ import torch
 from torch import Size, nn
 
 from compaware.config import UserError, check_range
+from compaware.deploy.forms import LAYER_FORMS
 from compaware.layers import WEIGHT_LAYERS, eval_mode
 
 if TYPE_CHECKING:
@@ -47,10 +48,6 @@ def round_up(size: int, multiple: int, limit: int) -> int:
     """``size`` rounded up to a multiple of ``multiple``, at most ``limit``: ranks and channel
     counts that fill the vector units (a GEMM tiled by 8 or 16 wastes the rest of a tile)."""
     return min(-(-size // multiple) * multiple, limit)
-
-
-# what compaware.deploy.timing.LayerTimer times layers in (compress.latency_form)
-LATENCY_FORMS = ("eager", "channels_last", "onnxruntime", "inductor")
 
 
 def input_shapes(model: nn.Module, input_shape: tuple[int, ...],
@@ -129,17 +126,17 @@ class LatencyOptions:
     """The options a latency-aware compressor shares: ``round_to`` (ranks or channel counts
     rounded up to a multiple of it; 1: not rounded), ``latency_aware``, ``latency_batch``
     (the batch size the layers are timed at) and ``latency_form`` (what they are timed in:
-    one of :data:`LATENCY_FORMS`), checked once here."""
+    one of :data:`LAYER_FORMS`), checked once here."""
 
     def __init__(self, *, round_to: int = 1, latency_aware: bool = False,
                  latency_batch: int = 32, input_shape: tuple[int, ...] | None = None,
                  latency_form: str = "eager") -> None:
         check_range("compress.round_to", round_to, 1, integer=True)
         check_range("compress.latency_batch", latency_batch, 1, integer=True)
-        if latency_form not in LATENCY_FORMS:
+        if latency_form not in LAYER_FORMS:
             raise UserError(f"compress.latency_form={latency_form!r} is not a form compaware "
                             f"can time layers in; compress.latency_form takes one of "
-                            f"{', '.join(LATENCY_FORMS)} (eager PyTorch in NCHW or NHWC, "
+                            f"{', '.join(LAYER_FORMS)} (eager PyTorch in NCHW or NHWC, "
                             f"exported to ONNX and run by ONNX Runtime, or compiled by "
                             f"TorchInductor).")
         if latency_aware and not input_shape:

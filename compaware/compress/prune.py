@@ -56,7 +56,6 @@ from compaware.compress.latency import (
     faster_when_pruned,
     pruned_shapes,
     round_up,
-    stand_in,  # noqa: F401  scripts/bench_speedup.py's import until it reads compress.latency
 )
 from compaware.compress.shape import drop_dead_columns
 from compaware.compress.svd import SVD

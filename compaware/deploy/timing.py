@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compaware.bench import channels_last_forward, median_ms
-from compaware.export import compile_inductor, onnxruntime_forward
+from compaware.deploy.bench import channels_last_forward, median_ms
+from compaware.deploy.export import compile_inductor, onnxruntime_forward
 
 
 class LayerTimer:
     """Median seconds of one inference forward pass of a layer (``torch.utils.benchmark``),
     in ``form``: ``eager`` (the module in eval mode), ``channels_last`` (a copy in NHWC,
-    :func:`compaware.bench.channels_last_forward`), ``onnxruntime`` (the module exported to
+    :func:`compaware.deploy.bench.channels_last_forward`), ``onnxruntime`` (the module exported to
     ONNX, run by ONNX Runtime's CPU provider) or ``inductor`` (compiled by TorchInductor,
-    :func:`compaware.export.compile_inductor`, on an NHWC input: the layout Inductor keeps
+    :func:`compaware.deploy.export.compile_inductor`, on an NHWC input: the layout Inductor keeps
     between the convs of a compiled network, so a layer is not charged for converting to it).
     A deployed layer is built once per weight and input shape and kept while the layer lives:
     a compilation takes seconds."""

@@ -12,7 +12,9 @@ tcmalloc (``LD_PRELOAD``) for this; raising glibc's two thresholds with ``mallop
 same from inside the process, with no new dependency and no launcher.
 
 The cost: memory a run freed stays mapped to it (its peak, up to the limit) instead of going
-back to the system, which is what a training or benchmarking process wants.
+back to the system, for the whole process. So it is an opt-in: ``retain_freed_memory=true``
+for ``compaware train`` (off by default), ``--retain-freed-memory`` for the scripts that
+time models.
 """
 
 from __future__ import annotations

@@ -67,8 +67,8 @@ def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Scr
     conv+add fused by its passes): the deployment form of older serving stacks, kept for the
     inference benchmark (``scripts/bench_speedup.py``), which traces it at the batch size it
     times. torch warns that TorchScript is deprecated, and that sizes read from the input
-    become constants of the trace (compaware.pooling's strided max-pools do); those warnings
-    are silenced here."""
+    become constants of the trace (the strided max-pools of compaware/deploy/pooling.py do);
+    those warnings are silenced here."""
     model = copy.deepcopy(model).cpu().eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)

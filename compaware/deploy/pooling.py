@@ -15,8 +15,9 @@ these shapes, with the same result bit for bit (NaNs propagate in both). ``MaxPo
 that when run eagerly on a large enough contiguous CPU tensor and is ``nn.MaxPool2d``
 otherwise: in NHWC, on a GPU, on small inputs, and while ``torch.export``, ``torch.compile``
 or the ONNX exporter trace it, so that compilers and exported files see one pooling op
-(theirs are fast). Only the inference form swaps it in (``bench.inference_model``); training
-keeps ``nn.MaxPool2d``.
+(theirs are fast). Only the ``strided_pools`` inference form swaps it in
+(compaware/deploy/forms.py, ``bench.forms=[...,strided_pools]``), as a form of its own: the
+exported model_*.pt2 files, the ``eager`` form and training keep ``nn.MaxPool2d``.
 """
 
 from __future__ import annotations
