@@ -161,6 +161,7 @@ class RunConfig:
     init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
     device: Device = Device.cpu
     retain_freed_memory: bool = True  # glibc keeps freed activations: no page faults per pass
+    native_kernels: bool = False  # compaware.native's C kernels, built on first use
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)

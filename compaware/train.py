@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware import bench, checkpoint, distributed, preemption, rundir
+from compaware import bench, checkpoint, distributed, native, preemption, rundir
 from compaware.allocator import retain_freed_memory
 from compaware.config import (
     CONF_DIR,
@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict:
     """The whole run; returns the results written to ``<run_dir>/results.json`` (by rank 0:
     the other ranks of a distributed run return ``{}`` once training is done)."""
     validate(cfg)
+    native.use(cfg.native_kernels)
     if cfg.retain_freed_memory:
         retain_freed_memory()
     regularizer = instantiate(cfg.regularizer, "regularizer")
