@@ -171,6 +171,7 @@ class RunConfig:
     # returning it to the system (compaware/deploy/allocator.py): no page faults per forward
     # pass, but the process keeps its peak memory. Off: the C library's defaults.
     retain_freed_memory: bool = False
+    native_kernels: bool = False  # compaware.native's C kernels, built on first use
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)

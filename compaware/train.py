@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware import checkpoint, distributed, preemption, rundir
+from compaware import checkpoint, distributed, native, preemption, rundir
 from compaware.compress import Compressor
 from compaware.compress.latency import Timer
 from compaware.compress.replay import RecordingTimer, ReplayingTimer
@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> dict:
     the other ranks of a distributed run return ``{}`` once training is done)."""
     rundir.hold_back_log()  # for train.log, opened once the run directory is this run's
     validate(cfg)
+    native.use(cfg.native_kernels)
     if cfg.retain_freed_memory:  # opt-in: for the whole process (compaware/deploy/allocator.py)
         retain_freed_memory()
     regularizer = instantiate(cfg.regularizer, "regularizer")

@@ -2,13 +2,16 @@
 
     python scripts/bench_overhead.py                  # make bench-overhead; a few minutes
     python scripts/bench_overhead.py --models lenet5 --rounds 7
-    python scripts/bench_overhead.py --models resnet50 --only sws --tables regularizers
+    python scripts/bench_overhead.py --models resnet50 --only sws "sws (native)"  # both priors
     python scripts/bench_overhead.py --models resnet50 --batch 16   # a smaller batch
 
 Table 1, per model: the training step time with each regularizer ÷ with ``none`` (same
 model, same batch, compaware's own step: forward, loss + penalty, backward, optimizer step,
 per-step prox), and for per-epoch methods the epoch ratio: (steps × step + one prox) ÷
-(steps × step with ``none``), at the steps per epoch of the model's usual dataset (stated).
+(steps × step with ``none``), at the steps per epoch of the model's usual dataset (stated). The
+regularizers that have C kernels (``native_kernels=true``, ``compaware.native``) are timed
+both ways in the same rounds, the native row's last column its step time ÷ the PyTorch
+default's.
 Table 2: compaware's training loop (``compaware.loop.train_one_epoch`` with its TensorBoard
 writer and progress bar, regularizer ``none``) against a minimal hand-written PyTorch loop on
 the same model and the same in-memory batches: throughput ratio (≥ 1: compaware is as fast).
@@ -25,7 +28,6 @@ import copy
 import logging
 import math
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,22 +39,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from compaware.allocator import retain_freed_memory  # noqa: E402
-from compaware.config import CONF_DIR, ScheduleConfig, instantiate  # noqa: E402
-from compaware.data import DataInfo  # noqa: E402
-from compaware.distributed import NoWriter  # noqa: E402
-from compaware.loop import (
-    Progress,
-    Training,
-    make_optimizer,
-    make_scheduler,
-    train_one_epoch,  # noqa: E402
-)
-from compaware.models.lenet import LeNet5  # noqa: E402
-from compaware.models.tv import torchvision_classifier  # noqa: E402
-from compaware.regularizers import Regularizer  # noqa: E402
+from compaware import native
+from compaware.config import CONF_DIR, ScheduleConfig, instantiate
+from compaware.data import DataInfo
+from compaware.deploy.allocator import retain_freed_memory
+from compaware.distributed import NoWriter
+from compaware.loop import Progress, Training, make_optimizer, make_scheduler, train_one_epoch
+from compaware.models.lenet import LeNet5
+from compaware.models.tv import torchvision_classifier
+from compaware.regularizers import Regularizer
 
 # name → (builder, input (C, H, W), classes, training-set size of its usual data).
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]] = {
@@ -86,6 +81,10 @@ REGULARIZERS: dict[str, tuple[str, dict]] = {
     "ssl (step)": ("ssl", {}),
     "sws": ("sws", {}),
 }
+# The same regularizers with native_kernels=true (compaware.native's C kernels), next to
+# their PyTorch default: label → the default's label. Each row's last column is its step time
+# ÷ the default's, from the same interleaved rounds.
+NATIVE = {"ssl (step, native)": "ssl (step)", "sws (native)": "sws"}
 
 TARGETS = {"lowrank (step)": 1.5, "lowrank (step, convs)": 1.5, "ssl (step)": 1.25,
            "sws": 1.5}  # the issue's, on LeNet-5
@@ -97,7 +96,7 @@ BENCH_LR = 0.01
 
 
 def regularizer(label: str) -> Regularizer:
-    name, overrides = REGULARIZERS[label]
+    name, overrides = REGULARIZERS[NATIVE.get(label, label)]
     node = OmegaConf.merge(OmegaConf.load(Path(CONF_DIR) / "regularizer" / f"{name}.yaml"),
                            overrides)
     return instantiate(node, "regularizer")
@@ -113,13 +112,20 @@ def training(model: nn.Module, reg: Regularizer, info: DataInfo) -> Training:
                     torch.amp.GradScaler(enabled=False), reg)
 
 
-def compaware_steps(train: Training, batches: list, writer) -> Callable[[], None]:
+def compaware_steps(train: Training, batches: list, writer,
+                    native_kernels: bool = False) -> Callable[[], None]:
+    """The steps of ``compaware train``'s loop, with its ``native_kernels`` switch as given
+    (the switch is the process's: each run sets it)."""
     schedule = ScheduleConfig()
     device = torch.device("cpu")
 
     def run() -> None:
-        train_one_epoch(train, batches, schedule, device, len(batches), Progress(), writer,
-                        "", 0, "bench")
+        native.use(native_kernels)
+        try:
+            train_one_epoch(train, batches, schedule, device, len(batches), Progress(), writer,
+                            "", 0, "bench")
+        finally:
+            native.use(False)
     return run
 
 
@@ -179,9 +185,9 @@ def regularizer_table(args: argparse.Namespace) -> None:
     print(f"Training step time with each regularizer ÷ with none; CPU, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of "
           f"{args.steps} steps")
-    widths = [22, 21, 11, 11, 12, 8]
+    widths = [22, 21, 11, 11, 12, 8, 10]
     print(row(["model (batch, epoch)", "regularizer", "step ratio", "prox ms", "epoch ratio",
-               "target"], widths))
+               "target", "÷ default"], widths))
     for name in args.models:
         build, shape, classes, train_size = MODELS[name]
         batch_size = args.batch
@@ -191,8 +197,9 @@ def regularizer_table(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = build()
         trainings = {label: training(copy.deepcopy(model), regularizer(label), info)
-                     for label in REGULARIZERS if label == "none" or label in args.only}
-        times = interleaved({label: compaware_steps(train, batches, NoWriter())
+                     for label in [*REGULARIZERS, *NATIVE]
+                     if label == "none" or label in args.only}
+        times = interleaved({label: compaware_steps(train, batches, NoWriter(), label in NATIVE)
                              for label, train in trainings.items()}, args.rounds)
         step = statistics.median(times["none"]) / args.steps
         for label, train in trainings.items():
@@ -202,9 +209,12 @@ def regularizer_table(args: argparse.Namespace) -> None:
             epoch = ratio + prox / (epoch_steps * step) if per_epoch else ratio
             target = EPOCH_TARGET if per_epoch else TARGETS.get(label)
             verdict = "—" if target is None else f"≤{target} {'ok' if epoch <= target else 'NO'}"
+            default = NATIVE.get(label)
+            versus = (f"{median_ratio(times[label], times[default]):.3f}"
+                      if default in times else "—")
             print(row([f"{name} ({batch_size}, {epoch_steps})", label, f"{ratio:.3f}",
-                       f"{prox * 1e3:.1f}" if per_epoch else "—", f"{epoch:.3f}", verdict],
-                      widths), flush=True)
+                       f"{prox * 1e3:.1f}" if per_epoch else "—", f"{epoch:.3f}", verdict,
+                       versus], widths), flush=True)
 
 
 def loop_table(args: argparse.Namespace) -> None:
@@ -238,23 +248,24 @@ def loop_table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--only", nargs="+", choices=list(REGULARIZERS),
-                        default=list(REGULARIZERS), help="these regularizers (and none)")
+    parser.add_argument("--only", nargs="+", choices=[*REGULARIZERS, *NATIVE],
+                        default=[*REGULARIZERS, *NATIVE], help="these regularizers (and none)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per block")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                         help="the batch size of every model (default: compaware's "
                         "schedule.batch_size, %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--release-memory", action="store_true",
-                        help="let glibc hand freed tensor memory back to the system, to be "
-                        "page-faulted in again (compaware train's retain_freed_memory=false)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="let glibc keep freed tensor memory for reuse instead of "
+                        "page-faulting it in again (compaware train's "
+                        "retain_freed_memory=true; default: off, as a run)")
     parser.add_argument("--tables", nargs="+", choices=("regularizers", "loop"),
                         default=["regularizers", "loop"], help="which tables to print")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
-    if not args.release_memory:  # as `compaware train` runs (retain_freed_memory)
+    if args.retain_freed_memory:
         retain_freed_memory()
     tables = {"regularizers": regularizer_table, "loop": loop_table}
     for name in args.tables:

@@ -26,6 +26,7 @@ RULES = [
     ("compaware.deploy", "compaware.compress"),
     ("compaware.report", "compaware.train"),
     ("compaware.report", "compaware.loop"),
+    ("compaware.native", "compaware.regularizers"),
 ]
 EXCEPTIONS = {("compaware.compress.latency", "compaware.deploy.forms")}
 

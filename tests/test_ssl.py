@@ -11,14 +11,24 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from compaware import native
 from compaware.compress.depth import remove_zero_branches
 from compaware.config import DataConfig, ScheduleConfig, UserError
 from compaware.data import build_data
 from compaware.loop import Stage, fit
 from compaware.models.cifar import resnet20
 from compaware.models.lenet import LeNet5
-from compaware.regularizers import SSL, group_sums
+from compaware.native import group_sums as native_group_sums
+from compaware.regularizers import SSL
 from compaware.residual import branch_parameters, residual_blocks
+
+
+@pytest.fixture
+def native_kernels():
+    """native_kernels=true for one test."""
+    native.use(True)
+    yield
+    native.use(False)
 
 
 def _conv_model(weight: torch.Tensor) -> nn.Sequential:
@@ -105,7 +115,8 @@ def _penalty_and_gradients(model: nn.Module, reg: SSL) -> list[torch.Tensor]:
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the C kernel")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["all-c", "one-channels-last"])
-def test_c_kernel_gives_torch_s_sums_and_subgradient(channels_last, monkeypatch, torch_threads):
+def test_c_kernel_gives_torch_s_sums_and_subgradient(channels_last, torch_threads,
+                                                     native_kernels):
     """3×3, 1×1 and linear weights, biases, a BatchNorm in a depth group, a zero filter: the
     C kernel's passes, shared among three threads, equal torch's; with a channels-last
     (non-contiguous) weight, which takes torch's code, one after the other."""
@@ -117,26 +128,27 @@ def test_c_kernel_gives_torch_s_sums_and_subgradient(channels_last, monkeypatch,
     with torch.no_grad():
         model.layer1[0].conv1.weight[3] = 0
     reg = SSL(filter=0.3, channel=0.2, shape=0.1, depth=0.05, skip_last=False)
-    native = _penalty_and_gradients(model, reg)
-    assert group_sums._kernel() is not None  # the C kernel ran, not its fallback
-    monkeypatch.setattr(group_sums, "_fits", lambda *tensors: False)
-    for got, expected in zip(native, _penalty_and_gradients(model, reg), strict=True):
+    by_c = _penalty_and_gradients(model, reg)
+    assert native_group_sums._kernel() is not None  # the C kernel ran, not its fallback
+    native.use(False)
+    for got, expected in zip(by_c, _penalty_and_gradients(model, reg), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_without_a_c_compiler_the_group_sums_fall_back(monkeypatch, caplog, tmp_path):
+def test_without_a_c_compiler_the_group_sums_fall_back(monkeypatch, caplog, tmp_path,
+                                                       native_kernels):
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 2, 5, 5))
     reg = SSL(filter=0.1, channel=0.1, shape=0.1)
     expected = _penalty_and_gradients(model, reg)
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
-    group_sums._kernel.cache_clear()
+    native_group_sums._kernel.cache_clear()
     try:
         for got, want in zip(_penalty_and_gradients(model, reg), expected, strict=True):
             torch.testing.assert_close(got, want)
     finally:
-        group_sums._kernel.cache_clear()  # the next test builds with the real compiler
+        native_group_sums._kernel.cache_clear()  # the next test builds with the real compiler
     assert "C kernel group_sums.c is unavailable here" in caplog.text
     assert "no-such-cc" in caplog.text
 

@@ -14,13 +14,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.distributions import Categorical, Gamma, MixtureSameFamily, Normal
 
-from compaware import checkpoint, loop
+from compaware import checkpoint, loop, native
 from compaware.compress import Quantize, storage
 from compaware.config import ScheduleConfig, UserError
 from compaware.data import DataInfo, build_data
 from compaware.loop import evaluate, make_optimizer
 from compaware.mixture import Mixture
 from compaware.models import build_model
+from compaware.native import mixture as native_mixture
 from compaware.regularizers import L2, SoftWeightSharing, sws
 from compaware.regularizers.sws import (
     LOG_PRECISION_RANGE,
@@ -31,6 +32,14 @@ from compaware.regularizers.sws import (
 from compaware.train import train
 
 INFO = DataInfo("synthetic", 1, 8, 10, train_size=1000)
+
+
+@pytest.fixture
+def native_kernels():
+    """native_kernels=true for one test."""
+    native.use(True)
+    yield
+    native.use(False)
 
 
 def _model() -> nn.Module:
@@ -125,13 +134,13 @@ def test_chunked_gradient_is_the_exact_gradient(far):
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the native kernel")
 @pytest.mark.parametrize("far", [0.0, 40.0], ids=["near", "far"])
-def test_native_kernel_gives_the_eager_sums(far, torch_threads):
+def test_native_kernel_gives_the_eager_sums(far, torch_threads, native_kernels):
     """float32 C kernel against the float64 torch one: blocks of 32 with a short last one,
     partial sums moved to double every 256 blocks, a block recomputed where a weight's terms
     all underflow, a tensor cut into pieces shared among threads, with the same sums on one
     thread as on three."""
     torch.manual_seed(0)
-    w = torch.randn(2 * sws.NATIVE_PIECE + 20_011) * 0.5
+    w = torch.randn(2 * native_mixture.PIECE + 20_011) * 0.5
     w[::997] += far
     means = torch.randn(6)
     precisions = torch.rand(6) * 20 + 1
@@ -140,10 +149,10 @@ def test_native_kernel_gives_the_eager_sums(far, torch_threads):
     runs = []
     for threads in (1, 3):
         torch_threads(threads)
-        runs.append(mixture_sums("native", 1 << 17)(pieces, means, precisions, log_norms))
+        runs.append(mixture_sums("compiled", 1 << 17)(pieces, means, precisions, log_norms))
     expected = mixture_sums("eager", 4096)([w.double()], *(t.double() for t in (
         means, precisions, log_norms)))
-    assert sws._native_kernel() is not None  # the C kernel ran, not its fallback
+    assert native_mixture._kernel() is not None  # the C kernel ran, not its fallback
     (log_total, grads, *sums), (log_total_e, (grad_e,), *sums_e) = runs[0], expected
     assert [g.shape for g in grads] == [p.shape for p in pieces]
     grad = torch.cat([g.reshape(-1) for g in grads])
@@ -155,8 +164,12 @@ def test_native_kernel_gives_the_eager_sums(far, torch_threads):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kernel", ["native", "compiled", "eager"])
-def test_weights_far_from_every_component_get_the_exact_prior(kernel):
+@pytest.mark.parametrize(("kernel", "c_kernel"), [("compiled", False), ("eager", False),
+                                                  ("compiled", True)],
+                         ids=["compiled", "eager", "native"])
+def test_weights_far_from_every_component_get_the_exact_prior(kernel, c_kernel, request):
+    if c_kernel:
+        request.getfixturevalue("native_kernels")
     model = _model()
     prior = _prior(model, kernel=kernel)
     with torch.no_grad():  # narrow components; three weights 50–100 σ from every mean
@@ -190,23 +203,26 @@ def test_a_failed_compilation_falls_back_to_the_same_prior(monkeypatch, caplog):
     assert "torch.compile failed here" in caplog.text and "no compiler" in caplog.text
 
 
-def test_without_a_c_compiler_the_native_kernel_falls_back(monkeypatch, caplog, tmp_path):
+def test_without_a_c_compiler_the_native_kernel_falls_back(monkeypatch, caplog, tmp_path,
+                                                            native_kernels):
     model = _model()
     expected = _prior(model, kernel="eager").negative_log_prior(model)
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
-    sws._native_kernel.cache_clear()
+    native_mixture._kernel.cache_clear()
     try:
-        prior = _prior(model, kernel="native")
+        prior = _prior(model, kernel="eager")
         torch.testing.assert_close(prior.negative_log_prior(model), expected)
     finally:
-        sws._native_kernel.cache_clear()  # the next test builds with the real compiler
+        native_mixture._kernel.cache_clear()  # the next test builds with the real compiler
     assert "C kernel mixture.c is unavailable here" in caplog.text and "no-such-cc" in caplog.text
 
 
 def test_an_unknown_kernel_is_refused_with_the_choices():
-    with pytest.raises(UserError, match="regularizer.kernel.*native.*compiled.*eager"):
+    with pytest.raises(UserError, match="regularizer.kernel.*compiled, eager"):
         SoftWeightSharing(kernel="fast")
+    with pytest.raises(UserError, match="regularizer.kernel=native.*native_kernels=true"):
+        SoftWeightSharing(kernel="native")
 
 
 def test_a_collapsing_component_keeps_the_loss_finite():

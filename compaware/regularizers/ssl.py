@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from compaware import native
 from compaware.config import UserError, check_choice, check_range
 from compaware.layers import is_grouped
-from compaware.regularizers import group_sums
+from compaware.native import group_sums as native_group_sums
 from compaware.regularizers.base import ProximalRegularizer
 from compaware.residual import BRANCHES, branch_is_zero, branch_parameters, residual_blocks
 
@@ -81,15 +82,46 @@ def _square_sums(t: Tensor, axes: tuple[int, ...], summaries: dict[int, tuple]) 
     """Σ t² over every axis not in ``axes``: () (depth groups), (0,) (filters, a bias) or axes
     from 1 on (channels, shapes).
 
-    All come from t's row and column sums of squares (:func:`group_sums.square_sums`, one
-    pass over the weight), cached in ``summaries`` for the families of one penalty."""
+    All come from t's row and column sums of squares (:func:`square_sums`), cached in
+    ``summaries`` for the families of one penalty."""
     if id(t) not in summaries:
-        summaries[id(t)] = group_sums.square_sums([t])[0]
+        summaries[id(t)] = square_sums([t])[0]
     rows, columns = summaries[id(t)]
     if axes in ((), (0,)):
         return rows if axes else rows.sum()
     summed = tuple(d - 1 for d in range(1, t.dim()) if d not in axes)
     return columns.sum(summed) if summed else columns
+
+
+def square_sums(tensors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """For each t of ``tensors``: Σ t² over every axis but the first (shape ``t.shape[:1]``)
+    and over the first (shape ``t.shape[1:]``); a 1-D ``t`` is a column: its squares and
+    their total. Every group norm is a sum of these, so a weight is read once per penalty.
+    With ``native_kernels=true``, the C kernel takes every tensor it can in one call."""
+    tensors = [t.detach() for t in tensors]
+    sums = native_group_sums.square_sums(tensors) if native.enabled() else {}
+    for i, t in enumerate(tensors):
+        if i not in sums:
+            matrix = t.reshape(t.shape[0], -1)
+            sums[i] = (torch.linalg.vector_norm(matrix, dim=1).square(),
+                       torch.linalg.vecdot(matrix.T, matrix.T))
+    return [(sums[i][0].reshape(t.shape[:1]), sums[i][1].reshape(t.shape[1:]))
+            for i, t in enumerate(tensors)]
+
+
+def add_subgradients(terms: Subgradient) -> None:
+    """For each (t, rows, columns) of ``terms``: ``t.grad`` += t · (rows[i] + columns[j...])
+    for each element t[i, j...], ``rows`` of shape ``t.shape[:1]``, ``columns`` of shape
+    ``t.shape[1:]`` (a scalar for a 1-D t). With ``native_kernels=true``, the C kernel takes
+    every weight it can in one call."""
+    for t, _, _ in terms:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    terms = [(t.detach(), t.grad, rows, columns) for t, rows, columns in terms]
+    done = native_group_sums.add_subgradients(terms) if native.enabled() else set()
+    for i, (t, grad, rows, columns) in enumerate(terms):
+        if i not in done:
+            grad.addcmul_(t, rows.reshape(rows.shape + (1,) * (t.dim() - 1)) + columns)
 
 
 def layer_families(name: str, layer: nn.Module, filter_bias: bool) -> list[GroupFamily]:
@@ -172,8 +204,8 @@ class SSL(ProximalRegularizer):
         that is a row factor (filter and depth groups) plus a column factor (channel and
         shape groups) for each weight."""
         tensors = {id(t): t for family in families for t, _ in family.members}
-        summaries = dict(zip(tensors, group_sums.square_sums(list(tensors.values())),
-                             strict=True))  # all at once: the kernel shares them among threads
+        summaries = dict(zip(tensors, square_sums(list(tensors.values())),
+                             strict=True))  # all at once: the C kernel shares them among threads
         factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         terms = []
         for family in families:
@@ -204,7 +236,7 @@ class SSL(ProximalRegularizer):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
-        group_sums.add_subgradients(self._subgradient)
+        add_subgradients(self._subgradient)
         self._subgradient = []
 
     @torch.no_grad()

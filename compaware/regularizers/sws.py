@@ -17,19 +17,16 @@ rate, as the authors' tutorial does. The weights cluster around the means and mo
 around zero, so ``compress=quantize`` can then snap every weight to a mean.
 
 −log p(w) is computed with the log-sum-exp trick, and its gradient in the same pass
-(:class:`_NegLogMixture`): on a CPU by a hand-written C kernel (``mixture.c``, block by block
-of 32 weights), else chunk by chunk by ``torch.compile``'s kernel or eagerly, so memory never
-holds (number of weights) × (J+1) terms.
+(:class:`_NegLogMixture`), chunk by chunk by ``torch.compile``'s kernel or eagerly, so memory
+never holds (number of weights) × (J+1) terms (with ``native_kernels=true``, by the C kernel
+of :mod:`compaware.native.mixture` on a CPU).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
@@ -40,17 +37,13 @@ from compaware import native
 from compaware.config import UserError, check_choice, check_range
 from compaware.data import DataInfo
 from compaware.mixture import LOG_2PI, Mixture
+from compaware.native import mixture as native_mixture
 from compaware.regularizers.base import Regularizer
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("native", "compiled", "eager")  # what computes the prior: regularizer.kernel
-MIXTURE_SOURCE = Path(__file__).with_name("mixture.c")
-EAGER_CHUNK, COMPILED_CHUNK = 16384, 1 << 17  # default weights per chunk of the torch kernels
-# Weights per piece of the C kernel, the unit its threads share: small enough for LeNet-5's
-# 431 k weights to spread over a few threads, large enough that handing out ResNet-50's 360
-# costs nothing next to their work. Fixed, so the sums do not depend on the thread count.
-NATIVE_PIECE = 1 << 16
+KERNELS = ("compiled", "eager")  # what computes the prior: regularizer.kernel
+EAGER_CHUNK, COMPILED_CHUNK = 16384, 1 << 17  # default weights per chunk
 UNDERFLOW = 1e-30  # a shifted total Σ_j e^(q_j − shift) below this: shift each weight alone
 # γ = log(1/σ²) stays within σ ∈ [1e-4, 10]. A component whose variance collapses onto its
 # weights would send −log p to −∞; the Gamma hyper-prior pushes back, and the bound keeps every
@@ -147,66 +140,23 @@ def _chunked(kernel: Callable, chunk_size: int) -> Callable:
     return sums
 
 
-@functools.cache
-def _native_kernel() -> Callable | None:
-    """``mixture_sums_pieces`` of ``mixture.c``, built and loaded once per process; None,
-    with a warning saying why, where it cannot be built."""
-    library = native.load_or_warn(MIXTURE_SOURCE, "regularizer.kernel=native falls back to "
-                                  "torch's kernel (same results, slower); set "
-                                  "regularizer.kernel=compiled to skip the attempt.")
-    if library is None:
-        return None
-    function = library.mixture_sums_pieces
-    pointer = ctypes.c_void_p
-    function.argtypes = [ctypes.c_int, pointer, pointer, ctypes.c_int, pointer, pointer,
-                         pointer, ctypes.c_float, pointer, pointer, pointer]
-    function.restype = None
-    return function
-
-
-def _native(fallback: Callable) -> Callable:
-    """The prior's sums by the C kernel for float32 weights on the CPU, in pieces of each
-    tensor (no concatenated copy: 0.1 s a step for ResNet-50's 23.5 M weights) that torch's
-    threads share; by ``fallback`` for other weights (a GPU's) and where the kernel cannot
-    be built."""
-
-    def sums(weights: list[Tensor], means: Tensor, precisions: Tensor, log_norms: Tensor):
-        kernel = _native_kernel() if all(t.device.type == "cpu" and t.dtype == torch.float32
-                                          for t in weights) else None
-        if kernel is None:
-            return fallback(weights, means, precisions, log_norms)
-        means, precisions, log_norms = (t.to(torch.float32).contiguous()
-                                        for t in (means, precisions, log_norms))
-        weights = [t.contiguous() for t in weights]
-        grads = [torch.empty_like(t) for t in weights]
-        pieces = [piece for w, g in zip(weights, grads, strict=True)
-                  for piece in zip(*(t.view(-1).split(NATIVE_PIECE) for t in (w, g)),
-                                   strict=True)]
-        w_pieces, grad_pieces = (native.addresses(column)
-                                 for column in zip(*pieces, strict=True))
-        sizes = torch.tensor([w.numel() for w, _ in pieces], dtype=torch.int64)
-        log_totals = torch.empty(len(pieces), dtype=torch.float64)
-        partial = torch.empty(len(pieces), 3, len(means), dtype=torch.float64)
-        kernel(len(pieces), w_pieces.data_ptr(), sizes.data_ptr(), len(means),
-               means.data_ptr(), precisions.data_ptr(), log_norms.data_ptr(),
-               float(log_norms.max()), grad_pieces.data_ptr(), log_totals.data_ptr(),
-               partial.data_ptr())
-        return (weights[0].new_tensor(float(log_totals.sum())), grads,
-                *partial.sum(0).to(means.dtype))
-
-    return sums
-
-
 def mixture_sums(kernel: str, chunk_size: int) -> Callable:
     """What computes the prior, by ``regularizer.kernel``: a function of (weights, a list of
     tensors, means, precisions, log_norms) returning Σ_i log Σ_j π_j N(w_i | μ_j, 1/λ_j) over
     every weight, the gradient Σ_j r_ij λ_j d_ij of each (a tensor per tensor), and per
     component Σ_i r_ij, Σ_i r_ij d_ij, Σ_i r_ij d_ij²
     (r the responsibilities, d = w − μ)."""
-    if kernel == "eager":
-        return _chunked(_chunk_terms, chunk_size)
-    compiled = _chunked(_compiled(_chunk_terms), chunk_size)
-    return _native(compiled) if kernel == "native" else compiled
+    torch_sums = _chunked(_chunk_terms if kernel == "eager" else _compiled(_chunk_terms),
+                          chunk_size)
+
+    def sums(weights: list[Tensor], means: Tensor, precisions: Tensor, log_norms: Tensor):
+        if native.enabled():  # native_kernels=true: the C kernel, where it takes the weights
+            done = native_mixture.sums(weights, means, precisions, log_norms)
+            if done is not None:
+                return done
+        return torch_sums(weights, means, precisions, log_norms)
+
+    return sums
 
 
 class _NegLogMixture(torch.autograd.Function):
@@ -245,14 +195,11 @@ class SoftWeightSharing(Regularizer):
     ``gamma_zero`` and ``gamma`` are the (α, β) of the Gamma hyper-priors on the zero
     component's precision and the others'. The weights learn at the stage's lr
     (``schedule.lr``), the means, log-precisions and mixing logits at ``lr_means``,
-    ``lr_log_precisions`` and ``lr_mixing``. ``kernel`` computes the prior: ``native``, a
-    hand-written C kernel built on first use with the system's C compiler (on a CPU; 2–3×
-    faster than ``compiled``), ``compiled``, one fused by ``torch.compile`` (4–5× faster than
-    ``eager`` after a few seconds of compilation, and what a GPU runs under ``native``), or
-    ``eager``; each warns and falls back to the next where it cannot be built.
-    ``chunk_size`` weights are processed at a time by the torch kernels: by default 2^17
-    compiled and 16,384 eager, blocks that stay in cache (2^20 made the prior of ResNet-50's
-    23.5 M weights 2× slower).
+    ``lr_log_precisions`` and ``lr_mixing``. ``kernel`` computes the prior: ``compiled``,
+    fused by ``torch.compile`` (4–5× faster than ``eager`` after a few seconds of
+    compilation; warns and runs eagerly where it cannot compile), or ``eager``. ``chunk_size``
+    weights are processed at a time: by default 2^17 compiled and 16,384 eager, blocks that
+    stay in cache (2^20 made the prior of ResNet-50's 23.5 M weights 2× slower).
     """
 
     every = "step"  # prox: keep the log-precisions within LOG_PRECISION_RANGE
@@ -264,7 +211,7 @@ class SoftWeightSharing(Regularizer):
                  init_std: float | None = None, gamma_zero: list[float] = (5000.0, 2.0),
                  gamma: list[float] = (250.0, 0.1), lr_means: float = 1e-4,
                  lr_log_precisions: float = 3e-3, lr_mixing: float = 3e-3,
-                 chunk_size: int | None = None, kernel: str = "native", layers: str = "all",
+                 chunk_size: int | None = None, kernel: str = "compiled", layers: str = "all",
                  skip_first: bool = False, skip_last: bool = False) -> None:
         super().__init__(lam, layers, skip_first, skip_last)
         check_range("regularizer.components", components, 1, integer=True)
@@ -285,6 +232,10 @@ class SoftWeightSharing(Regularizer):
         for option, lr in (("lr_means", lr_means), ("lr_log_precisions", lr_log_precisions),
                            ("lr_mixing", lr_mixing)):
             check_range(f"regularizer.{option}", lr, 0)
+        if kernel == "native":  # the C kernels are one switch for the whole run
+            raise UserError("regularizer.kernel=native is not a choice: the C kernels are "
+                            "switched on for the whole run by native_kernels=true; "
+                            "regularizer.kernel takes compiled or eager.")
         check_choice("regularizer.kernel", kernel, KERNELS)
         if chunk_size is not None:
             check_range("regularizer.chunk_size", chunk_size, 1, integer=True)

@@ -1,5 +1,6 @@
 /* The two passes over the weights that SSL's group lasso makes every step
- * (compaware/regularizers/ssl.py, where the maths is; built on first use by compaware/native.py).
+ * (compaware/regularizers/ssl.py, where the maths is; built on first use, with
+ * native_kernels=true, by compaware/native/__init__.py).
  * A weight is seen as a matrix: its first axis indexes the rows (filters, output units), the
  * others flattened the columns (input channel × kernel position, or input units).
  *
@@ -7,8 +8,8 @@
  * row-major matrix, a reduction along its outer axis, cost 3–13× a pass, and a broadcast
  * factor of rows × columns is written out before it is used); here each is one pass, in
  * memory order, which is what a memory-bound step over ResNet-50's 23.5 M weights pays for.
- * The weights are shared among OpenMP's threads (torch's own: compaware/native.py), one
- * whole weight at a time, in the order given (the caller puts the largest first). */
+ * The weights are shared among OpenMP's threads (torch's own: compaware/native/__init__.py),
+ * one whole weight at a time, in the order given (the caller puts the largest first). */
 
 #define FLUSH 64  /* rows summed into float columns before they move to double */
 

@@ -1,6 +1,7 @@
 /* −Σ_i log Σ_j π_j N(w_i | μ_j, 1/λ_j) and every sum its gradient needs, in one pass over the
  * weights: the native kernel of soft weight-sharing (compaware/regularizers/sws.py, where the
- * maths is; built on first use by compaware/native.py).
+ * maths is; built on first use, with native_kernels=true, by compaware/native/__init__.py;
+ * called by compaware/native/mixture.py).
  *
  * Why by hand: torch.compile's kernel for the same sums makes several passes over a
  * components × weights block (one per reduction axis) and spends ~100 cycles per weight at 17
@@ -8,7 +9,7 @@
  * is computed once, and the compiler vectorises the inner loops (with -ffast-math, through
  * the C library's vector expf). 2–3× faster on a CPU (docs/performance.md). Pieces of the
  * weights are shared among OpenMP's threads: torch's own, as the library links to the OpenMP
- * runtime torch has loaded (compaware/native.py). */
+ * runtime torch has loaded (compaware/native/__init__.py). */
 #include <math.h>
 #include <string.h>
 

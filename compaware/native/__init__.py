@@ -1,15 +1,22 @@
-"""Hand-written C kernels, built on first use with the machine's C compiler and loaded with
-ctypes.
+"""Hand-written C kernels, off unless a run asks for them (``native_kernels=true``): built on
+first use with the machine's C compiler and loaded with ctypes.
 
-For the rare loop where torch's operators, compiled or not, leave most of a CPU unused
-(soft weight-sharing's mixture prior: ``compaware/regularizers/mixture.c``) or read memory
-more often than the maths needs (SSL's group sums:
-``compaware/regularizers/group_sums.c``). A kernel is a plain C function over raw float
-arrays: no torch headers, so it builds in about a second. The library is cached under
-``$XDG_CACHE_HOME/compaware`` (``~/.cache/compaware``), keyed by the source, the flags and
-this CPU (it is built with ``-march=native``), and written atomically, so concurrent
-processes share one build. Any failure (no compiler, a build error, an unwritable cache)
-raises :class:`NativeUnavailable` with the reason; callers fall back to their torch code.
+The methods compute everything with torch's operators; where this switch is on, two of their
+loops run here instead, with the same results: soft weight-sharing's mixture prior
+(``mixture.c``, :mod:`compaware.native.mixture`), for which torch's operators, compiled or
+not, leave most of a CPU unused, and SSL's group sums (``group_sums.c``,
+:mod:`compaware.native.group_sums`), which torch's read from memory more often than the
+maths needs. Off by default because a build depends on the machine (a C compiler, its
+OpenMP, ``-march=native``, ``-ffast-math``) and a library is one more thing to trust; while
+off, nothing here invokes a compiler (:func:`load` refuses). ``scripts/bench_overhead.py``
+measures what the switch buys.
+
+A kernel is a plain C function over raw float arrays: no torch headers, so it builds in
+about a second. The library is cached under ``$XDG_CACHE_HOME/compaware``
+(``~/.cache/compaware``), keyed by the source, the flags and this CPU (it is built with
+``-march=native``), and written atomically, so concurrent processes share one build. Any
+failure (no compiler, a build error, an unwritable cache) raises :class:`NativeUnavailable`
+with the reason; callers fall back to their torch code.
 
 A kernel shares its work among threads with OpenMP pragmas. Built with ``-fopenmp``, the
 library needs ``libgomp.so.1``, and the dynamic loader hands it the one torch has already
@@ -50,8 +57,25 @@ OPENMP_FLAGS = ["-fopenmp"]
 log = logging.getLogger(__name__)
 
 
+_enabled = False  # native_kernels: the run's choice, applied by use()
+
+
 class NativeUnavailable(RuntimeError):
     """The kernel could not be built or loaded here (the message says why)."""
+
+
+def use(enabled: bool) -> None:
+    """Switch the C kernels on or off for this process (``native_kernels``): the methods
+    call into this package only while it is on."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"native.use takes a bool, not {enabled!r}")
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    """Whether the C kernels are on (:func:`use`)."""
+    return _enabled
 
 
 def _cpu_signature() -> str:
@@ -72,7 +96,9 @@ def _cache_dir() -> Path:
 
 def load(source: Path) -> ctypes.CDLL:
     """The shared library built from C file ``source``, compiled if not cached yet: with
-    OpenMP, else (a compiler without it) without."""
+    OpenMP, else (a compiler without it) without. Refused while the kernels are off."""
+    if not _enabled:
+        raise NativeUnavailable("native kernels are off (native_kernels=false)")
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise NativeUnavailable(f"no C compiler ({compiler!r} is not on PATH; set CC)")
