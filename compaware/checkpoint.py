@@ -135,6 +135,24 @@ def load(path: str | os.PathLike, checked: bool = True) -> dict:
     return state
 
 
+def check_fits(model: torch.nn.Module, saved: Path) -> None:
+    """Stop a resumed run whose ``model`` (rebuilt, e.g. by compression) differs in shape from
+    the one checkpointed in ``saved``: continuing would load weights into the wrong layers,
+    or fail deep inside torch. Nothing when there is no such checkpoint yet."""
+    if not saved.exists():
+        return
+    before = {name: list(t.shape) for name, t in load(saved)["model"].items()}
+    now = {name: list(t.shape) for name, t in model.state_dict().items()}
+    differ = sorted(name for name in before.keys() | now.keys()
+                    if before.get(name) != now.get(name))
+    if differ:
+        shown = ", ".join(f"{name} {before.get(name, 'absent')} → {now.get(name, 'absent')}"
+                          for name in differ[:4]) + (", …" if len(differ) > 4 else "")
+        raise UserError(f"resume: compression rebuilt a model other than the one fine-tuning "
+                        f"checkpointed in {saved} ({shown}). Start a new run, or delete "
+                        f"{saved.name} to fine-tune the rebuilt model from the start.")
+
+
 def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
     """Load dense weights for ``init_from``: a checkpoint file, or a run directory (its
     final training checkpoint). Shapes must match the configured model."""

@@ -171,9 +171,10 @@ def autocast(amp: Amp, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_one_epoch(training: Training, batches, schedule: ScheduleConfig, device: torch.device,
-                    steps: int, progress: Progress, writer: SummaryWriter, tag: str,
-                    first_step: int, desc: str, ramp: StrengthRamp = StrengthRamp()) -> bool:
+def train_one_epoch(training: Training, batches, progress: Progress, *,
+                    schedule: ScheduleConfig, device: torch.device, steps: int,
+                    writer: SummaryWriter, tag: str, first_step: int, desc: str,
+                    ramp: StrengthRamp = StrengthRamp()) -> bool:
     """Continue the epoch from ``progress`` (updated in place) up to ``steps`` batches, the
     first of which is the stage's step ``first_step`` (for ``ramp`` and TensorBoard).
 
@@ -284,9 +285,11 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
     stage.regularizer.check(model)
     stage.regularizer.setup(model, data.info)
     optimizer = make_optimizer(model, stage.regularizer, schedule, stage.lr)
-    training = Training(model, model, optimizer, make_scheduler(optimizer, schedule, stage.epochs),
-                        torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
-                        stage.regularizer, stage.keep)
+    training = Training(
+        model=model, net=model, optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, schedule, stage.epochs),
+        scaler=torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
+        regularizer=stage.regularizer, keep=stage.keep)
     start, progress, rng = 0, Progress(), None
     if resume and checkpoint_path.exists():
         state = checkpoint.load(checkpoint_path)
@@ -314,8 +317,9 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
             batches = train_loader(data, schedule.batch_size, seed, epoch, num_workers,
                                    skip=progress.batches)
             try:
-                if train_one_epoch(training, batches, schedule, device, steps_per_epoch, progress,
-                                   writer, stage.prefix, epoch * steps_per_epoch, desc, ramp):
+                if train_one_epoch(training, batches, progress, schedule=schedule, device=device,
+                                   steps=steps_per_epoch, writer=writer, tag=stage.prefix,
+                                   first_step=epoch * steps_per_epoch, desc=desc, ramp=ramp):
                     _save(training, checkpoint_path, epoch, meta, progress)
                     raise preemption.Preempted(preemption.requested(),
                                                f"{desc}, after batch {progress.batches}",

@@ -20,7 +20,6 @@ fine-tunes and benchmarks.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -35,9 +34,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from compaware import checkpoint, distributed, native, preemption, rundir
-from compaware.compress import Compressor
-from compaware.compress.latency import Timer
-from compaware.compress.replay import RecordingTimer, ReplayingTimer
+from compaware.compress import replay
 from compaware.config import (
     CONF_DIR,
     Device,
@@ -125,14 +122,16 @@ def train(cfg: DictConfig) -> dict:
         return {}
 
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
+    #    A latency-aware compressor's timings are recorded, and replayed on resume, so that
+    #    a resumed run rebuilds the architecture it fine-tuned (compaware/compress/replay.py).
     timings = run_dir / "checkpoints" / "compression.json"
     with timed(seconds, "compress"):
-        timer = layer_timer(compressor, timings, resume)
+        timer = replay.timer_for(compressor, timings, resume, LayerTimer)
         compressed, report = compressor(model, regularizer.artifacts(model), timer)
-        keep_timings(timer, timings)
+        replay.keep(timer, timings)
     accuracy["compressed"] = evaluate(compressed, data, device)
     if resume:
-        check_fits_checkpoint(compressed, run_dir / "checkpoints" / "finetune.pt")
+        checkpoint.check_fits(compressed, run_dir / "checkpoints" / "finetune.pt")
 
     # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
     #    made (pruned weights stay zero, shared weights shared).
@@ -161,46 +160,6 @@ def train(cfg: DictConfig) -> dict:
     checkpoint.save_json(results, run_dir / "results.json")
     print(format_summary(results))
     return results
-
-
-def layer_timer(compressor: Compressor, timings: Path, resume: bool) -> Timer | None:
-    """What a latency-aware compressor times its candidate layers with: when resuming a run
-    that compressed already, the answers its timer gave then (``timings``), so that the same
-    architecture is rebuilt; otherwise a :class:`LayerTimer` in ``compress.latency_form``,
-    its answers recorded. None for a compressor that times nothing."""
-    if not compressor.latency_aware:
-        return None
-    if resume and timings.exists():
-        log.info("compress: replaying the latency timings recorded in %s", timings)
-        return ReplayingTimer(json.loads(timings.read_text())["timings"], timings)
-    return RecordingTimer(LayerTimer(compressor.latency.latency_form))
-
-
-def keep_timings(timer: Timer | None, timings: Path) -> None:
-    """Write the answers of a recording timer to ``timings`` (atomically), before
-    fine-tuning checkpoints a model built on them; check that a replay used them all."""
-    if isinstance(timer, RecordingTimer):
-        checkpoint.save_json({"timings": timer.answers}, timings)
-    elif isinstance(timer, ReplayingTimer):
-        timer.check_all_asked()
-
-
-def check_fits_checkpoint(compressed: torch.nn.Module, saved: Path) -> None:
-    """Stop a resumed run whose compression rebuilt a model other than the one fine-tuning
-    checkpointed in ``saved``: continuing would load weights into the wrong layers, or fail
-    deep inside torch."""
-    if not saved.exists():
-        return
-    before = {name: list(t.shape) for name, t in checkpoint.load(saved)["model"].items()}
-    now = {name: list(t.shape) for name, t in compressed.state_dict().items()}
-    differ = sorted(name for name in before.keys() | now.keys()
-                    if before.get(name) != now.get(name))
-    if differ:
-        shown = ", ".join(f"{name} {before.get(name, 'absent')} → {now.get(name, 'absent')}"
-                          for name in differ[:4]) + (", …" if len(differ) > 4 else "")
-        raise UserError(f"resume: compression rebuilt a model other than the one fine-tuning "
-                        f"checkpointed in {saved} ({shown}). Start a new run, or delete "
-                        f"{saved.name} to fine-tune the rebuilt model from the start.")
 
 
 def pick_device(choice: Device) -> torch.device:

@@ -108,8 +108,9 @@ def training(model: nn.Module, reg: Regularizer, info: DataInfo) -> Training:
     reg.check(model)
     schedule = ScheduleConfig()
     optimizer = make_optimizer(model, reg, schedule, BENCH_LR)
-    return Training(model, model, optimizer, make_scheduler(optimizer, schedule, 1),
-                    torch.amp.GradScaler(enabled=False), reg)
+    return Training(model=model, net=model, optimizer=optimizer,
+                    scheduler=make_scheduler(optimizer, schedule, 1),
+                    scaler=torch.amp.GradScaler(enabled=False), regularizer=reg)
 
 
 def compaware_steps(train: Training, batches: list, writer,
@@ -122,8 +123,9 @@ def compaware_steps(train: Training, batches: list, writer,
     def run() -> None:
         native.use(native_kernels)
         try:
-            train_one_epoch(train, batches, schedule, device, len(batches), Progress(), writer,
-                            "", 0, "bench")
+            train_one_epoch(train, batches, Progress(), schedule=schedule, device=device,
+                            steps=len(batches), writer=writer, tag="", first_step=0,
+                            desc="bench")
         finally:
             native.use(False)
     return run

@@ -51,8 +51,8 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def pruned_conv(conv: nn.Conv2d, filters: int, channels: int) -> nn.Conv2d:
-    return nn.Conv2d(channels, filters, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, bias=conv.bias is not None)
+    return nn.Conv2d(channels, filters, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None)
 
 
 def main() -> None:

@@ -89,3 +89,21 @@ def test_the_import_graph_has_no_cycle():
         if name not in state:
             cycle = visit(name)
             assert cycle is None, " → ".join(cycle)
+
+
+# Calls whose many positional arguments are the callee's own convention: logging's format
+# arguments, a struct layout, the C kernels' ABI.
+POSITIONAL_CONVENTIONS = ("log.", "out.fields", "kernel", "_kernel()")
+MAX_POSITIONAL = 5
+
+
+def test_no_call_forwards_more_than_a_handful_of_positional_arguments():
+    crowded = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or len(node.args) <= MAX_POSITIONAL:
+                continue
+            callee = ast.unparse(node.func)
+            if not callee.startswith(POSITIONAL_CONVENTIONS):
+                crowded.append(f"{name}:{node.lineno} {callee}({len(node.args)} positional)")
+    assert crowded == []

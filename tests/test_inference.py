@@ -91,8 +91,8 @@ def test_channels_last_forward_computes_what_the_model_computes():
             torch.testing.assert_close(forward(batch), model(batch), atol=1e-5, rtol=1e-4)
         convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert all(w.is_contiguous() for w in convs)  # timed on a copy: the model is as it was
-    timed = form_latency("channels_last", {"lenet5": inference_model(LeNet5())}, (1, 28, 28), 2,
-                         0.01, 1)  # bench.forms=[channels_last]
+    timed = form_latency("channels_last", {"lenet5": inference_model(LeNet5())}, (1, 28, 28),
+                         batch_size=2, min_run_time=0.01, threads=1)  # bench.forms=[channels_last]
     assert timed["device"] == "cpu" and timed["batch_1"]["lenet5"] > 0
 
 
@@ -102,7 +102,8 @@ def test_the_fastest_choice_keeps_each_models_fastest_form_per_batch_size(monkey
         return 1.0 if in_nchw == (len(batch) == 1) else 2.0
     monkeypatch.setattr(bench, "median_ms", fake_ms)
     models = {"dense": inference_model(LeNet5()), "compressed": inference_model(LeNet5())}
-    timed = {form: form_latency(form, models, (1, 28, 28), 4, 0.01, 1)
+    timed = {form: form_latency(form, models, (1, 28, 28), batch_size=4, min_run_time=0.01,
+                                threads=1)
              for form in ("eager", "channels_last")}  # bench.fastest=true
     timed["onnxruntime"] = None  # a form that could not be built is left out of the choice
     fastest = fastest_latency(timed)

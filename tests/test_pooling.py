@@ -36,7 +36,8 @@ def test_strided_max_pool_is_max_pool2d_bit_for_bit(size):
             expected = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
         except RuntimeError:  # an output size below 1: PyTorch refuses the setting
             continue
-        pooled = strided_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+        pooled = strided_max_pool2d(x, kernel, stride=stride, padding=padding,
+                                    dilation=dilation, ceil_mode=ceil_mode)
         assert pooled.shape == expected.shape, (kernel, stride, padding, dilation, ceil_mode)
         torch.testing.assert_close(pooled, expected, rtol=0, atol=0, equal_nan=True)
         compared += 1

@@ -21,6 +21,7 @@ from compaware.train import train
 from tests.test_inference import ValueDependent
 
 CONF = Path(CONF_DIR)
+TIMING = {"batch_size": 4, "min_run_time": 0.01, "threads": 1}  # a quick form_latency
 
 
 def _options(group: str) -> list[str]:
@@ -97,7 +98,7 @@ def test_inductor_latency_is_timed_in_the_compiled_models(monkeypatch, torch_thr
     torch.manual_seed(0)
     models = {"dense": torch.nn.Linear(64, 64), "compressed": torch.nn.Linear(64, 8)}
     torch_threads(3)
-    timed = bench.form_latency("inductor", models, (64,), 4, 0.01, 1)
+    timed = bench.form_latency("inductor", models, (64,), **TIMING)
     assert sorted(compiled) == sorted((size, 1, convs) for size in (1, 1, 4, 4)  # each model,
                                       for convs in export.INDUCTOR_CONVS)  # at the threads timed
     assert torch.get_num_threads() == 3  # and restored after
@@ -117,7 +118,7 @@ def test_compiled_each_model_keeps_its_faster_convs_per_batch_size(monkeypatch):
     monkeypatch.setattr(bench, "compile_inductor", name_the_convs)
     monkeypatch.setattr(bench, "median_ms", fake_ms)
     models = {"dense": torch.nn.Linear(4, 4), "compressed": torch.nn.Linear(4, 4)}
-    timed = bench.form_latency("inductor", models, (4,), 4, 0.01, 1)
+    timed = bench.form_latency("inductor", models, (4,), **TIMING)
     assert timed["convs"] == {"batch_1": {"dense": "aten", "compressed": "aten"},
                               "batch_N": {"dense": "onednn", "compressed": "onednn"}}
     assert timed["batch_1"] == timed["batch_N"] == {"dense": 1.0, "compressed": 1.0}
@@ -129,13 +130,13 @@ def test_no_deployed_form_leaves_the_other_results(monkeypatch, caplog):
 
     monkeypatch.setattr(export, "export_onnx", refuse)
     models = {"dense": torch.nn.Linear(4, 2)}
-    assert bench.form_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
+    assert bench.form_latency("onnxruntime", models, (4,), **TIMING | {"batch_size": 2}) is None
     assert "an op it lacks" in caplog.text
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
-    assert bench.form_latency("onnxruntime", models, (4,), 2, 0.01, 1) is None
+    assert bench.form_latency("onnxruntime", models, (4,), **TIMING | {"batch_size": 2}) is None
     assert "onnxruntime is not installed" in caplog.text
     models = {"dense": torch.nn.Sequential(torch.nn.Linear(4, 2), ValueDependent())}
-    assert bench.form_latency("inductor", models, (4,), 2, 0.01, 1) is None
+    assert bench.form_latency("inductor", models, (4,), **TIMING | {"batch_size": 2}) is None
     assert "bench.forms has inductor, but there is no latency compiled by TorchInductor" in (
         caplog.text)
 

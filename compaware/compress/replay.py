@@ -14,12 +14,19 @@ compression, and the replay stops rather than answer it.
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor, nn
 
+from compaware.checkpoint import save_json
+from compaware.compress.base import Compressor
 from compaware.compress.latency import Timer
 from compaware.config import UserError
+
+log = logging.getLogger(__name__)
 
 
 def question(layer: nn.Module, x: Tensor) -> str:
@@ -70,3 +77,27 @@ class ReplayingTimer:
                          f"weights or the code changed since. Start a new run (or delete the "
                          f"checkpoints/finetune.pt and compression.json of this one to "
                          f"compress and fine-tune anew).")
+
+
+def timer_for(compressor: Compressor, record: Path, resume: bool,
+              make_timer: Callable[[str], Timer]) -> Timer | None:
+    """What a latency-aware compressor times its candidate layers with: when resuming a run
+    that compressed already, the answers its timer gave then (``record``), so that the same
+    architecture is rebuilt; otherwise ``make_timer(compress.latency_form)`` (a run's
+    :class:`compaware.deploy.timing.LayerTimer`), its answers recorded. None for a compressor
+    that times nothing."""
+    if not compressor.latency_aware:
+        return None
+    if resume and record.exists():
+        log.info("compress: replaying the latency timings recorded in %s", record)
+        return ReplayingTimer(json.loads(record.read_text())["timings"], record)
+    return RecordingTimer(make_timer(compressor.latency.latency_form))
+
+
+def keep(timer: Timer | None, record: Path) -> None:
+    """Write the answers of a recording timer to ``record`` (atomically), before fine-tuning
+    checkpoints a model built on them; check that a replay used them all."""
+    if isinstance(timer, RecordingTimer):
+        save_json({"timings": timer.answers}, record)
+    elif isinstance(timer, ReplayingTimer):
+        timer.check_all_asked()

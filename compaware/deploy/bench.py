@@ -153,8 +153,9 @@ def form_forward(form: str, model: nn.Module, example: torch.Tensor,
 
 
 def side_by_side_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...],
-                    batch_size: int, device: torch.device, min_run_time: float, threads: int,
-                    forward_of: Callable[[str, nn.Module, torch.Tensor], Callable]) -> dict:
+                    forward_of: Callable[[str, nn.Module, torch.Tensor], Callable], *,
+                    batch_size: int, device: torch.device, min_run_time: float,
+                    threads: int) -> dict:
     """``{batch_1: {name: ms}, batch_N: {name: ms}}``: each model's ``forward_of(name, model,
     batch)`` timed at batch 1 and ``batch_size`` on ``device``, side by side in one process,
     with ``threads``, ``batch_size`` and ``device`` recorded."""
@@ -183,7 +184,7 @@ def fastest_variant(timed: dict[str, dict]) -> tuple[dict, dict]:
     return results, chosen
 
 
-def form_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...],
+def form_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...], *,
                  batch_size: int, min_run_time: float, threads: int,
                  device: torch.device | None = None) -> dict | None:
     """:func:`side_by_side_ms` of the models (each an :func:`inference_model`) in ``form`` (a
@@ -205,8 +206,9 @@ def form_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int
         return forward_of
 
     def timed(convs: str = "onednn") -> dict:
-        return side_by_side_ms(models, input_shape, batch_size, device or torch.device("cpu"),
-                               min_run_time, threads, built_with(convs))
+        return side_by_side_ms(models, input_shape, built_with(convs), batch_size=batch_size,
+                               device=device or torch.device("cpu"),
+                               min_run_time=min_run_time, threads=threads)
 
     try:
         if form != "inductor":
@@ -282,17 +284,17 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
     if stored:
         costs["bytes"]["compressed_pt2"] = costs["bytes"]["compressed"]
         costs["bytes"]["compressed"] = stored["bytes"]
-    threads = cfg.threads or torch.get_num_threads()
+    timing = {"batch_size": cfg.batch_size, "min_run_time": cfg.min_run_time,
+              "threads": cfg.threads or torch.get_num_threads()}
     latency: dict = dict.fromkeys([*FORMS, FASTEST, "cuda"])
     if cfg.latency:
         for form in cfg.forms:
-            latency[form] = form_latency(form, inference, input_shape, cfg.batch_size,
-                                         cfg.min_run_time, threads)
+            latency[form] = form_latency(form, inference, input_shape, **timing)
         if cfg.fastest:
             latency[FASTEST] = fastest_latency({form: latency[form] for form in cfg.forms})
         if torch.cuda.is_available():
-            latency["cuda"] = form_latency("eager", inference, input_shape, cfg.batch_size,
-                                           cfg.min_run_time, threads, torch.device("cuda"))
+            latency["cuda"] = form_latency("eager", inference, input_shape, **timing,
+                                           device=torch.device("cuda"))
     costs["latency_ms"] = latency
     costs["efficiency"] = efficiency(costs["macs"], latency["eager"])
     for form in [*FORMS, FASTEST]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 
-def pooled_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
+def pooled_size(size: int, kernel: int, *, stride: int, padding: int, dilation: int,
                 ceil_mode: bool) -> int:
     """Output length of a max-pool along one axis, by PyTorch's rule (a window may start
     in the left padding, never in the right)."""
@@ -41,15 +41,15 @@ def pooled_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return out
 
 
-def strided_max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1,
+def strided_max_pool2d(x: Tensor, kernel_size, *, stride=None, padding=0, dilation=1,
                        ceil_mode: bool = False) -> Tensor:
     """``F.max_pool2d(x, ...)`` (without indices) as maxima of strided views of ``x``: one
     view per tap of the window, over its columns first, then over its rows."""
     (kh, kw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(padding), _pair(dilation)
     sh, sw = _pair(stride if stride else kernel_size)
     height, width = x.shape[-2:]
-    out_h = pooled_size(height, kh, sh, ph, dh, ceil_mode)
-    out_w = pooled_size(width, kw, sw, pw, dw, ceil_mode)
+    out_h = pooled_size(height, kh, stride=sh, padding=ph, dilation=dh, ceil_mode=ceil_mode)
+    out_w = pooled_size(width, kw, stride=sw, padding=pw, dilation=dw, ceil_mode=ceil_mode)
     span_h, span_w = (out_h - 1) * sh + 1, (out_w - 1) * sw + 1  # what one tap's view spans
     bottom = max(0, span_h + dh * (kh - 1) - height - ph)
     right = max(0, span_w + dw * (kw - 1) - width - pw)
@@ -80,8 +80,8 @@ class MaxPool2d(nn.MaxPool2d):
                 or x.dim() != 4 or x.device.type != "cpu" or x.numel() < STRIDED_FROM
                 or not x.is_floating_point() or not x.is_contiguous()):
             return super().forward(x)
-        return strided_max_pool2d(x, self.kernel_size, self.stride, self.padding,
-                                  self.dilation, self.ceil_mode)
+        return strided_max_pool2d(x, self.kernel_size, stride=self.stride, padding=self.padding,
+                                  dilation=self.dilation, ceil_mode=self.ceil_mode)
 
 
 def swap_max_pools(model: nn.Module) -> int:
@@ -91,7 +91,8 @@ def swap_max_pools(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if type(module) is nn.MaxPool2d:
             model.set_submodule(name, MaxPool2d(
-                module.kernel_size, module.stride, module.padding, module.dilation,
-                module.return_indices, module.ceil_mode))
+                module.kernel_size, stride=module.stride, padding=module.padding,
+                dilation=module.dilation, return_indices=module.return_indices,
+                ceil_mode=module.ceil_mode))
             swapped += 1
     return swapped

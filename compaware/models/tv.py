@@ -53,6 +53,7 @@ def adapt_first_conv(model: nn.Module, in_channels: int) -> None:
         for child_name, conv in parent.named_children():
             if isinstance(conv, nn.Conv2d):
                 setattr(parent, child_name, nn.Conv2d(
-                    in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, 1, conv.bias is not None, conv.padding_mode))
+                    in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode))
                 return

@@ -28,12 +28,13 @@ class LowRankSGL(SGL):
                  lam_first: float | None = None, first_layers: int = 0, every: str = "epoch",
                  prox_step: str = "lr_x_steps", layers: str = "all", skip_first: bool = False,
                  skip_last: bool = True) -> None:
-        super().__init__(lam, alpha, lam_first, first_layers, every, prox_step, layers,
-                         skip_first, skip_last)
+        selection = {"layers": layers, "skip_first": skip_first, "skip_last": skip_last}
+        super().__init__(lam, alpha=alpha, lam_first=lam_first, first_layers=first_layers,
+                         every=every, prox_step=prox_step, **selection)
         check_range("regularizer.tau", tau, 0, 1)
         self.tau = float(tau)
-        self.nuclear = LowRank(self.lam * self.tau, every, prox_step, layers, skip_first,
-                               skip_last)
+        self.nuclear = LowRank(self.lam * self.tau, every=every, prox_step=prox_step,
+                               **selection)
 
     @torch.no_grad()
     def prox(self, model: nn.Module, step: float) -> None:

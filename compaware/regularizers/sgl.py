@@ -76,7 +76,8 @@ class SGL(ProximalRegularizer):
     def __init__(self, lam: float, alpha: float = 0.5, lam_first: float | None = None,
                  first_layers: int = 0, every: str = "epoch", prox_step: str = "lr_x_steps",
                  layers: str = "all", skip_first: bool = False, skip_last: bool = True) -> None:
-        super().__init__(lam, every, prox_step, layers, skip_first, skip_last)
+        super().__init__(lam, every=every, prox_step=prox_step, layers=layers,
+                         skip_first=skip_first, skip_last=skip_last)
         check_range("regularizer.alpha", alpha, 0, 1)
         if lam_first is not None:
             check_range("regularizer.lam_first", lam_first, 0)

@@ -154,7 +154,8 @@ class SSL(ProximalRegularizer):
                  every: str = "step", prox_step: str = "lr_x_steps", zero_threshold: float = 1e-4,
                  filter_bias: bool = True, layers: str = "all", skip_first: bool = False,
                  skip_last: bool = True) -> None:
-        super().__init__(lam, every, prox_step, layers, skip_first, skip_last)
+        super().__init__(lam, every=every, prox_step=prox_step, layers=layers,
+                         skip_first=skip_first, skip_last=skip_last)
         self.strength = {"filter": filter, "channel": channel, "shape": shape, "depth": depth}
         for kind, value in self.strength.items():
             check_range(f"regularizer.{kind}", value, 0)
