@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
@@ -251,7 +252,7 @@ def validate(cfg: DictConfig) -> None:
     check_range("data.image_size", d.image_size, 8, integer=True)
     check_range("data.channels", d.channels, 1, integer=True)
     check_range("data.num_classes", d.num_classes, 2, integer=True)
-    check_range("data.num_workers", d.num_workers, 0, integer=True)
+    check_range("data.num_workers", d.num_workers, 0, 4 * (os.cpu_count() or 1), integer=True)
     check_range("data.train_size", d.train_size, 1, integer=True)
     check_range("data.test_size", d.test_size, 1, integer=True)
     check_range("data.noise", d.noise, 0)

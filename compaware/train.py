@@ -95,6 +95,7 @@ def train(cfg: DictConfig) -> dict:
     info = data.info
     input_shape = (info.channels, info.image_size, info.image_size)
     check_exportable(model, input_shape)  # now, not after training: the results need the file
+    compressor.check_input(input_shape)
     check_batches(model, input_shape, cfg.schedule.batch_size,
                   cfg.bench.batch_size if cfg.bench.latency else None, device)
     s = cfg.schedule

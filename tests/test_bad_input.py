@@ -157,6 +157,7 @@ EXPLICIT = [
     (["bench.min_run_time=1e9"], ["bench.min_run_time", "(0, 60.0]"]),
     # pairs that could only fail after training
     (["compress=quantize", "regularizer=l2"], ["compress=quantize", "regularizer=sws"]),
+    (["compress=prune", "compress.input_shape=[1,28]"], ["compress.input_shape=[1, 28]"]),
     (["-m", "schedule.epochs=1,abc"], ["schedule.epochs=abc", "none of its jobs ran"]),
 ]
 

@@ -81,6 +81,16 @@ class Compressor:
                             f"compaware.deploy.timing.LayerTimer.")
         self.timer = timer
 
+    def check_input(self, sample_shape: tuple[int, ...]) -> None:
+        """Stop at start when ``compress.input_shape`` (what a compressor traces or times the
+        model on) is not the shape of one sample of the data."""
+        given = getattr(self, "input_shape", None)
+        if given is not None and tuple(given) != tuple(sample_shape):
+            raise UserError(f"compress.input_shape={list(given)} is not the shape of one "
+                            f"sample of the data, {list(sample_shape)} (data.channels, "
+                            f"data.image_size, data.image_size). The configs take it from the "
+                            f"data: leave compress.input_shape out.")
+
     def prepare(self, artifacts: dict) -> None:
         """Read what ``compress`` needs from the artifacts of training (nothing here; soft
         weight-sharing's quantization reads its mixture)."""
