@@ -58,7 +58,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]
 # Every model steps at compaware's training batch (schedule.batch_size) unless --batch says
 # otherwise. The per-step costs that go with the weights (the priors, the proxes) do not grow
 # with the batch, so a smaller batch weighs them more: ResNet-50 at 32×32 computes little per
-# weight, and its sws ratio was 1.8–2.4 at a batch of 16, 1.30–1.45 at 64 (docs/performance.md).
+# weight, so its sws ratio is higher at a batch of 16 than at 64.
 DEFAULT_BATCH = ScheduleConfig().batch_size
 
 # label → regularizer config (conf/regularizer/<name>.yaml with overrides)

@@ -55,7 +55,7 @@ class LiveColumnConv2d(nn.Module):
     returned as a channels-last NCHW tensor (a view, no copy). NHWC is what makes the layer
     fast: gathering within each image's own NHWC pixels needs no transpose of the input or
     the output (an NCHW version with the batch as the GEMM's inner dimension spent more time
-    transposing than multiplying; scripts/bench_speedup.py, docs/performance.md), and a
+    transposing than multiplying; scripts/bench_speedup.py), and a
     network running channels-last hands its layers NHWC inputs for free.
 
     The appended zero, rather than ``F.pad``, and the copy it makes are for TorchInductor,
@@ -66,7 +66,7 @@ class LiveColumnConv2d(nn.Module):
     (``torch.compiler.is_compiling``), gathers from one copy of its input with the zero
     appended; compiled, the layer is then about as fast as eager, not 3–6× slower at batch
     32. Eagerly, an unpadded layer gathers from its input itself: the copy cost ResNet-50's
-    SSL model at 75 % about a tenth of its time at batch 32 (docs/performance.md).
+    SSL model at 75 % about a tenth of its time at batch 32 (measured).
 
     ``gemm`` holds W_live and the bias as an ``nn.Linear``, so tools that list conv and
     linear layers (results.json ``structure``) see the smaller layer.

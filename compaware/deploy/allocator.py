@@ -6,8 +6,8 @@ it back to the kernel when freed, and it trims the top of its heap above ``M_TRI
 A network's activations are such blocks, allocated and freed on every call: each pass then
 touches fresh pages, and the kernel faults in and zeroes every 4 KiB of them. Measured on
 Dec8 at batch 32 (64 px, 1 thread): 88,000 minor page faults per forward pass, 136 ms of
-kernel time out of 343 ms; with the thresholds raised, no fault and 199 ms
-(docs/performance.md, section 2). PyTorch's CPU tuning guide points to jemalloc or
+kernel time out of 343 ms (docs/performance.md); with the thresholds raised, no fault and
+199 ms. PyTorch's CPU tuning guide points to jemalloc or
 tcmalloc (``LD_PRELOAD``) for this; raising glibc's two thresholds with ``mallopt`` does the
 same from inside the process, with no new dependency and no launcher.
 

@@ -107,8 +107,8 @@ def channels_last_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Te
 
     oneDNN's CPU convolutions work in NHWC: given NCHW they reorder activations and weights
     on each call, a memory-bound cost that does not shrink with the MACs. At batch 32 NHWC
-    made ResNet-50 1.08× (dense) and 1.15× (pruned at 0.5) faster; at batch 1 it made the
-    dense model 1.17× slower (docs/performance.md), so it is a choice, not a default. The
+    made every model faster (dense ResNet-50 1.08×, pruned models more); at batch 1 it made
+    some dense models slower (docs/performance.md), so it is a choice, not a default. The
     conversion of the input is timed with the model (a copy of the input, small next to a
     conv net's work)."""
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -232,9 +232,9 @@ def fastest_latency(timed: dict[str, dict | None]) -> dict | None:
 
 
 def compression_rates(dense: nn.Module, compressed: nn.Module, stored_bytes: int) -> dict:
-    """The rates of docs/methods.md that do not need a clock: ``params_ratio`` = dense parameters /
-    non-zero parameters of the compressed model (Han 2015; ``nonzero_params``, the report's
-    non-zero ratio, not its structural params ratio), ``nonzero_fraction`` = its
+    """The rates of docs/compression.md that do not need a clock: ``params_ratio`` = dense
+    parameters / non-zero parameters of the compressed model (Han 2015; ``nonzero_params``, the
+    report's non-zero ratio, not its structural params ratio), ``nonzero_fraction`` = its
     inverse, ``storage_ratio`` = dense parameters at 32 bits / bits of the stored file
     (Deep Compression, soft weight-sharing)."""
     dense_params = count_params(dense)

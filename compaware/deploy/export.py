@@ -80,10 +80,10 @@ def freeze_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Scr
 
 # How compile_inductor's convolutions run: "onednn", Inductor's default (weights prepacked for
 # oneDNN, ReLU fused in), or "aten", left to PyTorch's own conv dispatch, which runs small
-# convs through its native im2col + GEMM. oneDNN's op sets itself up on every call (~50 µs
-# here, for a conv whose own work can take 7 µs), so at batch 1 a compressed network of many
-# small convs can run 1.5× faster on "aten"; at batch 32 "onednn" is faster
-# (docs/performance.md).
+# convs through its native im2col + GEMM. oneDNN's op sets itself up on every call (a 60 µs
+# call around 7 µs of work for a small conv, docs/performance.md), so at batch 1 a
+# compressed network of many small convs can run faster on "aten"; at batch 32 "onednn"
+# mostly is.
 INDUCTOR_CONVS = ("onednn", "aten")
 _PACK_CONVS = contextvars.ContextVar("compaware_pack_convs", default=True)
 
@@ -124,7 +124,7 @@ def compile_inductor(model: nn.Module, example: torch.Tensor,
     Python (the C++ wrapper: what AOTInductor packages).
     Not through ``torch.compile``: its TorchDynamo guards and the exported module's input
     checks run in Python on every call, which cost LeNet-5 0.27 ms of its 0.59 ms at batch
-    1 (docs/performance.md), and compiling many models would hit its per-function
+    1 (measured), and compiling many models would hit its per-function
     recompilation limit. The compiled code checks its input's sizes and strides instead (a
     batch of another size raises RuntimeError). Compiled here under ``torch.inference_mode``
     (freezing needs it), like every timed call, and called once, so a timer sees only warm

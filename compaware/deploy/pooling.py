@@ -4,8 +4,8 @@ PyTorch's eager CPU ``max_pool2d`` on a contiguous (NCHW) tensor runs a scalar l
 plane that also records argmax indices (pytorch/pytorch#51393, open since 2021; only its
 channels-last path is vectorised). Measured here, 1 thread: LeNet-5's 2×2 pool of a
 32 × 20 × 24 × 24 batch takes 2.5 ms, 20× a ReLU over the same tensor and longer than the
-conv before it, so that the pools were 54 % of LeNet-5's eager forward pass at batch 32 and
-16–18 % of Dec8's and AlexNet's (profiled; docs/performance.md). A pool's
+conv before it, so that the pools were 54 % of LeNet-5's eager forward pass at batch 32
+(docs/performance.md) and 16–18 % of Dec8's and AlexNet's (profiled). A pool's
 cost shrinks with the width only, a conv's with width in and out, so a slow pool also hides
 part of what a pruned model saves.
 

@@ -7,7 +7,8 @@
  * components × weights block (one per reduction axis) and spends ~100 cycles per weight at 17
  * components; here a block of BLOCK weights keeps its J × BLOCK terms in L1, each exponential
  * is computed once, and the compiler vectorises the inner loops (with -ffast-math, through
- * the C library's vector expf). 2–3× faster on a CPU (docs/performance.md). Pieces of the
+ * the C library's vector expf). Timed against torch.compile's kernel by
+ * scripts/bench_overhead.py (rows sws and sws (native), docs/performance.md). Pieces of the
  * weights are shared among OpenMP's threads: torch's own, as the library links to the OpenMP
  * runtime torch has loaded (compaware/native/__init__.py). */
 #include <math.h>
