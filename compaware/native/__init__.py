@@ -108,14 +108,21 @@ def load(source: Path) -> ctypes.CDLL:
         return _load(compiler, source, [])
 
 
-def load_or_warn(source: Path, fallback: str) -> ctypes.CDLL | None:
-    """:func:`load`, or None with a warning that says why and what runs instead
-    (``fallback``, a sentence): a kernel only makes its caller faster, never different."""
+def load_or_warn(source: Path, fallback: str,
+                 signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """:func:`load`, its functions declared with the ctypes argument types of
+    ``signatures`` (name → argtypes; they return nothing), or None with a warning that says
+    why and what runs instead (``fallback``, a sentence): a kernel only makes its caller
+    faster, never different."""
     try:
-        return load(source)
+        library = load(source)
     except NativeUnavailable as e:
         log.warning("The C kernel %s is unavailable here (%s); %s", source.name, e, fallback)
         return None
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
+    return library
 
 
 def _load(compiler: str, source: Path, extra_flags: list[str]) -> ctypes.CDLL:

@@ -31,15 +31,12 @@ SOURCE = Path(__file__).with_name("group_sums.c")
 def _kernel() -> ctypes.CDLL | None:
     """``group_sums.c``, built and loaded once per process; None, with a warning saying why,
     where it cannot be built."""
-    library = native.load_or_warn(SOURCE, "SSL's group norms run on torch's operators (same "
-                                  "results, slower); set native_kernels=false to skip the "
-                                  "attempt.")
-    if library is None:
-        return None
     pointer = ctypes.c_void_p
-    library.square_sums_each.argtypes = [ctypes.c_int] + [pointer] * 7
-    library.add_subgradient_each.argtypes = [ctypes.c_int] + [pointer] * 6
-    return library
+    return native.load_or_warn(
+        SOURCE, "SSL's group norms run on torch's operators (same results, slower); set "
+        "native_kernels=false to skip the attempt.",
+        {"square_sums_each": [ctypes.c_int] + [pointer] * 7,
+         "add_subgradient_each": [ctypes.c_int] + [pointer] * 6})
 
 
 def _fits(*tensors: Tensor) -> bool:

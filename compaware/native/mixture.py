@@ -29,17 +29,13 @@ PIECE = 1 << 16
 def _kernel() -> ctypes._CFuncPtr | None:
     """``mixture_sums_pieces`` of ``mixture.c``, built and loaded once per process; None,
     with a warning saying why, where it cannot be built."""
-    library = native.load_or_warn(SOURCE, "soft weight-sharing's prior runs on torch's "
-                                  "kernel (same results, slower); set native_kernels=false to "
-                                  "skip the attempt.")
-    if library is None:
-        return None
-    function = library.mixture_sums_pieces
     pointer = ctypes.c_void_p
-    function.argtypes = [ctypes.c_int, pointer, pointer, ctypes.c_int, pointer, pointer,
-                         pointer, ctypes.c_float, pointer, pointer, pointer]
-    function.restype = None
-    return function
+    library = native.load_or_warn(
+        SOURCE, "soft weight-sharing's prior runs on torch's kernel (same results, slower); "
+        "set native_kernels=false to skip the attempt.",
+        {"mixture_sums_pieces": [ctypes.c_int, pointer, pointer, ctypes.c_int, pointer,
+                                 pointer, pointer, ctypes.c_float, pointer, pointer, pointer]})
+    return library.mixture_sums_pieces if library is not None else None
 
 
 def sums(weights: list[Tensor], means: Tensor, precisions: Tensor,
