@@ -61,7 +61,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]
 # weight, and its sws ratio was 1.8–2.4 at a batch of 16, 1.30–1.45 at 64 (docs/performance.md).
 DEFAULT_BATCH = ScheduleConfig().batch_size
 
-# label → regularizer config (conf/regularizer/<name>.yaml with overrides)
+# label → regularizer config (compaware/conf/regularizer/<name>.yaml with overrides)
 REGULARIZERS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "l2": ("l2", {}),
