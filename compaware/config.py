@@ -1,6 +1,6 @@
 """The config schema of a run, and the checks that turn bad input into clear messages.
 
-Hydra composes ``conf/config.yaml`` on top of :class:`RunConfig` (registered in the
+Hydra composes ``compaware/conf/config.yaml`` on top of :class:`RunConfig` (registered in the
 ConfigStore as ``run_schema``), so the nodes the runner reads itself (``data``,
 ``schedule``, ``bench``, ``paths`` and the top-level keys) are typed: a wrong type or
 an unknown key stops at start with OmegaConf's message naming the key. ``model``,
@@ -30,10 +30,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from compaware.deploy.forms import FORMS
 
-# The config tree at the repository's top level (the package is installed editable).
-# An absolute path, because Hydra reads a relative one as a Python package when the app
-# runs from an installed console script.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The config tree ships inside the package (package data), so a wheel or `pip install .`
+# finds it as an editable install or a plain checkout does. An absolute path, because Hydra
+# reads a relative one as a Python package when the app runs from an installed console script.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 MAX_SEED = 2**32 - 1  # seeds mix with the epoch (seed × 100,003 + epoch) within 64 bits
 MAX_EPOCHS = 100_000  # per stage: more is a typo, and would run for years
 MAX_RUN_TIME = 60.0  # seconds per latency measurement; a benchmark times dozens

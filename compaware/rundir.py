@@ -10,7 +10,7 @@ requeued SLURM job does). A start that failed before its first checkpoint holds 
 continue: its directory is free for the corrected command.
 
 Hydra would write its record of the config (``.hydra/``) and open the log file before the
-run can check that the directory is its own; conf/config.yaml turns both off and
+run can check that the directory is its own; compaware/conf/config.yaml turns both off and
 :func:`open_record` writes them once it is.
 """
 

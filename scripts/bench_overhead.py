@@ -61,7 +61,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int], int, int]
 # weight, so its sws ratio is higher at a batch of 16 than at 64.
 DEFAULT_BATCH = ScheduleConfig().batch_size
 
-# label → regularizer config (conf/regularizer/<name>.yaml with overrides)
+# label → regularizer config (compaware/conf/regularizer/<name>.yaml with overrides)
 REGULARIZERS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "l2": ("l2", {}),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every compression-aware method against the post-hoc baselines on Fashion-MNIST, with
-# LeNet-300-100 and LeNet-5, on one schedule (conf/experiment/compare_fashion.yaml), then
+# LeNet-300-100 and LeNet-5, on one schedule (compaware/conf/experiment/compare_fashion.yaml), then
 # `compaware report` → docs/results.md, docs/results.csv, docs/pareto_*.png.
 #
 #   scripts/compare_fashion.sh            # or: make compare
@@ -92,6 +92,6 @@ when=$(date -u '+%Y-%m-%d %H:%M UTC')
 note="Written by \`scripts/compare_fashion.sh\` (\`make compare\`) on $when, $(nproc) CPU"
 note="$note cores ($(uname -m)), $JOBS runs at a time with one thread each: wall time"
 note="$note $((wall / 60)) min $((wall % 60)) s for $((done_now - done_before)) runs"
-note="$note ($done_before were already done). Schedule: conf/experiment/compare_fashion.yaml."
+note="$note ($done_before were already done). Schedule: compaware/conf/experiment/compare_fashion.yaml."
 awk -v note="$note" 'NR == 2 {print ""; print note} {print}' "$DOCS/results.md" \
   >"$DOCS/results.md.tmp" && mv "$DOCS/results.md.tmp" "$DOCS/results.md"

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from compaware.config import CONF_DIR
 
-REPO = Path(CONF_DIR).parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout (CONF_DIR is inside the package)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Bad command lines, systematically: each one stops at start with a non-zero exit, a message
 naming the option and no traceback. The out-of-range, wrong-type and bad-choice rows for the
-regularizers and compressors are discovered from conf/ and the constructors' signatures, so a
-method merged later is covered without touching this file.
+regularizers and compressors are discovered from compaware/conf/ and the constructors'
+signatures, so a method merged later is covered without touching this file.
 
 The hand-written rows run in this process through the very entry point the console script
 uses (argv → Hydra → app → Hydra's error printing), which saves the seconds of a fresh
@@ -46,7 +46,7 @@ def _kinds(hint) -> set:
 
 
 def discovered_rows() -> list[tuple[list[str], list[str]]]:
-    """For every conf/regularizer and conf/compress YAML, each constructor parameter gets a
+    """For every compaware/conf/{regularizer,compress} YAML, each constructor parameter gets a
     wrong value for its type: numbers a non-number and an absurd negative, text a
     non-choice, booleans a non-boolean (once per constructor: l1, l2 and none share one)."""
     rows, seen = [], set()
@@ -252,7 +252,7 @@ def test_every_option_of_every_method_rejects_a_bad_value(make_cfg, tmp_path):
                 failures.append(f"{' '.join(argv)}: {e}")
         assert not (tmp_path / "run" / "checkpoints").exists(), argv  # stopped at start
     print(f"\n{len(rows)} bad values of the {len({tuple(r[0][:1]) for r in rows})} methods' "
-          f"options (from conf/), {len(rows) - len(failures)} refused naming the option")
+          f"options (from compaware/conf/), {len(rows) - len(failures)} refused naming the option")
     assert not failures, "\n".join(failures)
 
 

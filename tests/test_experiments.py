@@ -1,6 +1,6 @@
 """Every experiment config composes, builds, names its command and runs end to end.
 
-Configs are discovered from conf/experiment, so a new file is covered without editing this
+Configs are discovered from compaware/conf/experiment, so a new file is covered without editing this
 test. The smoke runs use ``debug=fast`` (a few steps per stage). Datasets that this machine
 does not have (MNIST, CIFAR-10, ImageNet, ICDAR; Fashion-MNIST where Debian's package is not
 installed) are replaced by synthetic images of the same channels, at most 32 pixels (64 for

@@ -7,8 +7,8 @@ size, then checks that
   (c) the compressed model, exported, reloads with torch alone (``torch.export.load``,
       no compaware class involved) and gives the same outputs.
 
-Models are discovered from ``conf/model`` (plus torchvision classifiers by name) and
-regularizers from ``conf/regularizer``, so a new YAML is tested without editing this file,
+Models are discovered from ``compaware/conf/model`` (plus torchvision classifiers by name) and
+regularizers from ``compaware/conf/regularizer``, so a new YAML is tested without editing this file,
 except that a new regularizer must name its natural compressor in
 :data:`NATURAL_COMPRESSOR` and a new compressor its settings in :data:`COMPRESSOR_SETTINGS`.
 The default suite runs the small models; ``pytest -m slow`` the rest. Each case records

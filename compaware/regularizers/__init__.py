@@ -1,6 +1,6 @@
 """Compression-aware regularizers behind one interface (:class:`Regularizer`).
 
-Each ``conf/regularizer/<name>.yaml`` names its class in ``_target_``; the class's
+Each ``compaware/conf/regularizer/<name>.yaml`` names its class in ``_target_``; the class's
 constructor signature is the schema of that config node.
 """
 
