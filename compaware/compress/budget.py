@@ -67,6 +67,13 @@ class Budget:
         return entry
 
 
+def slack(goal: float) -> float:
+    """How far below ``goal`` a plan may go for a closer fit: half the tolerance, so that
+    the coarse steps (a residual channel of ResNet's first stage, say) give way to finer
+    ones."""
+    return TOLERANCE / 2 * goal
+
+
 def parse_target(spec: str | None, input_shape: tuple[int, ...] | None) -> Budget | None:
     """``compress.target`` as a :class:`Budget` (None for ``null``), or a :class:`UserError`
     naming what it takes. ``macs`` needs ``input_shape`` to count a forward pass."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from compaware.compress.base import Compressor, Report
-from compaware.compress.budget import Budget, check_alone, parse_target, prices
+from compaware.compress.budget import Budget, check_alone, parse_target, prices, slack
 from compaware.compress.latency import LatencyOptions, round_up
 from compaware.config import check_range
 from compaware.layers import LayerSelection, is_grouped, read_by_parent, weight_matrix
@@ -133,22 +133,31 @@ def rank_steps(name: str, spectrum: Spectrum, *, round_to: int,
 
 
 def allocate_ranks(spectra: dict[str, Spectrum], excess: float, *, round_to: int = 1,
-                   threshold: float = 0.0) -> dict[str, int]:
-    """A rank per layer that saves at least ``excess`` of the budget's cost over all layers
-    together, greedily: take, over all layers at once, the step that loses the least energy
-    per cost saved, until enough is saved (steps that lose nothing are taken anyway: the
-    zeros a nuclear-norm prox left). A layer's steps come in order; a layer left at full
-    rank stays dense."""
+                   threshold: float = 0.0, slack: float = 0.0) -> dict[str, int]:
+    """A rank per layer that saves ``excess`` of the budget's cost over all layers together,
+    greedily: take, over all layers at once, the step that loses the least energy per cost
+    saved, until enough is saved (steps that lose nothing are taken anyway: the zeros a
+    nuclear-norm prox left). A layer's steps come in order; a layer left at full rank stays
+    dense. A step that would save more than ``slack`` too much ends its layer's steps (the
+    others fill the rest more finely), unless nothing else gets close enough."""
     ranks = {name: len(spectrum.s) for name, spectrum in spectra.items()}
     pending = {name: rank_steps(name, spectrum, round_to=round_to, threshold=threshold)[::-1]
                for name, spectrum in spectra.items()}
     heap = [steps.pop() for steps in pending.values() if steps]
     heapq.heapify(heap)
+    too_big = []
     while heap and (excess > 0 or heap[0][0] == 0):
-        _, name, rank, saved = heapq.heappop(heap)
+        step = heapq.heappop(heap)
+        _, name, rank, saved = step
+        if saved - excess > slack and step[0] > 0:
+            too_big.append(step)
+            continue
         ranks[name], excess = rank, excess - saved
         if pending[name]:
             heapq.heappush(heap, pending[name].pop())
+    if excess > slack and too_big:  # short of the budget: the smallest overshoot after all
+        _, name, rank, _ = min(too_big, key=lambda step: step[3])
+        ranks[name] = rank
     return ranks
 
 
@@ -157,9 +166,11 @@ class SVD(Compressor):
 
     Rank per layer: see :func:`choose_rank` (``energy``, ``threshold``, ``rank``), then
     rounded up to a multiple of ``round_to``; with ``target`` instead (``energy`` and
-    ``rank`` then stay at their defaults), :func:`allocate_ranks` over all selected layers. With ``latency_aware``, a layer is factorized
-    only where the pair is faster than the layer, timed at ``latency_batch`` samples of
-    ``input_shape`` in ``latency_form`` (compaware/compress/latency.py).
+    ``rank`` then stay at their defaults), :func:`allocate_ranks` over all selected layers.
+    With ``latency_aware``, a layer is factorized only where the pair is faster than the
+    layer, timed at ``latency_batch`` samples of ``input_shape`` in ``latency_form``
+    (compaware/compress/latency.py); a refused pair leaves its layer dense, and a budget
+    that it was planned to serve is then reported as not reached, with the reason.
     Layers it cannot factorize are skipped and reported with the reason (module docstring).
     """
 
@@ -244,7 +255,8 @@ class SVD(Compressor):
         spectra = {name: Spectrum(s, u.shape[0], vh.shape[1], price.weight[name])
                    for name, (_, u, s, vh) in candidates.items()}
         return allocate_ranks(spectra, dense - budget.share * dense,
-                              round_to=self.latency.round_to, threshold=self.threshold)
+                              round_to=self.latency.round_to, threshold=self.threshold,
+                              slack=slack(budget.share * dense))
 
     @staticmethod
     def why_not(refused: list[str]) -> str:
