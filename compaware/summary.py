@@ -65,7 +65,8 @@ def _cell(value: float | int | None, digits: int = 2) -> str:
 def format_summary(results: dict) -> str:
     """Rows of dense → compressed → fine-tuned, with dense/compressed ratios (for latency:
     the speed-up; for parameters, of the modules' counts, then of the compressed model's
-    non-zeros), and COLLAPSED with the reason for a collapsed run."""
+    non-zeros), the budget asked and reached (``compress.target``), and COLLAPSED with the
+    reason for a collapsed run."""
     acc = results["accuracy"]
     rows = [("accuracy (%)", _cell(acc["dense"]), _cell(acc["compressed"]),
              _cell(acc["finetuned"]), "")]
@@ -92,6 +93,11 @@ def format_summary(results: dict) -> str:
     threads = next((lat["threads"] for lat in results["latency_ms"].values() if lat), None)
     lines.append(f"seconds: {seconds}" + (f"; latency with {threads} CPU threads" if threads
                                           else ""))
+    budget = ((results.get("compression") or {}).get("details") or {}).get("budget")
+    if budget:  # compress.target: what was asked next to what was reached
+        lines.append(f"budget: {budget['kind']} {budget['target']:g} asked, "
+                     f"{budget['achieved']:.3g} reached"
+                     + ("" if budget["reached"] else f" (not reached: {budget['reason']})"))
     if results.get("collapsed"):
         lines.append(f"COLLAPSED: {results['collapse_reason']}")
     return "\n".join(lines)

@@ -21,6 +21,12 @@ zero unit (it outputs a constant): ``regularizer=sgl`` puts that BatchNorm in th
 group for this reason, and a residual channel goes only when every layer adding into it
 has zeroed it.
 
+With ``compress.target`` (:mod:`~compaware.compress.budget`), the units go in one ranking
+over all groups instead (:func:`plan_removals`): the least important unit of the whole model
+first, where a unit's importance is its group norm over the mean group norm of its group (so
+that layers of any scale compare; dead units first), until the budget is met. How many units
+each layer loses falls out of the ranking.
+
 Never removed: the output layer's units (the classes), and the last unit of a layer
 (width zero would cut the network; the largest unit stays and the log says so).
 
@@ -40,6 +46,9 @@ checks and break exactness.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 import torch_pruning as tp
@@ -48,6 +57,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import Compressor, Report
+from compaware.compress.budget import (
+    Budget,
+    Prices,
+    check_alone,
+    layer_cost,
+    parse_target,
+    prices,
+    slack,
+)
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.latency import (
     LatencyCheck,
@@ -165,6 +183,88 @@ def units_to_remove(writers: Tensor, readers: Tensor | None, *, ratio: float,
     return sorted(order[:count].tolist()), int(dead.sum())
 
 
+def importance(writers: Tensor, readers: Tensor | None, threshold: float) -> Tensor:
+    """Each unit's group norm over the mean of its group's (comparable across layers of any
+    scale), -1 for the dead units (:func:`units_to_remove`) so that they go first."""
+    dead = zero_units(writers, threshold)
+    if readers is not None:
+        dead = dead | zero_units(readers, threshold)
+    return torch.where(dead, -1.0, writers / writers.mean().clamp_min(1e-30))
+
+
+def group_steps(unit_importance: Tensor, round_to: int) -> list[tuple[float, list[int]]]:
+    """The group's steps down, in order: (importance, root units removed). The least
+    important units go first; each step leaves a multiple of ``round_to`` units (the first
+    may remove fewer than ``round_to``: the rounding comes first) and at least one. A step
+    is as important as its most important unit."""
+    n = len(unit_importance)
+    order = torch.argsort(unit_importance, stable=True).tolist()
+    steps, kept = [], n
+    for size in range((n - 1) // round_to * round_to, 0, -round_to):
+        units = order[n - kept:n - size]
+        steps.append((float(unit_importance[units].max()), units))
+        kept = size
+    return steps
+
+
+def unit_reach(graph: tp.DependencyGraph, group: tp.Group,
+               names: dict[nn.Module, str]) -> dict[int, list[tuple[str, int, int]]]:
+    """Per root unit of ``group``: the (layer, side, count) it takes away, side 0 for output
+    units (a BatchNorm's channels too), 1 for inputs (a linear after a flatten loses
+    ``count`` > 1 input columns per channel)."""
+    reach: dict[int, list[tuple[str, int, int]]] = {}
+    for item in group:
+        layer = item.dep.layer
+        if not isinstance(layer, (*WEIGHT_LAYERS, _BatchNorm)) or None in item.root_idxs:
+            continue
+        side = 0 if graph.is_out_channel_pruning_fn(item.dep.handler) else 1
+        for unit, count in Counter(item.root_idxs).items():
+            reach.setdefault(unit, []).append((names[layer], side, count))
+    return reach
+
+
+class RemovalPlan:
+    """What removing units does to the cost of the model, counted layer by layer
+    (:func:`~compaware.compress.budget.layer_cost`) as units are taken away."""
+
+    def __init__(self, model: nn.Module, price: Prices) -> None:
+        self.layers = dict(model.named_modules())
+        self.price = price
+        self.removed: dict[str, list[int]] = {}
+
+    def remove(self, reach: list[tuple[str, int, int]], sign: int = 1) -> int:
+        """Take away one unit reaching ``reach`` (``sign=-1``: put it back); return the cost
+        saved."""
+        saved = 0
+        for name, side, count in reach:
+            layer, removed = self.layers[name], self.removed.setdefault(name, [0, 0])
+            before = layer_cost(layer, self.price, name, tuple(removed))
+            removed[side] += sign * count
+            saved += before - layer_cost(layer, self.price, name, tuple(removed))
+        return saved
+
+
+def prunable_groups(graph: tp.DependencyGraph, boundary: set[nn.Module],
+                    ignored: list[nn.Module]) -> Iterator[tp.Group]:
+    """The groups of ``graph`` rooted at a conv or linear not ``ignored``, less those that
+    reach the part's ``boundary`` (its input or output channels: the rest of the model's).
+    Torch-Pruning builds each group when asked, so pruning one before asking for the next
+    is safe."""
+    for group in graph.get_all_groups(ignored_layers=ignored + list(boundary),
+                                      root_module_types=WEIGHT_LAYERS):
+        if not any(item.dep.layer in boundary for item in group):
+            yield group
+
+
+def why_not(refused: list[str]) -> str:
+    """Why a budget was not reached: latency-aware refusals, else the floor of pruning."""
+    if refused:
+        return (f"latency_aware left {', '.join(refused)} unpruned (not faster when timed); "
+                f"the other layers were planned with them pruned")
+    return ("every selected layer is down to its last unit (or compress.round_to units) or "
+            "left whole; select more layers or ask for less")
+
+
 def units_per_layer(model: nn.Module) -> dict[str, int]:
     return {name: layer.weight.shape[0] for name, layer in weight_layers(model)}
 
@@ -184,14 +284,16 @@ class Prune(Compressor):
     time, so nearly dense layers stay as they are. ``round_to``: each layer keeps a multiple
     of this many units. ``latency_aware``: a group is pruned only where its convs and linears,
     timed at ``latency_batch`` samples in ``latency_form``, get faster
-    (compaware/compress/latency.py).
+    (compaware/compress/latency.py). ``target`` (``ratio`` then stays 0): the units to remove
+    are ranked over all groups together until the budget is met (:meth:`plan_removals`).
     """
 
     def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5,
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
                  min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
-                 latency_batch: int = 32, latency_form: str = "eager") -> None:
+                 latency_batch: int = 32, latency_form: str = "eager",
+                 target: str | None = None) -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
@@ -208,9 +310,18 @@ class Prune(Compressor):
         self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
                                       latency_batch=latency_batch, input_shape=self.input_shape,
                                       latency_form=latency_form)
+        self.budget = parse_target(target, self.input_shape)
+        check_alone(self.budget, "ratio", ratio, 0.0)
+
+    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        return self.compress_within(model, self.budget)
 
     @torch.no_grad()
-    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+    def compress_within(self, model: nn.Module, budget: Budget | None
+                        ) -> tuple[nn.Module, Report]:
+        """Prune ``model`` in place by ``ratio``, or to ``budget``; the report's ``budget``
+        says what was reached."""
+        dense = budget.measure(model, self.input_shape) if budget else 0
         blocks = remove_zero_branches(model) if self.depth else {}
         before = units_per_layer(model)
         check = self.latency.latency_check(model, self.input_shape, self.timer)
@@ -218,12 +329,14 @@ class Prune(Compressor):
         chosen = [layer for _, layer in self.select(model)]
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
         notes: dict[str, dict] = {}  # per layer: its group's zero units, or why it was left
-        for graph, boundary in traced_parts(model, self.input_shape):
-            for group in graph.get_all_groups(ignored_layers=ignored + list(boundary),
-                                              root_module_types=WEIGHT_LAYERS):
-                if any(item.dep.layer in boundary for item in group):
-                    continue  # the part's input or output channels: the rest of the model's
-                self.prune_group(model, graph, group, names=names, notes=notes, check=check)
+        parts = traced_parts(model, self.input_shape)
+        plan = (self.plan_removals(model, parts, names=names, ignored=ignored,
+                                   budget=budget, goal=budget.share * dense)
+                if budget else None)
+        for graph, boundary in parts:
+            for group in prunable_groups(graph, boundary, ignored):
+                self.prune_group(model, graph, group, names=names, notes=notes, check=check,
+                                 plan=plan)
         report: Report = {name: entry for name, entry in blocks.items() if entry["removed"]}
         for name, units in units_per_layer(model).items():
             report[name] = {"units": before[name], "kept": units, **notes.get(name, {})}
@@ -238,14 +351,63 @@ class Prune(Compressor):
                              **columns.get("latency_ms", {})}
                     report[name].update(columns, **({"latency_ms": timed} if timed else {}))
         check_still_runs(model, self.input_shape)
+        if budget:
+            refused = [name for name, entry in report.items()
+                       if entry.get("reason") == "not faster when timed"]
+            report["budget"] = budget.outcome(dense, budget.measure(model, self.input_shape),
+                                              why_not(refused))
         return model, report
+
+    def plan_removals(self, model: nn.Module, parts: list[tuple], *,
+                      names: dict[nn.Module, str], ignored: list[nn.Module], budget: Budget,
+                      goal: float) -> dict[nn.Module, list[int]]:
+        """The root units to remove per group (keyed by its root layer) so that ``model``
+        costs at most ``goal``: every group's steps (:func:`group_steps`) in one ranking by
+        importance, taken from the least important on until the cost is down to ``goal``
+        (dead units go anyway). A step that would go more than the budget's slack below the
+        goal ends its group's steps, so that finer ones fill the rest, unless nothing else
+        gets close enough. Groups that a layer blocks are left out."""
+        price = prices(budget, model, self.input_shape)
+        steps = []
+        for graph, boundary in parts:
+            for group in prunable_groups(graph, boundary, ignored):
+                if blocking_layer(group) is not None:
+                    continue
+                unit_importance = importance(unit_norms(graph, group, "out"),
+                                             unit_norms(graph, group, "in"), self.threshold)
+                reach = unit_reach(graph, group, names)
+                root = group[0].dep.layer
+                steps += [(value, len(steps) + i, root, units, reach) for i, (value, units)
+                          in enumerate(group_steps(unit_importance, self.latency.round_to))]
+        excess, margin = budget.measure(model, self.input_shape) - goal, slack(goal)
+        removals = RemovalPlan(model, price)
+        plan: dict[nn.Module, list[int]] = {}
+        too_big: dict[nn.Module, tuple[int, list[int]]] = {}  # per ended group: its next step
+        for value, _, root, units, reach in sorted(steps, key=lambda step: step[:2]):
+            if excess <= 0 and value >= 0:
+                break
+            if root in too_big:
+                continue
+            saved = sum(removals.remove(reach.get(unit, [])) for unit in units)
+            if saved - excess > margin and value >= 0:
+                for unit in units:
+                    removals.remove(reach.get(unit, []), sign=-1)
+                too_big[root] = (saved, units)
+                continue
+            excess -= saved
+            plan.setdefault(root, []).extend(units)
+        if excess > margin and too_big:  # short of the budget: the smallest overshoot after all
+            root, (_, units) = min(too_big.items(), key=lambda item: item[1][0])
+            plan.setdefault(root, []).extend(units)
+        return plan
 
     def prune_group(self, model: nn.Module, graph: tp.DependencyGraph, group: tp.Group, *,
                     names: dict[nn.Module, str], notes: dict[str, dict],
-                    check: LatencyCheck | None) -> None:
+                    check: LatencyCheck | None, plan: dict | None = None) -> None:
         """Remove the group's dead units and its ``ratio`` share (rounded to ``round_to``),
-        unless a layer blocks it or, with ``latency_aware``, the pruned layers do not time
-        faster (``check``); note per writing layer its zero units, or why it was left."""
+        or with a ``plan`` (:meth:`plan_removals`) the units it names, unless a layer blocks
+        it or, with ``latency_aware``, the pruned layers do not time faster (``check``); note
+        per writing layer its zero units, or why it was left."""
         writers = [names[item.dep.layer] for item in group
                    if isinstance(item.dep.layer, WEIGHT_LAYERS)
                    and graph.is_out_channel_pruning_fn(item.dep.handler)]
@@ -258,6 +420,8 @@ class Prune(Compressor):
         norms = unit_norms(graph, group, "out")
         remove, zero = units_to_remove(norms, unit_norms(graph, group, "in"), ratio=self.ratio,
                                        threshold=self.threshold, round_to=self.latency.round_to)
+        if plan is not None:
+            remove = sorted(plan.get(group[0].dep.layer, []))
         if zero == len(norms):
             log.warning("prune: all %d units of %s are dead (zero or unread); keeping one "
                         "so that the layer keeps a width of 1", len(norms), ", ".join(writers))
@@ -277,20 +441,29 @@ class Prune(Compressor):
 class PruneSVD(Compressor):
     """``compress=prune+svd``: :class:`Prune`, then :class:`SVD` on what is left (the natural
     pairing for ``regularizer=lowrank_sgl``). ``threshold`` is both the zero-unit and the
-    zero-singular-value threshold (relative, as in each); ``skip_last`` applies to SVD."""
+    zero-singular-value threshold (relative, as in each); ``skip_last`` applies to SVD.
+
+    ``target`` splits the budget between the two: pruning to √share of the dense cost, then
+    SVD down to the share itself (its own budget is share × dense / pruned cost, so pruning's
+    shortfall or overshoot is made up by the ranks)."""
 
     def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5, energy: float = 1.0,
                  rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
-                 latency_form: str = "eager") -> None:
+                 latency_form: str = "eager", target: str | None = None) -> None:
         both = {"threshold": threshold, "input_shape": input_shape, "layers": layers,
                 "skip_first": skip_first, "round_to": round_to, "latency_aware": latency_aware,
                 "latency_batch": latency_batch, "latency_form": latency_form}
         self.prune = Prune(ratio, depth=depth, shape=shape, min_sparsity=min_sparsity, **both)
         self.svd = SVD(energy=energy, rank=rank, skip_last=skip_last, **both)
         self.latency = self.prune.latency  # the same options as the SVD's
+        self.input_shape = self.prune.input_shape
+        self.budget = parse_target(target, self.input_shape)
+        for option, value, default in (("ratio", ratio, 0.0), ("energy", energy, 1.0),
+                                       ("rank", rank, None)):
+            check_alone(self.budget, option, value, default)
 
     def use_timer(self, timer: Timer | None) -> None:
         super().use_timer(timer)
@@ -298,8 +471,14 @@ class PruneSVD(Compressor):
         self.svd.use_timer(timer)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
-        model, pruned = self.prune.compress(model)
-        model, factorized = self.svd.compress(model)
+        budget = self.budget
+        dense = budget.measure(model, self.input_shape) if budget else 0
+        model, pruned = self.prune.compress_within(
+            model, budget and Budget(budget.kind, math.sqrt(budget.share)))
+        rest = budget and Budget(budget.kind, min(1.0, budget.share * dense / budget.measure(
+            model, self.input_shape)))
+        model, factorized = self.svd.compress_within(model, rest)
+        steps = [step.pop("budget") for step in (pruned, factorized) if "budget" in step]
         report: Report = {}
         for name in pruned | factorized:
             first, then = pruned.get(name, {}), factorized.get(name, {})
@@ -307,4 +486,8 @@ class PruneSVD(Compressor):
             timed = {**first.get("latency_ms", {}), **then.get("latency_ms", {})}
             if timed:  # both steps' timings, not only the factorization's
                 report[name]["latency_ms"] = timed
+        if budget:
+            why = "; ".join(step["reason"] for step in steps if "reason" in step)
+            report["budget"] = budget.outcome(dense, budget.measure(model, self.input_shape),
+                                              why or why_not([]))
         return model, report

@@ -12,16 +12,22 @@ with the reason logged and reported: grouped and depthwise convs (their weight m
 not the layer's linear map) and layers whose parent reads ``.weight`` directly instead of
 calling them (``nn.MultiheadAttention.out_proj``, Swin's attention), which a pair of layers
 cannot replace.
+
+With ``compress.target`` (:mod:`~compaware.compress.budget`) the ranks are chosen for all
+selected layers together (:func:`allocate_ranks`).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from compaware.compress.base import Compressor, Report
+from compaware.compress.budget import Budget, check_alone, parse_target, prices, slack
 from compaware.compress.latency import LatencyOptions, round_up
 from compaware.config import check_range
 from compaware.layers import LayerSelection, is_grouped, read_by_parent, weight_matrix
@@ -84,13 +90,87 @@ def factorize(layer: nn.Module, u: Tensor, s: Tensor, vh: Tensor, rank: int) -> 
     return pair
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """What :func:`allocate_ranks` needs of a layer: its singular values (descending), its
+    weight matrix's shape and what one weight entry costs (:class:`~.budget.Prices`)."""
+
+    s: Tensor
+    out_dim: int
+    in_dim: int
+    price: int
+
+    def cost(self, rank: int) -> int:
+        """At full rank the dense layer, else the pair (biases cost the same either way)."""
+        if rank == len(self.s):
+            return self.out_dim * self.in_dim * self.price
+        return rank * (self.out_dim + self.in_dim) * self.price
+
+    def ranks(self, round_to: int) -> list[int]:
+        """The ranks worth having, largest first: multiples of ``round_to`` (at least 1) at
+        which the pair is cheaper than the layer."""
+        full = len(self.s)
+        return [r for r in range((full - 1) // round_to * round_to, 0, -round_to)
+                if r * (self.out_dim + self.in_dim) < self.out_dim * self.in_dim]
+
+
+def rank_steps(name: str, spectrum: Spectrum, *, round_to: int,
+               threshold: float) -> list[tuple[float, str, int, int]]:
+    """The layer's steps down, in order: (energy lost per cost saved, name, new rank, cost
+    saved). The first goes from dense to the largest rank that saves, each next one drops
+    ``round_to`` more singular values. Energy is the layer's share of Σσ², so that layers of
+    any scale compare; singular values ≤ ``threshold``·σ_max count as no energy."""
+    s = spectrum.s.double()
+    energy = torch.where(s > threshold * s.max(), s**2, 0.0)
+    energy = energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
+    steps, rank = [], len(s)
+    for new_rank in spectrum.ranks(round_to):
+        saved = spectrum.cost(rank) - spectrum.cost(new_rank)
+        lost = float(energy[new_rank:rank].sum())
+        steps.append((lost / max(saved, 1), name, new_rank, saved))
+        rank = new_rank
+    return steps
+
+
+def allocate_ranks(spectra: dict[str, Spectrum], excess: float, *, round_to: int = 1,
+                   threshold: float = 0.0, slack: float = 0.0) -> dict[str, int]:
+    """A rank per layer that saves ``excess`` of the budget's cost over all layers together,
+    greedily: take, over all layers at once, the step that loses the least energy per cost
+    saved, until enough is saved (steps that lose nothing are taken anyway: the zeros a
+    nuclear-norm prox left). A layer's steps come in order; a layer left at full rank stays
+    dense. A step that would save more than ``slack`` too much ends its layer's steps (the
+    others fill the rest more finely), unless nothing else gets close enough."""
+    ranks = {name: len(spectrum.s) for name, spectrum in spectra.items()}
+    pending = {name: rank_steps(name, spectrum, round_to=round_to, threshold=threshold)[::-1]
+               for name, spectrum in spectra.items()}
+    heap = [steps.pop() for steps in pending.values() if steps]
+    heapq.heapify(heap)
+    too_big = []
+    while heap and (excess > 0 or heap[0][0] == 0):
+        step = heapq.heappop(heap)
+        _, name, rank, saved = step
+        if saved - excess > slack and step[0] > 0:
+            too_big.append(step)
+            continue
+        ranks[name], excess = rank, excess - saved
+        if pending[name]:
+            heapq.heappush(heap, pending[name].pop())
+    if excess > slack and too_big:  # short of the budget: the smallest overshoot after all
+        _, name, rank, _ = min(too_big, key=lambda step: step[3])
+        ranks[name] = rank
+    return ranks
+
+
 class SVD(Compressor):
     """``compress=svd``: factorize every selected conv/linear where it gets cheaper.
 
     Rank per layer: see :func:`choose_rank` (``energy``, ``threshold``, ``rank``), then
-    rounded up to a multiple of ``round_to``. With ``latency_aware``, a layer is factorized
-    only where the pair is faster than the layer, timed at ``latency_batch`` samples of
-    ``input_shape`` in ``latency_form`` (compaware/compress/latency.py).
+    rounded up to a multiple of ``round_to``; with ``target`` instead (``energy`` and
+    ``rank`` then stay at their defaults), :func:`allocate_ranks` over all selected layers.
+    With ``latency_aware``, a layer is factorized only where the pair is faster than the
+    layer, timed at ``latency_batch`` samples of ``input_shape`` in ``latency_form``
+    (compaware/compress/latency.py); a refused pair leaves its layer dense, and a budget
+    that it was planned to serve is then reported as not reached, with the reason.
     Layers it cannot factorize are skipped and reported with the reason (module docstring).
     """
 
@@ -98,7 +178,7 @@ class SVD(Compressor):
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  input_shape: tuple[int, ...] | None = None,
-                 latency_form: str = "eager") -> None:
+                 latency_form: str = "eager", target: str | None = None) -> None:
         check_range("compress.energy", energy, 0, 1, low_open=True)
         if rank is not None:
             check_range("compress.rank", rank, 1, integer=True)
@@ -109,11 +189,49 @@ class SVD(Compressor):
                                       latency_batch=latency_batch, input_shape=input_shape,
                                       latency_form=latency_form)
         self.input_shape = tuple(input_shape) if input_shape else None
+        self.budget = parse_target(target, self.input_shape)
+        check_alone(self.budget, "energy", energy, 1.0)
+        check_alone(self.budget, "rank", rank, None)
+
+    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        return self.compress_within(model, self.budget)
 
     @torch.no_grad()
-    def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+    def compress_within(self, model: nn.Module, budget: Budget | None
+                        ) -> tuple[nn.Module, Report]:
+        """Factorize ``model`` in place with per-layer ranks, or ranks that meet ``budget``;
+        the report's ``budget`` says what was reached."""
         report: Report = {}
+        dense = budget.measure(model, self.input_shape) if budget else 0
         check = self.latency.latency_check(model, self.input_shape, self.timer)
+        candidates = self.candidates(model, report)
+        ranks = (self.budget_ranks(model, candidates, budget, dense) if budget else
+                 {name: round_up(choose_rank(s, self.energy, self.threshold, self.rank),
+                                 self.latency.round_to, len(s))
+                  for name, (_, _, s, _) in candidates.items()})
+        for name, (layer, u, s, vh) in candidates.items():
+            rank = ranks[name]
+            out_dim, in_dim = u.shape[0], vh.shape[1]
+            cheaper = rank * (out_dim + in_dim) < out_dim * in_dim
+            report[name] = {"rank": rank, "full_rank": len(s), "factorized": cheaper}
+            if not cheaper:
+                report[name]["reason"] = "not cheaper at this rank"
+                continue
+            pair = factorize(layer, u, s, vh, rank)
+            if check is None or check.keeps(name, layer, pair, entry=report[name],
+                                            flag="factorized", label="factorized"):
+                model.set_submodule(name, pair)
+        if budget:
+            refused = [name for name, entry in report.items()
+                       if entry.get("reason") == "not faster when timed"]
+            report["budget"] = budget.outcome(dense, budget.measure(model, self.input_shape),
+                                              self.why_not(refused))
+        return model, report
+
+    def candidates(self, model: nn.Module, report: Report) -> dict[str, tuple]:
+        """The selected layers that can be factorized, with their SVD (layer, U, σ, Vᵀ); the
+        others are reported with the reason."""
+        found = {}
         for name, layer in self.select(model):
             skip = ("grouped conv" if is_grouped(layer) else
                     "its parent reads the weight directly" if read_by_parent(model, name) else
@@ -126,17 +244,25 @@ class SVD(Compressor):
             if w.numel() == 0:  # e.g. a live-column layer with no live column left
                 report[name] = {"factorized": False, "reason": "no weights"}
                 continue
-            u, s, vh = singular_triplets(w)
-            rank = round_up(choose_rank(s, self.energy, self.threshold, self.rank),
-                            self.latency.round_to, len(s))
-            out_dim, in_dim = w.shape
-            cheaper = rank * (out_dim + in_dim) < out_dim * in_dim
-            report[name] = {"rank": rank, "full_rank": len(s), "factorized": cheaper}
-            if not cheaper:
-                report[name]["reason"] = "not cheaper at this rank"
-                continue
-            pair = factorize(layer, u, s, vh, rank)
-            if check is None or check.keeps(name, layer, pair, entry=report[name],
-                                            flag="factorized", label="factorized"):
-                model.set_submodule(name, pair)
-        return model, report
+            found[name] = (layer, *singular_triplets(w))
+        return found
+
+    def budget_ranks(self, model: nn.Module, candidates: dict[str, tuple], budget: Budget,
+                     dense: int) -> dict[str, int]:
+        """Ranks that bring ``model`` (of cost ``dense``) within ``budget``:
+        :func:`allocate_ranks` over the candidates."""
+        price = prices(budget, model, self.input_shape)
+        spectra = {name: Spectrum(s, u.shape[0], vh.shape[1], price.weight[name])
+                   for name, (_, u, s, vh) in candidates.items()}
+        return allocate_ranks(spectra, dense - budget.share * dense,
+                              round_to=self.latency.round_to, threshold=self.threshold,
+                              slack=slack(budget.share * dense))
+
+    @staticmethod
+    def why_not(refused: list[str]) -> str:
+        """Why a budget was not reached: latency-aware refusals, else the floor of SVD."""
+        if refused:
+            return (f"latency_aware kept {', '.join(refused)} dense (not faster when timed); "
+                    f"the ranks were planned with their factorizations")
+        return ("every selected layer is at its smallest rank (compress.round_to) or cannot "
+                "be factorized; select more layers or ask for less")

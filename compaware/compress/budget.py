@@ -1,0 +1,167 @@
+"""Compression to a budget: ``compress.target=params:0.1 | macs:0.25 | bytes:0.05``.
+
+The target is the share of the dense model's cost that the compressed model keeps, in one
+of three measures: ``params``, the structural parameter count (results.json ``params``);
+``macs``, the multiply-accumulates of one forward pass of one sample as
+``torch.utils.flop_counter`` counts them (results.json ``macs``); ``bytes``, four bytes
+(float32) per parameter. A compressor given a target chooses its per-layer ranks or widths
+across all its layers at once (:mod:`~compaware.compress.svd`,
+:mod:`~compaware.compress.prune`), then measures what it reached and reports both under
+``budget`` (:meth:`Budget.outcome`).
+
+Planning is analytic: what a layer costs follows from its shape (:func:`layer_cost`) and,
+for MACs, from how many output positions it computes per sample (:func:`prices`, one
+forward pass), so a compressor weighs thousands of candidate steps without building a
+model for each. The measure of the result is not: :meth:`Budget.measure` counts the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.flop_counter import FlopCounterMode
+
+from compaware.config import UserError
+from compaware.layers import eval_mode, weight_layers
+
+KINDS = ("params", "macs", "bytes")
+TOLERANCE = 0.03  # a budget counts as reached up to 3 % above the target
+BYTES_PER_PARAM = 4  # float32
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What one weight entry of each conv/linear (``weight``, by layer name) and one other
+    parameter (a bias, a BatchNorm scale or shift: ``other``) cost in a budget's measure."""
+
+    weight: dict[str, int]
+    other: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``kind`` (one of :data:`KINDS`) and ``share`` in (0, 1] of the dense model's cost."""
+
+    kind: str
+    share: float
+
+    def measure(self, model: nn.Module, input_shape: tuple[int, ...] | None) -> int:
+        """The cost of ``model`` in this budget's measure."""
+        if self.kind == "macs":
+            return count_macs(model, input_shape)
+        params = sum(p.numel() for p in model.parameters())
+        return params * (BYTES_PER_PARAM if self.kind == "bytes" else 1)
+
+    def outcome(self, dense: int, compressed: int, why_not: str) -> dict:
+        """The report's ``budget`` entry: asked, achieved (``compressed`` / ``dense``), whether
+        that is within :data:`TOLERANCE` of the target and, where not, ``why_not``."""
+        achieved = compressed / dense
+        entry = {"kind": self.kind, "target": self.share, "achieved": round(achieved, 4),
+                 "reached": achieved <= self.share * (1 + TOLERANCE)}
+        if not entry["reached"]:
+            entry["reason"] = why_not
+        return entry
+
+
+def slack(goal: float) -> float:
+    """How far below ``goal`` a plan may go for a closer fit: half the tolerance, so that
+    the coarse steps (a residual channel of ResNet's first stage, say) give way to finer
+    ones."""
+    return TOLERANCE / 2 * goal
+
+
+def parse_target(spec: str | None, input_shape: tuple[int, ...] | None) -> Budget | None:
+    """``compress.target`` as a :class:`Budget` (None for ``null``), or a :class:`UserError`
+    naming what it takes. ``macs`` needs ``input_shape`` to count a forward pass."""
+    if spec is None:
+        return None
+    kind, colon, share = str(spec).partition(":")
+    if kind == "latency":
+        raise UserError(f"compress.target={spec} is not available yet: compaware cannot "
+                        f"compress to a latency budget. compress.target takes params:<share>, "
+                        f"macs:<share> or bytes:<share>, or null.")
+    try:
+        value = float(share)
+    except ValueError:
+        value = math.nan
+    if not colon or kind not in KINDS or not 0 < value <= 1:  # NaN fails the range too
+        raise UserError(f"compress.target={spec!r} is not a budget; compress.target takes "
+                        f"kind:share with kind one of {', '.join(KINDS)} and share in (0, 1], "
+                        f"the part of the dense model's cost that remains (macs:0.25 keeps a "
+                        f"quarter of the MACs), or null for the per-layer options.")
+    if kind == "macs" and not input_shape:
+        raise UserError(f"compress.target={spec} counts the MACs of a forward pass, so it "
+                        f"needs compress.input_shape (C, H, W of one sample; the configs take "
+                        f"it from the data).")
+    return Budget(kind, value)
+
+
+def check_alone(budget: Budget | None, option: str, value: object, default: object) -> None:
+    """A target chooses every layer's size itself: refuse a per-layer ``option`` set away
+    from its ``default`` beside it, rather than silently ignore one of the two."""
+    if budget is not None and value != default:
+        raise UserError(f"compress.target={budget.kind}:{budget.share:g} chooses every layer's "
+                        f"size itself, so compress.{option}={value} would be ignored; set one "
+                        f"of the two: compress.{option}={default} with the target, or "
+                        f"compress.target=null.")
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on one sample, counted as results.json counts
+    them (``compaware.deploy.bench.count_macs``, which compressors may not import)."""
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def prices(budget: Budget, model: nn.Module, input_shape: tuple[int, ...] | None) -> Prices:
+    """What a weight and another parameter of ``model`` cost in ``budget``'s measure. A
+    weight entry costs one MAC per output position its layer computes for one sample
+    (counted over one forward pass; 0 for a layer it does not call); biases and BatchNorms
+    cost no MACs (the flop counter counts none)."""
+    layers = weight_layers(model)
+    if budget.kind != "macs":
+        each = BYTES_PER_PARAM if budget.kind == "bytes" else 1
+        return Prices({name: each for name, _ in layers}, each)
+    positions = dict.fromkeys((name for name, _ in layers), 0)
+
+    def record(name: str, layer: nn.Module):
+        def hook(_: nn.Module, __: tuple, out: torch.Tensor) -> None:
+            positions[name] += out.numel() // layer.weight.shape[0]
+        return hook
+
+    hooks = [layer.register_forward_hook(record(name, layer)) for name, layer in layers]
+    param = next(model.parameters())
+    try:
+        with eval_mode(model):
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Prices(positions, 0)
+
+
+def layer_cost(layer: nn.Module, price: Prices, name: str, removed: tuple[int, int] = (0, 0)
+               ) -> int:
+    """The cost of ``layer`` (a conv, linear or affine BatchNorm) with ``removed`` = (output
+    units, input units) taken away. A depthwise conv's inputs are its outputs: it loses
+    the larger of the two."""
+    out_removed, in_removed = removed
+    if isinstance(layer, _BatchNorm):
+        return 2 * (layer.num_features - out_removed) * price.other
+    shape = list(layer.weight.shape)  # out × in/groups × kernel…
+    if getattr(layer, "groups", 1) > 1:  # depthwise (prune.blocking_layer keeps other groups)
+        shape[0] -= max(out_removed, in_removed)
+    else:
+        shape[0] -= out_removed
+        shape[1] -= in_removed
+    biases = shape[0] if layer.bias is not None else 0
+    return math.prod(shape) * price.weight.get(name, 0) + biases * price.other
