@@ -56,6 +56,7 @@ class Device(StrEnum):
 class OptimizerName(StrEnum):
     sgd = "sgd"
     adam = "adam"
+    adamw = "adamw"  # Adam with decoupled weight decay (Loshchilov & Hutter)
 
 
 class LrSchedule(StrEnum):
