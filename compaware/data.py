@@ -308,7 +308,8 @@ def imagefolder_facts(root: str | None) -> tuple[int | None, int | None]:
     if not root or not train.is_dir():
         return None, None
     classes = sorted(d for d in train.iterdir() if d.is_dir())
-    images = (next((p for p in sorted(c.rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS), None)
+    # The first image the file system lists: no listing of whole (large) class folders.
+    images = (next((p for p in c.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS), None)
               for c in classes)
     gray = all(_mode(image) in GRAY_MODES for image in images if image is not None)
     return 1 if gray else 3, len(classes)
