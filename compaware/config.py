@@ -56,6 +56,7 @@ class Device(StrEnum):
 class OptimizerName(StrEnum):
     sgd = "sgd"
     adam = "adam"
+    adamw = "adamw"  # Adam with decoupled weight decay (Loshchilov & Hutter)
 
 
 class LrSchedule(StrEnum):
@@ -84,14 +85,17 @@ class Amp(StrEnum):
 @dataclass
 class DataConfig:
     """Which dataset and how much of it. ``channels``/``num_classes`` are facts of real
-    datasets (checked against the files) and free choices only for ``synthetic``."""
+    datasets (checked against the files; None: taken from them) and free choices only for
+    ``synthetic``; ``imagefolder`` also reads its images as gray or colour at
+    ``channels``."""
 
     name: str = "digits"
     root: str | None = None  # None: the dataset's default search path (see compaware/data.py)
     limit: int | None = None  # use only the first N training samples
     image_size: int = 28
-    channels: int = 1
-    num_classes: int = 10
+    channels: int | None = 1  # None: the dataset's (imagefolder: from the images' mode)
+    num_classes: int | None = 10  # None: the dataset's (imagefolder: its class folders)
+    augment: bool = False  # imagefolder: random crop (padding size/8) and flip when training
     download: bool = False  # let torchvision download where a network exists
     num_workers: int = 0
     train_size: int = 2048  # synthetic only
@@ -250,8 +254,10 @@ def validate(cfg: DictConfig) -> None:
     if d.limit is not None:
         check_range("data.limit", d.limit, 1, integer=True)
     check_range("data.image_size", d.image_size, 8, integer=True)
-    check_range("data.channels", d.channels, 1, integer=True)
-    check_range("data.num_classes", d.num_classes, 2, integer=True)
+    if d.channels is not None:
+        check_range("data.channels", d.channels, 1, integer=True)
+    if d.num_classes is not None:
+        check_range("data.num_classes", d.num_classes, 2, integer=True)
     check_range("data.num_workers", d.num_workers, 0, 4 * (os.cpu_count() or 1), integer=True)
     check_range("data.train_size", d.train_size, 1, integer=True)
     check_range("data.test_size", d.test_size, 1, integer=True)

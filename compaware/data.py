@@ -7,6 +7,7 @@ stops with a message saying where we looked and how to get it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from compaware import distributed, resources
 from compaware.config import DataConfig, UserError, check_choice
@@ -45,13 +49,18 @@ class Data:
 def build_data(cfg: DataConfig) -> Data:
     """The train and test sets ``cfg`` asks for (``data.limit``: the first N training samples)."""
     check_choice("data.name", cfg.name, sorted(LOADERS))
+    if cfg.name == "synthetic" and None in (cfg.channels, cfg.num_classes):
+        raise UserError("data=synthetic makes images of the configured shape: set "
+                        "data.channels and data.num_classes (null is for real data only).")
     check_fits_in_memory(cfg)
     train, test, channels, num_classes = LOADERS[cfg.name](cfg)
-    if cfg.name != "synthetic" and (channels, num_classes) != (cfg.channels, cfg.num_classes):
+    configured = (cfg.channels, cfg.num_classes)
+    if cfg.name != "synthetic" and any(said not in (None, fact) for said, fact
+                                       in zip(configured, (channels, num_classes), strict=True)):
         raise UserError(
             f"data={cfg.name} has {channels} channel(s) and {num_classes} classes, but the config "
             f"says data.channels={cfg.channels}, data.num_classes={cfg.num_classes}. These are "
-            f"facts of the dataset; set them only for data=synthetic.")
+            f"facts of the dataset; set them only for data=synthetic (or null: the dataset's).")
     if cfg.limit is not None:
         train = Subset(train, range(min(cfg.limit, len(train))))
     info = DataInfo(cfg.name, channels, cfg.image_size, num_classes, len(train))
@@ -107,7 +116,7 @@ def check_fits_in_memory(cfg: DataConfig) -> None:
     ``data.image_size`` (float32, with the copy resizing makes), cannot fit."""
     images = (cfg.train_size + cfg.test_size if cfg.name == "synthetic"
               else IN_MEMORY.get(cfg.name, 0))
-    per_image = 4 * cfg.channels * cfg.image_size ** 2
+    per_image = 4 * (cfg.channels or 1) * cfg.image_size ** 2  # None: gray, as all these are
     resources.require(2 * images * per_image, f"data={cfg.name} at data.image_size="
                       f"{cfg.image_size} ({images:,} images held in memory)",
                       "data.image_size" + (" or data.train_size/test_size"
@@ -235,8 +244,9 @@ def load_imagenet(cfg: DataConfig) -> Split:
                                    normalize])
     test_tf = transforms.Compose([transforms.Resize(size * 256 // 224),
                                   transforms.CenterCrop(size), transforms.ToTensor(), normalize])
-    return _image_folders(cfg, Path(cfg.root or "data/imagenet"), ("train", "val"),
-                          train_tf, test_tf, channels=3)
+    train, test = _image_folders(cfg, Path(cfg.root or "data/imagenet"), ("train", "val"),
+                                 train_tf, test_tf)
+    return train, test, 3, len(train.classes)
 
 
 def load_icdar(cfg: DataConfig) -> Split:
@@ -245,12 +255,79 @@ def load_icdar(cfg: DataConfig) -> Split:
     resized to ``image_size`` (32), scaled to [-1, 1]; no augmentation."""
     tf = transforms.Compose([transforms.Grayscale(1), transforms.Resize((cfg.image_size,) * 2),
                              transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    return _image_folders(cfg, Path(cfg.root or "data/icdar"), ("train", "test"), tf, tf,
-                          channels=1)
+    train, test = _image_folders(cfg, Path(cfg.root or "data/icdar"), ("train", "test"), tf, tf)
+    return train, test, 1, len(train.classes)
 
 
-def _image_folders(cfg: DataConfig, root: Path, splits: tuple[str, str], train_tf, test_tf,
-                   channels: int) -> Split:
+# PIL modes of one channel: bilevel, 8-bit, with alpha, 32-bit integer, 16-bit, float.
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def load_imagefolder(cfg: DataConfig) -> Split:
+    """Your own images as ImageFolder trees ``<root>/train/<class>/<image>`` and
+    ``<root>/val/<class>/<image>`` (or ``test/``). The classes are the folders and the
+    channels the images' (:func:`imagefolder_facts`), or ``data.channels`` when set (1: gray,
+    3: colour). Each image is resized to a square of ``data.image_size`` and scaled to
+    [-1, 1]; ``data.augment`` adds a random crop (padding of an eighth of the size) and a
+    horizontal flip to the training images."""
+    if not cfg.root:
+        raise UserError("data=imagefolder reads your own images: set data.root to the folder "
+                        "holding train/<class>/<image> and val/<class>/<image> (or test/).")
+    root = Path(cfg.root)
+    _require_dir(cfg, root, "the data.root folder")
+    test_split = "test" if (root / "test").is_dir() and not (root / "val").is_dir() else "val"
+    if cfg.channels not in (None, 1, 3):
+        raise UserError(f"data=imagefolder reads images as gray or colour: data.channels takes "
+                        f"1, 3 or null (from the images), not {cfg.channels}.")
+    train, test = _image_folders(cfg, root, ("train", test_split), None, None)
+    channels = cfg.channels or imagefolder_facts(str(root))[0]
+    size = cfg.image_size
+    # The default loader gives RGB images; gray ones are turned back into one channel.
+    common = [transforms.Grayscale(1)] if channels == 1 else []
+    common.append(transforms.Resize((size, size)))
+    tail = [transforms.ToTensor(), transforms.Normalize((0.5,) * channels, (0.5,) * channels)]
+    augment = ([transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
+               if cfg.augment else [])
+    train.transform = transforms.Compose(common + augment + tail)
+    test.transform = transforms.Compose(common + tail)
+    return train, test, channels, len(train.classes)
+
+
+@functools.lru_cache(maxsize=8)
+def imagefolder_facts(root: str | None) -> tuple[int | None, int | None]:
+    """The channels and the classes of the tree ``<root>/train/<class>/<image>``: 1 channel
+    when one image of each class is gray (its PIL mode: headers only, and a colour class
+    in a mostly gray tree still counts), else 3; (None, None) without a tree, for
+    :func:`load_imagefolder` to say what is missing.
+
+    ``conf/data/imagefolder.yaml`` reads these when the config is resolved, so everything
+    built from the config (the compressors' ``input_shape``, the run's record and its
+    chance level) has the data's facts without the user writing them down.
+    """
+    train = Path(root or "") / "train"
+    if not root or not train.is_dir():
+        return None, None
+    classes = sorted(d for d in train.iterdir() if d.is_dir())
+    # The first image the file system lists: no listing of whole (large) class folders.
+    images = (next((p for p in c.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS), None)
+              for c in classes)
+    gray = all(_mode(image) in GRAY_MODES for image in images if image is not None)
+    return 1 if gray else 3, len(classes)
+
+
+def _mode(image: Path) -> str:
+    with Image.open(image) as opened:  # reads the header only
+        return opened.mode
+
+
+# The resolvers conf/data/imagefolder.yaml names: `${imagefolder_channels:${data.root}}`.
+for _name, _index in (("imagefolder_channels", 0), ("imagefolder_classes", 1)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, lambda root, i=_index: imagefolder_facts(root)[i])
+
+
+def _image_folders(cfg: DataConfig, root: Path, splits: tuple[str, str], train_tf, test_tf
+                   ) -> tuple[torchvision.datasets.ImageFolder, torchvision.datasets.ImageFolder]:
     """Train and test ImageFolder trees ``<root>/<split>/<class>/<image>`` with the same
     classes."""
     for split in splits:
@@ -265,7 +342,7 @@ def _image_folders(cfg: DataConfig, root: Path, splits: tuple[str, str], train_t
         raise UserError(f"data={cfg.name}: {root / splits[0]} and {root / splits[1]} have "
                         f"different class folders ({len(train.classes)} and "
                         f"{len(test.classes)}); both need one folder per class, the same ones.")
-    return train, test, channels, len(train.classes)
+    return train, test
 
 
 def load_synthetic(cfg: DataConfig) -> Split:
@@ -290,5 +367,6 @@ LOADERS: dict[str, Callable[[DataConfig], Split]] = {
     "cifar10": load_cifar10,
     "imagenet": load_imagenet,
     "icdar": load_icdar,
+    "imagefolder": load_imagefolder,
     "synthetic": load_synthetic,
 }

@@ -150,6 +150,8 @@ def make_optimizer(model: nn.Module, regularizer: Regularizer, schedule: Schedul
     groups = [{"params": list(model.parameters())}, *regularizer.param_groups(model)]
     if schedule.optimizer == OptimizerName.adam:
         return torch.optim.Adam(groups, lr=lr, weight_decay=schedule.weight_decay)
+    if schedule.optimizer == OptimizerName.adamw:  # the decay shrinks weights, not gradients
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=schedule.weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=schedule.momentum,
                            weight_decay=schedule.weight_decay)
 

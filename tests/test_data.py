@@ -106,3 +106,79 @@ def test_icdar_missing_or_inconsistent_trees_say_what_is_wrong(make_cfg, tmp_pat
     _image_tree(tmp_path / "digits", {"train": ICDAR_CLASSES[:10], "test": ICDAR_CLASSES[:10]})
     with pytest.raises(UserError, match="10 classes.*data.num_classes=36"):
         build_data(make_cfg("data=icdar", f"data.root={tmp_path / 'digits'}").data)
+
+
+def _own_images(root: Path, mode: str = "RGB", test_split: str = "val",
+                classes: tuple[str, ...] = ("cat", "dog", "fox")) -> Path:
+    """A tiny ImageFolder tree: per class, 4 training and 2 test PNGs of 20×30 pixels in
+    PIL ``mode``, each class a brightness of its own (learnable) plus noise."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), (test_split, 2)):
+        for i, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for j in range(count):
+                pixels = np.clip(60 * i + rng.integers(0, 40, (20, 30, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(
+                    root / split / name / f"{j}.png")
+    return root
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("RGB", 3), ("L", 1)])
+def test_imagefolder_infers_classes_and_channels_from_the_images(make_cfg, tmp_path, mode,
+                                                                channels):
+    root = _own_images(tmp_path / "own", mode)
+    data = build_data(make_cfg("data=imagefolder", f"data.root={root}", "data.image_size=16").data)
+    assert (data.info.channels, data.info.num_classes) == (channels, 3)
+    assert (len(data.train), len(data.test)) == (12, 6)
+    x, y = data.train[4]
+    assert x.shape == (channels, 16, 16) and int(y) == 1  # the second class folder, "dog"
+    assert -1 <= x.min() and x.max() <= 1
+
+
+def test_imagefolder_channels_option_reads_colour_as_gray_and_test_replaces_val(make_cfg,
+                                                                                 tmp_path):
+    root = _own_images(tmp_path / "own", "RGB", test_split="test")
+    data = build_data(make_cfg("data=imagefolder", f"data.root={root}", "data.channels=1",
+                               "data.image_size=8").data)
+    assert data.info.channels == 1 and data.test[0][0].shape == (1, 8, 8)
+    assert len(data.test) == 6
+
+
+def test_imagefolder_augments_only_the_training_images_when_asked(make_cfg, tmp_path):
+    root = _own_images(tmp_path / "own")
+    options = ("data=imagefolder", f"data.root={root}", "data.image_size=16")
+    plain = build_data(make_cfg(*options).data)
+    augmented = build_data(make_cfg(*options, "data.augment=true").data)
+    assert torch.equal(plain.train[0][0], plain.train[0][0])
+    torch.manual_seed(0)
+    assert not all(torch.equal(augmented.train[0][0], augmented.train[0][0]) for _ in range(5))
+    assert torch.equal(augmented.test[0][0], plain.test[0][0])
+
+
+def test_imagefolder_missing_or_wrong_input_says_what_is_wrong(make_cfg, tmp_path):
+    def fails(*options: str, match: str) -> None:
+        with pytest.raises(UserError, match=match):
+            build_data(make_cfg("data=imagefolder", *options).data)
+
+    fails(match="set data.root to the folder holding train/<class>/<image> and val/")
+    fails(f"data.root={tmp_path / 'nowhere'}", match=r"data.root folder not found at .*nowhere")
+    (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+    fails(f"data.root={tmp_path / 'only_train'}",
+          match=r"'val/<class>/<image>' not found at .*only_train/val")
+    root = _own_images(tmp_path / "own")
+    fails(f"data.root={root}", "data.num_classes=10", match="3 classes.*data.num_classes=10")
+    fails(f"data.root={root}", "data.channels=2", match="data.channels takes 1, 3 or null")
+
+
+@pytest.mark.parametrize(("mode", "augment"), [("RGB", True), ("L", False)])
+def test_train_runs_end_to_end_on_your_own_images(make_cfg, tmp_path, mode, augment):
+    from compaware.train import train
+
+    root = _own_images(tmp_path / "own", mode)
+    results = train(make_cfg("data=imagefolder", f"data.root={root}", "data.image_size=32",
+                             f"data.augment={augment}", "data.num_workers=0",
+                             "schedule.batch_size=4", "compress.rank=2", "bench.latency=false"))
+    # The facts read from the images, recorded (the chance level of the summary uses them).
+    data = results["config"]["data"]
+    assert (data["channels"], data["num_classes"]) == (1 if mode == "L" else 3, 3)
+    assert results["accuracy"]["finetuned"] is not None

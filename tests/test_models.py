@@ -17,7 +17,7 @@ from compaware.models import build_model
 from compaware.models.cifar import SSLConvNet, resnet20, resnet32
 from compaware.models.decomposeme import DecomposeMe
 from compaware.models.lenet import MLP, LeNet5, LeNet300
-from compaware.models.tv import torchvision_classifier
+from compaware.models.tv import check_size, torchvision_classifier
 from compaware.residual import residual_blocks
 
 
@@ -161,3 +161,30 @@ def test_a_model_that_does_not_fit_the_input_says_from_which_size_it_works():
 def test_vision_transformers_are_built_for_the_data_size():
     model = torchvision_classifier("vit_b_32", in_channels=1, num_classes=10, image_size=64)
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(("name", "size"), [("googlenet", 32), ("inception_v3", 75)])
+def test_models_with_auxiliary_classifiers_return_plain_logits_when_training(name, size):
+    model = torchvision_classifier(name, in_channels=1, num_classes=10, image_size=size).train()
+    out = model(torch.randn(2, 1, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+
+
+def test_inception_v3_names_the_smallest_size_it_takes():
+    with pytest.raises(UserError, match="data.image_size=75"):
+        _build("torchvision", 3, 74, name="inception_v3")
+
+
+def test_vit_sizes_the_patches_do_not_divide_name_the_nearest_that_do():
+    with pytest.raises(UserError, match=r"model.name=vit_b_32 cuts the image into 32×32 "
+                       r"patches, which data.image_size=40 does not fit: set "
+                       r"data.image_size=32 or data.image_size=64") as e:
+        _build("torchvision", 3, 40, name="vit_b_32")
+    assert "Traceback" not in str(e.value)
+
+
+def test_maxvit_sizes_the_partitions_do_not_divide_name_the_nearest_that_do():
+    with pytest.raises(UserError, match="7×7 attention partitions.*data.image_size=224 or "
+                                        "data.image_size=445"):
+        check_size("maxvit_t", 300)
+    check_size("maxvit_t", 221)  # the stride-2 convs round up: 221 gives 224's block sizes
