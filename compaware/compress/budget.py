@@ -2,8 +2,8 @@
 
 The target is the share of the dense model's cost that the compressed model keeps, in one
 of three measures: ``params``, the structural parameter count (results.json ``params``);
-``macs``, the multiply-accumulates of one forward pass of one sample as
-``torch.utils.flop_counter`` counts them (results.json ``macs``); ``bytes``, four bytes
+``macs``, the multiply-accumulates of one forward pass of one sample
+(:func:`compaware.costs.count_macs`, results.json ``macs``); ``bytes``, four bytes
 (float32) per parameter. A compressor given a target chooses its per-layer ranks or widths
 across all its layers at once (:mod:`~compaware.compress.svd`,
 :mod:`~compaware.compress.prune`), then measures what it reached and reports both under
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.flop_counter import FlopCounterMode
 
 from compaware.config import UserError
+from compaware.costs import count_macs, count_params
 from compaware.layers import eval_mode, weight_layers
 
 KINDS = ("params", "macs", "bytes")
@@ -53,8 +53,19 @@ class Budget:
         """The cost of ``model`` in this budget's measure."""
         if self.kind == "macs":
             return count_macs(model, input_shape)
-        params = sum(p.numel() for p in model.parameters())
-        return params * (BYTES_PER_PARAM if self.kind == "bytes" else 1)
+        return count_params(model) * (BYTES_PER_PARAM if self.kind == "bytes" else 1)
+
+    def judge(self, model: nn.Module, input_shape: tuple[int, ...] | None, dense: int,
+              report: dict, *, kept: str, floor: str) -> dict:
+        """The report's ``budget`` entry for the finished ``model``: why it was not reached,
+        where not, is the layers a latency-aware compressor left as they were (``kept``:
+        how, e.g. "dense") although the plan changed them, as ``report`` notes, else
+        ``floor``, why the plan itself could go no further."""
+        refused = [name for name, entry in report.items()
+                   if entry.get("reason") == "not faster when timed"]
+        why_not = (f"latency_aware kept {', '.join(refused)} {kept} (not faster when timed); "
+                   f"the other layers were planned with them changed") if refused else floor
+        return self.outcome(dense, self.measure(model, input_shape), why_not)
 
     def outcome(self, dense: int, compressed: int, why_not: str) -> dict:
         """The report's ``budget`` entry: asked, achieved (``compressed`` / ``dense``), whether
@@ -108,17 +119,6 @@ def check_alone(budget: Budget | None, option: str, value: object, default: obje
                         f"size itself, so compress.{option}={value} would be ignored; set one "
                         f"of the two: compress.{option}={default} with the target, or "
                         f"compress.target=null.")
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one sample, counted as results.json counts
-    them (``compaware.deploy.bench.count_macs``, which compressors may not import)."""
-    param = next(model.parameters())
-    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-    with eval_mode(model), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 @torch.no_grad()

@@ -256,13 +256,9 @@ def prunable_groups(graph: tp.DependencyGraph, boundary: set[nn.Module],
             yield group
 
 
-def why_not(refused: list[str]) -> str:
-    """Why a budget was not reached: latency-aware refusals, else the floor of pruning."""
-    if refused:
-        return (f"latency_aware left {', '.join(refused)} unpruned (not faster when timed); "
-                f"the other layers were planned with them pruned")
-    return ("every selected layer is down to its last unit (or compress.round_to units) or "
-            "left whole; select more layers or ask for less")
+# Why a budget is not reached when the plan itself can remove no unit more.
+FLOOR = ("every selected layer is down to its last unit (or compress.round_to units) or left "
+         "whole; select more layers or ask for less")
 
 
 def units_per_layer(model: nn.Module) -> dict[str, int]:
@@ -352,10 +348,8 @@ class Prune(Compressor):
                     report[name].update(columns, **({"latency_ms": timed} if timed else {}))
         check_still_runs(model, self.input_shape)
         if budget:
-            refused = [name for name, entry in report.items()
-                       if entry.get("reason") == "not faster when timed"]
-            report["budget"] = budget.outcome(dense, budget.measure(model, self.input_shape),
-                                              why_not(refused))
+            report["budget"] = budget.judge(model, self.input_shape, dense, report,
+                                            kept="whole", floor=FLOOR)
         return model, report
 
     def plan_removals(self, model: nn.Module, parts: list[tuple], *,
@@ -489,5 +483,5 @@ class PruneSVD(Compressor):
         if budget:
             why = "; ".join(step["reason"] for step in steps if "reason" in step)
             report["budget"] = budget.outcome(dense, budget.measure(model, self.input_shape),
-                                              why or why_not([]))
+                                              why or FLOOR)
         return model, report

@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from compaware.compress.base import Compressor, Report
-from compaware.compress.budget import Budget, check_alone, parse_target, prices, slack
+from compaware.compress.budget import (
+    Budget,
+    check_alone,
+    parse_target,
+    prices,
+    slack,
+)
 from compaware.compress.latency import LatencyOptions, round_up
 from compaware.config import check_range
 from compaware.layers import LayerSelection, is_grouped, read_by_parent, weight_matrix
@@ -161,6 +167,11 @@ def allocate_ranks(spectra: dict[str, Spectrum], excess: float, *, round_to: int
     return ranks
 
 
+# Why a budget is not reached when the plan itself can lower no rank further.
+FLOOR = ("every selected layer is at its smallest rank (compress.round_to) or cannot be "
+         "factorized; select more layers or ask for less")
+
+
 class SVD(Compressor):
     """``compress=svd``: factorize every selected conv/linear where it gets cheaper.
 
@@ -222,10 +233,8 @@ class SVD(Compressor):
                                             flag="factorized", label="factorized"):
                 model.set_submodule(name, pair)
         if budget:
-            refused = [name for name, entry in report.items()
-                       if entry.get("reason") == "not faster when timed"]
-            report["budget"] = budget.outcome(dense, budget.measure(model, self.input_shape),
-                                              self.why_not(refused))
+            report["budget"] = budget.judge(model, self.input_shape, dense, report,
+                                            kept="dense", floor=FLOOR)
         return model, report
 
     def candidates(self, model: nn.Module, report: Report) -> dict[str, tuple]:
@@ -258,11 +267,3 @@ class SVD(Compressor):
                               round_to=self.latency.round_to, threshold=self.threshold,
                               slack=slack(budget.share * dense))
 
-    @staticmethod
-    def why_not(refused: list[str]) -> str:
-        """Why a budget was not reached: latency-aware refusals, else the floor of SVD."""
-        if refused:
-            return (f"latency_aware kept {', '.join(refused)} dense (not faster when timed); "
-                    f"the ranks were planned with their factorizations")
-        return ("every selected layer is at its smallest rank (compress.round_to) or cannot "
-                "be factorized; select more layers or ask for less")

@@ -1,11 +1,9 @@
-"""What a model costs: parameters, MACs, bytes on disk and measured latency, in the inference
-forms of compaware/deploy/forms.py.
+"""What a model costs: parameters, MACs (compaware/costs.py), bytes on disk and measured
+latency, in the inference forms of compaware/deploy/forms.py.
 
-MACs come from ``torch.utils.flop_counter`` (FLOPs / 2: it counts 2 per
-multiply-accumulate of convs, linears and matmuls), latency from
-``torch.utils.benchmark`` (median over blocked runs, thread count recorded). The
-counters read shapes, not values: zeroed weights cost the same until the layer is
-physically smaller, which is why compaware compresses for real.
+Latency comes from ``torch.utils.benchmark`` (median over blocked runs, thread count
+recorded). The counts read shapes, not values: zeroed weights cost the same until the layer
+is physically smaller, which is why compaware compresses for real.
 """
 
 from __future__ import annotations
@@ -19,9 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from compaware.config import BenchConfig, UserError
+from compaware.costs import count_macs, count_params
 from compaware.deploy.export import (
     compile_inductor,
     export_model,
@@ -31,49 +29,9 @@ from compaware.deploy.export import (
 from compaware.deploy.fold import fold_batchnorm
 from compaware.deploy.forms import FASTEST, FORMS
 from compaware.deploy.pooling import swap_max_pools
-from compaware.layers import eval_mode, weight_layers
+from compaware.layers import weight_layers
 
 log = logging.getLogger(__name__)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
-                     **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)  # QKᵀ and attention × V
-
-
-# CPU's fused attention kernel, missing from FlopCounterMode's formulas (which have the
-# CUDA ones): counted as the CUDA kernels are.
-ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
-
-
-@contextlib.contextmanager
-def attention_fastpath_disabled() -> Iterator[None]:
-    """``nn.MultiheadAttention`` (and the transformer layers) without their inference fast
-    path for the block: that path runs one fused op the flop counter does not know (counted
-    as 0), where the ordinary path runs the projections and attention the counter sees."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on a single input of ``input_shape`` (C, H, W):
-    convolutions and matrix products, attention's included (not the normalisations,
-    activations or softmax)."""
-    param = next(model.parameters())
-    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-    with (eval_mode(model), attention_fastpath_disabled(),
-          FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter):
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 @torch.inference_mode()
