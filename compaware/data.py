@@ -332,7 +332,7 @@ def _image_folders(cfg: DataConfig, root: Path, splits: tuple[str, str], train_t
     classes."""
     for split in splits:
         _require_dir(cfg, root / split, f"the ImageFolder tree '{split}/<class>/<image>'",
-                     f" (conf/data/{cfg.name}.yaml describes it)")
+                     f" (compaware/conf/data/{cfg.name}.yaml describes it)")
     try:
         train, test = (torchvision.datasets.ImageFolder(str(root / split), transform=tf)
                        for split, tf in zip(splits, (train_tf, test_tf), strict=True))

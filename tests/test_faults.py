@@ -78,15 +78,25 @@ def reference(tmp_path_factory) -> tuple[Path, object]:
     return run_dir, make
 
 
-def _train_and_die(cfg, target: str, call: int, mid_write: bool) -> None:
-    """In a forked child: run ``cfg``, and SIGKILL this process at the ``call``-th call of
-    ``target`` ("module:attribute.path"), before the call or, with ``mid_write``, after writing
-    half of what ``target`` (torch.save) would write."""
+def _resolve(target: str) -> tuple[object, str]:
+    """The object that holds ``target`` ("module:attribute.path") and the attribute's name."""
     module, path = target.split(":")
     *parents, name = path.split(".")
     owner = import_module(module)
     for parent in parents:
         owner = getattr(owner, parent)
+    return owner, name
+
+
+def _train_and_die(cfg, target: str, call: int, mid_write: bool,
+                   replace: tuple[tuple[str, str], ...]) -> None:
+    """In a forked child: run ``cfg``, and SIGKILL this process at the ``call``-th call of
+    ``target`` ("module:attribute.path"), before the call or, with ``mid_write``, after writing
+    half of what ``target`` (torch.save) would write. ``replace``: (target, stand-in) pairs
+    set in the child first, e.g. a fake clock for the run's latency timer."""
+    for where, stand_in in replace:
+        setattr(*_resolve(where), getattr(*_resolve(stand_in)))
+    owner, name = _resolve(target)
     original, calls = getattr(owner, name), []
 
     def dying(*args, **kwargs):
@@ -106,8 +116,9 @@ def _train_and_die(cfg, target: str, call: int, mid_write: bool) -> None:
     os._exit(0)  # not killed: the test fails on the exit code
 
 
-def run_killed(cfg, target: str, call: int, mid_write: bool = False) -> int:
-    child = FORKS.Process(target=_train_and_die, args=(cfg, target, call, mid_write))
+def run_killed(cfg, target: str, call: int, mid_write: bool = False,
+               replace: tuple[tuple[str, str], ...] = ()) -> int:
+    child = FORKS.Process(target=_train_and_die, args=(cfg, target, call, mid_write, replace))
     child.start()
     child.join(timeout=300)
     return child.exitcode
@@ -151,22 +162,15 @@ class PairClock:
         return size * (self.factor if isinstance(layer, torch.nn.Sequential) else 1)
 
 
-def _fail_at_step(monkeypatch, step: int) -> None:
-    """Make the ``step``-th optimizer step of the run raise: a crash, in this process."""
-    real, calls = torch.optim.SGD.step, []
-
-    def step_or_crash(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            raise RuntimeError("injected crash")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step_or_crash)
+def slow_pairs(form: str) -> PairClock:
+    """The run's timer in the killed child (``run_killed``'s stand-in for LayerTimer)."""
+    return PairClock(20)
 
 
 def test_a_latency_aware_run_resumed_in_fine_tuning_rebuilds_the_architecture_it_timed(
         reference, tmp_path, monkeypatch):
-    """The timings are wall-clock: the resumed run's timer (here another fake clock) would
+    """Killed in fine-tuning. The timings are wall-clock: the resumed run's timer (here
+    another fake clock) would
     decide otherwise. The run replays the answers recorded in checkpoints/compression.json,
     and ends exactly as the undisturbed run; without the record the rebuilt model does not fit
     the fine-tuning checkpoint, and the run says so."""
@@ -180,10 +184,9 @@ def test_a_latency_aware_run_resumed_in_fine_tuning_rebuilds_the_architecture_it
     details = json.loads((undisturbed / "results.json").read_text())["compression"]["details"]
     assert details["fc1"]["factorized"] and not details["conv1"]["factorized"]
 
-    with monkeypatch.context() as crash:
-        _fail_at_step(crash, 19)  # fine-tuning epoch 2, step 3 (RUN: 4 + 8 + 8 steps)
-        with pytest.raises(RuntimeError, match="injected crash"):
-            train(make(*aware, run_dir=tmp_path / "run"))
+    killed = run_killed(make(*aware, run_dir=tmp_path / "run"), "torch.optim:SGD.step", 19,
+                        replace=(("compaware.train:LayerTimer", "tests.test_faults:slow_pairs"),))
+    assert killed == -signal.SIGKILL  # fine-tuning epoch 2, step 3 (RUN: 4 + 8 + 8 steps)
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "finetune.pt")["epoch"] == 1
     recorded = json.loads((tmp_path / "run" / "checkpoints" / "compression.json").read_text())
     assert len(recorded["timings"]) == 2 * 4 * 3  # 4 layers and their pairs, 3 rounds each

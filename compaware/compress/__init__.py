@@ -1,6 +1,6 @@
 """Compressors: model in, new smaller model out (:class:`Compressor`).
 
-Each ``conf/compress/<name>.yaml`` names its class in ``_target_``.
+Each ``compaware/conf/compress/<name>.yaml`` names its class in ``_target_``.
 """
 
 from compaware.compress.base import Compressor, Report

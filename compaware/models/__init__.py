@@ -1,4 +1,4 @@
-"""The model registry: ``conf/model/<name>.yaml`` names a factory in ``_target_``.
+"""The model registry: ``compaware/conf/model/<name>.yaml`` names a factory in ``_target_``.
 
 Every factory takes ``in_channels``, ``num_classes`` and ``image_size``, filled in
 from the data, so any model runs on any dataset it fits. One that does not fit (AlexNet's

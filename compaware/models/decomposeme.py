@@ -2,7 +2,7 @@
 vertical k×1 conv → ReLU → horizontal 1×k conv → ReLU ("1D filters").
 
 The papers give the number of 1D layers and the widths, not the rest; what we chose is
-in :data:`PRESETS` and in ``conf/model/decomposeme.yaml``:
+in :data:`PRESETS` and in ``compaware/conf/model/decomposeme.yaml``:
 
 - ``dec8`` (ImageNet-style): the conv layout of VGG-A (8 layers of 3×3, max-pool 2 after
   layers 1, 2, 4, 6 and 8), each layer decomposed: 16 1D convs. Widths follow VGG-A's
