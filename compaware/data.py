@@ -300,7 +300,7 @@ def imagefolder_facts(root: str | None) -> tuple[int | None, int | None]:
     in a mostly gray tree still counts), else 3; (None, None) without a tree, for
     :func:`load_imagefolder` to say what is missing.
 
-    ``conf/data/imagefolder.yaml`` reads these when the config is resolved, so everything
+    ``compaware/conf/data/imagefolder.yaml`` reads these when the config is resolved, so everything
     built from the config (the compressors' ``input_shape``, the run's record and its
     chance level) has the data's facts without the user writing them down.
     """
@@ -320,7 +320,7 @@ def _mode(image: Path) -> str:
         return opened.mode
 
 
-# The resolvers conf/data/imagefolder.yaml names: `${imagefolder_channels:${data.root}}`.
+# The resolvers compaware/conf/data/imagefolder.yaml names: `${imagefolder_channels:${data.root}}`.
 for _name, _index in (("imagefolder_channels", 0), ("imagefolder_classes", 1)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, lambda root, i=_index: imagefolder_facts(root)[i])
