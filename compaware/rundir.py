@@ -120,9 +120,10 @@ def open_record(run_dir: Path, cfg: DictConfig) -> None:
     """Once ``run_dir`` is this run's: Hydra's record of the run (``.hydra/config.yaml``,
     ``hydra.yaml``, ``overrides.yaml``, written atomically) and the log file
     ``<job name>.log`` (appended to by a resumed run), which starts with what was held back.
-    Nothing outside Hydra's app."""
+    Nothing outside Hydra's app, and nothing on the ranks > 0 of a distributed run (rank 0
+    writes the run's files)."""
     global _log_file
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or not distributed.is_main():
         close_log()
         return
     hydra_cfg = HydraConfig.instance().cfg

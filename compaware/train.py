@@ -80,8 +80,7 @@ def train(cfg: DictConfig) -> dict:
     config = to_container(cfg)
     identity = {key: config[key] for key in RUN_IDENTITY}
     resume = rundir.check(run_dir, cfg.resume, identity)  # also true for a preempted run
-    if distributed.is_main():
-        rundir.open_record(run_dir, cfg)  # .hydra/ and train.log, now that the directory is ours
+    rundir.open_record(run_dir, cfg)  # .hydra/ and train.log, now that the directory is ours
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
