@@ -141,6 +141,13 @@ def open_record(run_dir: Path, cfg: DictConfig) -> None:
     logging.getLogger().addHandler(_log_file)
 
 
+def log_to_file(text: str) -> None:
+    """``text`` in the run's log file only (the console has it already)."""
+    if _log_file is not None:
+        _log_file.handle(logging.makeLogRecord(
+            {"name": __name__, "levelno": logging.INFO, "levelname": "INFO", "msg": text}))
+
+
 def close_log() -> None:
     """Stop writing the current run's log file (the next run in this process has its own)
     and drop whatever is still held back."""

@@ -158,7 +158,9 @@ def train(cfg: DictConfig) -> dict:
     results |= collapse_verdict(results, dead_layers(compressed))  # warns when collapsed
     results["objective"] = objective(results, cfg.objective)
     checkpoint.save_json(results, run_dir / "results.json")
-    print(format_summary(results))
+    summary = f"{format_summary(results)}\nrun directory: {run_dir}"
+    print(summary)
+    rundir.log_to_file(summary)  # train.log keeps what the console showed
     return results
 
 

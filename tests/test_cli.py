@@ -16,7 +16,9 @@ def test_compaware_train_runs_and_prints_the_summary(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "completed"
     assert (tmp_path / ".hydra" / "config.yaml").exists()
-    assert (tmp_path / "train.log").exists()
+    assert f"run directory: {tmp_path}" in out.stdout
+    log = (tmp_path / "train.log").read_text()
+    assert "MACs" in log and f"run directory: {tmp_path}" in log  # the summary, kept
 
 
 def test_python_dash_m_is_the_same_app():
