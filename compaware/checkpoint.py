@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +154,11 @@ def check_fits(model: torch.nn.Module, saved: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
-    """Load dense weights for ``init_from``: a checkpoint file, or a run directory (its
-    final training checkpoint). Shapes must match the configured model."""
+    """Load dense weights for ``init_from``: a run directory (its final training checkpoint)
+    or a file holding a state_dict: plain, or under ``model`` (compaware's checkpoints),
+    ``state_dict`` (Lightning) or ``model_state_dict``, its names possibly prefixed
+    (``module.`` of DDP, ``model.`` of a LightningModule; :func:`fit_names`). Names and
+    shapes must then match the configured model."""
     source = Path(source)
     path = source / "checkpoints" / "train.pt" if source.is_dir() else source
     if source.is_dir() and not path.is_file():
@@ -165,17 +168,66 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
                         f"a run that trained, or a checkpoint file such as "
                         f"<run dir>/checkpoints/finetune.pt.")
     if not path.is_file():
-        raise UserError(f"init_from={source} does not exist. init_from takes a checkpoint file "
-                        f"(<run dir>/checkpoints/*.pt) or the directory of a run.")
+        raise UserError(f"init_from={source} does not exist. init_from takes a weights file "
+                        f"(a state_dict, or a checkpoint holding one) or the directory of a run.")
     try:
         state = load(path, checked=False)
     except UserError as e:
-        raise UserError(f"init_from={source}: {e}") from None
-    weights = state.get("model", state)
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:4])
-        raise UserError(f"init_from={source}: its weights do not fit the configured model "
-                        f"(is model= the one that run trained?). {detail[:500]}") from None
+        raise UserError(f"init_from={source}: {e} A weights file for compaware is a state_dict "
+                        f"saved with torch.save(model.state_dict(), path).") from None
+    model.load_state_dict(fit_names(weights_in(state), model.state_dict(),
+                                    f"init_from={source}"))
+
+
+# Where files keep their state_dict: compaware and many scripts, Lightning, common tutorials.
+WRAPPERS = ("model", "state_dict", "model_state_dict")
+
+
+def weights_in(state: dict) -> dict:
+    """The state_dict in a loaded file: under the first of :data:`WRAPPERS` that holds a
+    dictionary, or the file itself."""
+    return next((state[key] for key in WRAPPERS if isinstance(state.get(key), dict)), state)
+
+
+def fit_names(weights: dict, wanted: dict, what: str) -> dict:
+    """``weights`` renamed to ``wanted``'s names (a model's state_dict): as they are, or with
+    the one prefix removed (``module.``, ``model.``, ``module.model.`` …) under which they
+    are exactly those names; entries outside that prefix (a LightningModule's loss or
+    metrics) are left out. Anything else, or a shape that differs, is a :class:`UserError`
+    listing a few names, ``what`` naming the option."""
+    fitting = next((candidate for candidate in _renamings(weights, wanted)
+                    if candidate.keys() == wanted.keys()), None)
+    if fitting is None:
+        missing = [key for key in wanted if key not in weights]
+        unexpected = [key for key in weights if key not in wanted]
+        raise UserError(f"{what}: its weights do not fit the configured model (is model= the "
+                        f"architecture they were saved from, for the data's classes?): the "
+                        f"model's {_few(missing)} are missing from the file, which has "
+                        f"{_few(unexpected)} that the model lacks.")
+    differ = [f"{key} {tuple(getattr(fitting[key], 'shape', ()))} in the file, "
+              f"{tuple(value.shape)} in the model" for key, value in wanted.items()
+              if getattr(fitting[key], "shape", None) != value.shape]
+    if differ:
+        raise UserError(f"{what}: its weights have the model's names but not its shapes: "
+                        f"{_few(differ)} (is model= configured as when they were saved, with "
+                        f"the data's classes and channels?).")
+    return fitting
+
+
+def _renamings(weights: dict, wanted: dict) -> Iterator[dict]:
+    """``weights`` as they are, then without each prefix that turns one of their names into
+    the model's first name, shortest first."""
+    yield weights
+    first = next(iter(wanted), None)
+    prefixes = sorted({key[:-len(first)] for key in weights
+                       if first is not None and key.endswith(f".{first}")}, key=len)
+    for prefix in prefixes:
+        yield {key[len(prefix):]: value for key, value in weights.items()
+               if key.startswith(prefix)}
+
+
+def _few(names: list[str], shown: int = 4) -> str:
+    if not names:
+        return "no names"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -1,8 +1,9 @@
-"""``compaware <command> [args]``: the console script (``train`` and ``report``).
+"""``compaware <command> [args]``: the console script (``train``, ``compress``, ``report``).
 
 ``compaware train [overrides]`` is the Hydra app of :mod:`compaware.train`, exactly as
 ``python -m compaware.train [overrides]``: Hydra's ``--help``, ``--cfg job``, ``-m`` and
-overrides all work after ``train``.
+overrides all work after ``train``; ``compaware compress [overrides]`` is its second app,
+the same run on trained weights with training skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ USAGE = """usage: compaware <command> [args]
 commands:
   train [overrides]   train, compress, fine-tune and benchmark one model (a Hydra app:
                       `compaware train --help` lists the config groups; -m sweeps)
+  compress [overrides]
+                      the same on an already-trained model, without training it:
+                      init_from=<weights file> or model.weights=DEFAULT (torchvision)
   report DIR... [--out OUT]
                       tables (Markdown, CSV) and Pareto plots from run and sweep directories
 
@@ -21,6 +25,7 @@ examples:
   compaware train
   compaware train regularizer=lowrank regularizer.lam=0.5 compress.energy=0.9
   compaware train -m regularizer=none,lowrank
+  compaware compress model=lenet5 init_from=lenet5.pt compress=prune compress.target=macs:0.5
   compaware report outputs/multirun/2026-11-21/10-00-00-000000 --out docs"""
 
 
@@ -35,11 +40,16 @@ def main() -> None:
 
         sys.argv = [f"{sys.argv[0]} train", *args[1:]]
         run_app()
+    elif command == "compress":
+        from compaware.train import compress_main, run_app
+
+        sys.argv = [f"{sys.argv[0]} compress", *args[1:]]
+        run_app(compress_main)
     elif command == "report":
         from compaware.report import main as report_main
 
         sys.exit(report_main(args[1:]))
     else:
-        print(f"compaware: unknown command {command!r}; commands: train, report.\n\n{USAGE}",
-              file=sys.stderr)
+        print(f"compaware: unknown command {command!r}; commands: train, compress, "
+              f"report.\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

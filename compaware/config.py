@@ -154,6 +154,18 @@ class ObjectiveConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning the compressed model. ``distill``: knowledge distillation from the dense
+    model (the teacher, in eval mode, on the same batch): the loss becomes
+    (1 − distill_weight)·CE + distill_weight·T²·KL(softmax(teacher/T) ‖ softmax(student/T))
+    with T = ``temperature`` (Hinton et al. 2015)."""
+
+    distill: bool = False
+    temperature: float = 4.0
+    distill_weight: float = 0.5
+
+
+@dataclass
 class PathsConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
 
@@ -168,6 +180,7 @@ class RunConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
     resume: bool = False
     init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
@@ -275,12 +288,33 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"bench.fastest=true keeps each model's fastest form among bench.forms, "
                         f"which names {len(b.forms)}: name two or more, e.g. "
                         f"bench.forms=[eager,channels_last].")
+    check_range("finetune.temperature", cfg.finetune.temperature, 0, low_open=True)
+    check_range("finetune.distill_weight", cfg.finetune.distill_weight, 0, 1)
     check_choice("objective.ratio", cfg.objective.ratio, ("params", "macs", "bytes"))
     check_range("objective.weight", cfg.objective.weight, 0)
-    if cfg.resume and cfg.init_from:
+    if cfg.resume and cfg.init_from and (s.epochs or s.pretrain_epochs):
+        # A run that trains nothing (compaware compress) keeps no dense checkpoint: resumed,
+        # it reads init_from again.
         raise UserError("resume=true and init_from are exclusive: resume continues the run in "
                         "hydra.run.dir from its own checkpoint, init_from starts a new run from "
                         "another run's weights. Drop one of them.")
+
+
+def check_compress_run(cfg: DictConfig) -> None:
+    """``compaware compress`` compresses trained weights as they are: it needs some, and
+    trains nothing before compressing them."""
+    s = cfg.schedule
+    if s.epochs or s.pretrain_epochs:
+        raise UserError(f"compaware compress does not train (schedule.epochs={s.epochs}, "
+                        f"schedule.pretrain_epochs={s.pretrain_epochs}): both stay 0, and "
+                        f"schedule.finetune_epochs sets the fine-tuning after compression. To "
+                        f"train from these weights first, run compaware train init_from=….")
+    if not cfg.init_from and cfg.model.get("weights") is None:
+        raise UserError("compaware compress compresses trained weights, and none were given: "
+                        "set init_from=<weights file or run directory> (a state_dict, plain or "
+                        "as Lightning, DDP or compaware save it), or, with model=torchvision, "
+                        "model.weights=DEFAULT (torchvision's, read from the torch hub cache). "
+                        "To train a model and compress it, run compaware train.")
 
 
 def _check_no_added_keys(cfg: DictConfig) -> None:

@@ -6,6 +6,7 @@ One epoch::
     for x, y in batches:                      # order seeded by (seed, epoch), shared by the ranks
         regularizer.ramp = ramp.at(step)      # the strength's warm-up (schedule.strength_ramp)
         loss = CE(model(x), y) + regularizer.penalty(model)        # under autocast (schedule.amp)
+                                              # fine-tuning may distil: CE → compaware/distill.py
         if loss is not finite: schedule.on_nan decides: stop | skip_batch | restore
         loss.backward(); regularizer.after_backward(model); keep.after_backward(model)
         optimizer.step()                      # with N ranks, DDP averages the gradients
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from compaware import checkpoint, distributed, preemption
 from compaware.config import Amp, LrSchedule, OnNan, OptimizerName, ScheduleConfig, UserError
 from compaware.data import Data, test_loader, train_loader
+from compaware.distill import Distillation
 from compaware.keep import KeepStructure
 from compaware.regularizers import Regularizer
 
@@ -57,6 +59,7 @@ class Stage:
     regularizer: Regularizer
     strength_ramp: float = 0.0  # share of the stage over which the strength rises to lam
     keep: KeepStructure | None = None  # fine-tuning: what compression made (compaware/keep.py)
+    distill: Distillation | None = None  # fine-tuning: learn the dense model's outputs too
 
     @property
     def prefix(self) -> str:
@@ -74,6 +77,7 @@ class Training:
     scaler: torch.amp.GradScaler  # loss scaling for schedule.amp=fp16 (disabled otherwise)
     regularizer: Regularizer
     keep: KeepStructure | None = None
+    distill: Distillation | None = None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -197,7 +201,8 @@ def train_one_epoch(training: Training, batches, progress: Progress, *,
             x = x.contiguous(memory_format=torch.channels_last)  # weights stay NCHW (proxes)
         with autocast(schedule.amp, device):
             logits = training.net(x)
-        loss_ce = F.cross_entropy(logits.float(), y)
+        loss_ce = (training.distill.loss(logits.float(), x, y) if training.distill is not None
+                   else F.cross_entropy(logits.float(), y))
         loss_reg = regularizer.penalty(model)
         loss = loss_ce + loss_reg
         progress.batches += 1
@@ -291,7 +296,7 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         model=model, net=model, optimizer=optimizer,
         scheduler=make_scheduler(optimizer, schedule, stage.epochs),
         scaler=torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
-        regularizer=stage.regularizer, keep=stage.keep)
+        regularizer=stage.regularizer, keep=stage.keep, distill=stage.distill)
     start, progress, rng = 0, Progress(), None
     if resume and checkpoint_path.exists():
         state = checkpoint.load(checkpoint_path)

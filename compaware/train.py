@@ -2,6 +2,8 @@
 
     compaware train regularizer=lowrank model=lenet5     # this Hydra app
     python -m compaware.train regularizer=lowrank        # the same app
+    compaware compress init_from=lenet5.pt compress=prune  # the same run on trained weights,
+                                                         # training skipped (conf/compress_run.yaml)
 
 Each stage reads its own config group and hands the next a model. Training and
 fine-tuning checkpoint every epoch, so ``resume=true`` (with ``hydra.run.dir`` set to
@@ -40,6 +42,7 @@ from compaware.config import (
     Device,
     ObjectiveConfig,
     UserError,
+    check_compress_run,
     instantiate,
     to_container,
     validate,
@@ -49,6 +52,7 @@ from compaware.deploy import bench
 from compaware.deploy.allocator import retain_freed_memory
 from compaware.deploy.export import check_exportable
 from compaware.deploy.timing import LayerTimer
+from compaware.distill import Distillation
 from compaware.layers import dead_layers
 from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
@@ -134,11 +138,14 @@ def train(cfg: DictConfig) -> dict:
         checkpoint.check_fits(compressed, run_dir / "checkpoints" / "finetune.pt")
 
     # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
-    #    made (pruned weights stay zero, shared weights shared).
+    #    made (pruned weights stay zero, shared weights shared), optionally learning the
+    #    dense model's outputs too (finetune.distill: the dense model is the teacher).
     with timed(seconds, "finetune"):
         finetune = Stage("finetune", s.finetune_epochs, s.finetune_lr or s.lr * 0.1,
                          Regularizer(), keep=compressor.finetune_constraint(
-                             compressed, keep_zeros=s.finetune_mask))
+                             compressed, keep_zeros=s.finetune_mask),
+                         distill=Distillation(model, cfg.finetune) if cfg.finetune.distill
+                         else None)
         fit(compressed, data, finetune, s,
             checkpoint_path=run_dir / "checkpoints" / "finetune.pt", **common)
     accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None
@@ -225,15 +232,24 @@ def main(cfg: DictConfig) -> float | None:
     return results.get("objective")  # None on ranks > 0 of a distributed run
 
 
-def run_app() -> None:
-    """``compaware train`` and ``python -m compaware.train``. Under torchrun, ranks > 0 add
-    overrides that leave the run directory and Hydra's files to rank 0."""
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compress_run")
+def compress_main(cfg: DictConfig) -> float | None:
+    """``compaware compress``: :func:`main`'s run on trained weights, without training
+    (compaware/conf/compress_run.yaml)."""
+    check_compress_run(cfg)
+    return main.__wrapped__(cfg)
+
+
+def run_app(app=main) -> None:
+    """``compaware train`` and ``python -m compaware.train`` (``app=compress_main``:
+    ``compaware compress``). Under torchrun, ranks > 0 add overrides that leave the run
+    directory and Hydra's files to rank 0."""
     sys.argv += distributed.hydra_overrides()
     try:
         check_sweep(sys.argv[1:])
     except UserError as error:
         sys.exit(f"{error}")
-    main()
+    app()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""The model registry: ``compaware/conf/model/<name>.yaml`` names a factory in ``_target_``.
+"""The model registry: ``compaware/conf/model/<name>.yaml`` names a factory in ``_target_``
+(or ``model._target_=pkg.module.Factory`` names the user's own).
 
-Every factory takes ``in_channels``, ``num_classes`` and ``image_size``, filled in
-from the data, so any model runs on any dataset it fits. One that does not fit (AlexNet's
-pooling leaves nothing of a 28×28 image) stops at start, saying from which
-``data.image_size`` it works.
+A factory gets ``in_channels``, ``num_classes`` and ``image_size`` from the data, those of
+them its signature takes (all, with ``**kwargs``), so any model runs on any dataset it fits.
+One that does not fit (AlexNet's pooling leaves nothing of a 28×28 image) stops at start,
+saying from which ``data.image_size`` it works.
 """
 
 from __future__ import annotations
 
+import inspect
+
+import hydra.utils
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -20,10 +24,23 @@ LARGEST_SIZE_TRIED = 512
 
 
 def build_model(node: DictConfig, info: DataInfo) -> nn.Module:
-    model = instantiate(node, "model", in_channels=info.channels, num_classes=info.num_classes,
-                        image_size=info.image_size)
+    facts = {"in_channels": info.channels, "num_classes": info.num_classes,
+             "image_size": info.image_size}
+    model = instantiate(node, "model", **taken(node.get("_target_"), facts))
     check_input_fits(model, node, info)
     return model
+
+
+def taken(target: str, facts: dict) -> dict:
+    """The ``facts`` that ``target``'s signature takes: a user's factory may know its own
+    input size or class count."""
+    try:
+        parameters = inspect.signature(hydra.utils.get_object(target)).parameters
+    except Exception:  # not importable or no signature: instantiate() says what is wrong
+        return facts
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return facts
+    return {key: value for key, value in facts.items() if key in parameters}
 
 
 def check_input_fits(model: nn.Module, node: DictConfig, info: DataInfo) -> None:

@@ -1,6 +1,8 @@
 """Any torchvision classifier by name (``model=torchvision model.name=mobilenet_v2``).
 
-Built without pretrained weights (nothing is downloaded), with the data's class
+Built without pretrained weights unless ``model.weights`` names some (``DEFAULT``,
+``IMAGENET1K_V1``: torchvision's weights enum of the model), which are read from the torch
+hub cache, never downloaded (:func:`hub_file`). Built with the data's class
 count, with its first conv rebuilt when the data does not have 3 channels, and, for the
 transformers built for one input size (ViT, MaxViT), for the data's image size: a size
 their patches or attention partitions do not divide stops at start, naming the sizes that
@@ -16,11 +18,20 @@ terms in the papers' training recipes.
 from __future__ import annotations
 
 import difflib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
 
+import torch
 import torchvision
 from torch import nn
 
 from compaware.config import UserError
+
+log = logging.getLogger(__name__)
 
 
 def classifier_names() -> list[str]:
@@ -29,7 +40,11 @@ def classifier_names() -> list[str]:
 
 
 def torchvision_classifier(name: str, in_channels: int = 3, num_classes: int = 1000,
-                           image_size: int = 224) -> nn.Module:
+                           image_size: int = 224, weights: str | None = None,
+                           new_head: bool = False) -> nn.Module:
+    """``weights``: torchvision's trained weights by name, from the hub cache; a data set
+    with other classes than theirs stops, unless ``new_head`` replaces the classifier's
+    layers that do not fit with freshly initialised ones (transfer to the data's classes)."""
     names = classifier_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
@@ -37,12 +52,102 @@ def torchvision_classifier(name: str, in_channels: int = 3, num_classes: int = 1
         raise UserError(f"model.name={name!r} is not a torchvision classifier.{hint} "
                         f"model.name takes one of: {', '.join(names)}.")
     check_size(name, image_size)
+    if weights is not None:
+        return pretrained_classifier(name, weights, in_channels, num_classes,
+                                     image_size=image_size, new_head=new_head)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
                                          **size_arguments(name, image_size),
                                          **AUX_FREE.get(name, {}))
     if in_channels != 3:
         adapt_first_conv(model, in_channels)
     return model
+
+
+def pretrained_classifier(name: str, weights: str, in_channels: int, num_classes: int, *,
+                          image_size: int, new_head: bool) -> nn.Module:
+    """``name`` with torchvision's ``weights`` (a name of its weights enum), read from the hub
+    cache by torchvision's own builder (which adapts the model to its weights, e.g.
+    GoogLeNet's auxiliary classifiers), but unpickling tensors only."""
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        chosen = enum.verify(weights)
+    except KeyError:
+        raise UserError(f"model.weights={weights!r} is not a weights name of {name}; "
+                        f"model.weights takes one of: DEFAULT, "
+                        f"{', '.join(w.name for w in enum)} (or null: random weights).") from None
+    path = hub_file(chosen)
+    if in_channels != 3:
+        raise UserError(f"model.weights={weights}: {name}'s weights read colour images, but "
+                        f"the data has {in_channels} channel(s). Use colour data (imagefolder: "
+                        f"data.channels=3 reads every image as colour), or model.weights=null.")
+    classes = len(chosen.meta["categories"])
+    if classes != num_classes and not new_head:
+        raise UserError(f"model.weights={weights}: {name}'s weights classify {classes} "
+                        f"categories, but the data has {num_classes} classes. Set "
+                        f"model.new_head=true to replace the classifier layers that do not fit "
+                        f"with freshly initialised ones (then fine-tune: "
+                        f"schedule.finetune_epochs), or use data with those {classes} classes.")
+    try:
+        with tensors_only():
+            model = torchvision.models.get_model(name, weights=chosen,
+                                                 **size_arguments(name, image_size))
+    except ValueError as e:  # a builder argument the weights fix (ViT's image size)
+        raise UserError(f"model.weights={weights} of {name}: {e} Set the data option it "
+                        f"names (image_size: data.image_size).") from None
+    except Exception as e:  # torch's errors for a damaged file, or one holding code
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"model.weights={weights}: {path} cannot be loaded as {name}'s "
+                        f"weights (a damaged or different file?): {reason[:300]}") from None
+    if classes == num_classes:
+        return model
+    head = torchvision_classifier(name, in_channels, num_classes, image_size)
+    fresh = transplant(model, head)
+    log.warning("model.new_head=true: %s starts from %s except %s, freshly initialised for %d "
+                "classes instead of %d: fine-tune it (schedule.finetune_epochs).",
+                name, path.name, ", ".join(fresh), num_classes, classes)
+    return head
+
+
+def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision keeps ``weights``: ``<torch hub dir>/checkpoints/<file of its URL>``
+    (``$TORCH_HOME/hub``, by default ``~/.cache/torch/hub``). Absent: a :class:`UserError`
+    saying where to put which file, since compaware downloads nothing."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not path.is_file():
+        raise UserError(f"model.weights: {weights} is not in the torch hub cache, and "
+                        f"compaware downloads nothing. Put {weights.url} at {path} "
+                        f"(e.g. curl -L --create-dirs -o {path} {weights.url}, or copy it from a "
+                        f"machine where torchvision downloaded it), or point TORCH_HOME at the "
+                        f"folder whose hub/checkpoints/ holds it.")
+    return path
+
+
+@contextmanager
+def tensors_only() -> Iterator[None]:
+    """Make every ``torch.load`` unpickle tensors and plain data only: torchvision's builders
+    load the hub file with ``weights_only=False``, which would run any code a file put in
+    the cache holds."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def transplant(source: nn.Module, target: nn.Module) -> list[str]:
+    """Copy into ``target`` every tensor of ``source`` with the same name and shape; returns
+    the names of ``target``'s tensors left as they were (the classifier, for a model built
+    for another class count)."""
+    given = source.state_dict()
+    state = target.state_dict()
+    kept = [key for key, value in state.items()
+            if key not in given or given[key].shape != value.shape]
+    target.load_state_dict({**state, **{key: given[key] for key in state if key not in kept}})
+    return kept
 
 
 def size_arguments(name: str, image_size: int) -> dict:
