@@ -70,7 +70,7 @@ def pretrained_classifier(name: str, weights: str, in_channels: int, num_classes
     GoogLeNet's auxiliary classifiers), but unpickling tensors only."""
     enum = torchvision.models.get_model_weights(name)
     try:
-        chosen = enum.verify(weights)
+        chosen = enum.verify(str(weights))
     except KeyError:
         raise UserError(f"model.weights={weights!r} is not a weights name of {name}; "
                         f"model.weights takes one of: DEFAULT, "
