@@ -100,12 +100,12 @@ def pretrained_classifier(name: str, weights: str, in_channels: int, num_classes
                         f"weights (a damaged or different file?): {reason[:300]}") from None
     if classes == num_classes:
         return model
-    head = torchvision_classifier(name, in_channels, num_classes, image_size)
-    fresh = transplant(model, head)
+    for_data = torchvision_classifier(name, in_channels, num_classes, image_size)
+    fresh = transplant(model, for_data)
     log.warning("model.new_head=true: %s starts from %s except %s, freshly initialised for %d "
                 "classes instead of %d: fine-tune it (schedule.finetune_epochs).",
                 name, path.name, ", ".join(fresh), num_classes, classes)
-    return head
+    return for_data
 
 
 def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
