@@ -2,7 +2,68 @@
 
 from __future__ import annotations
 
+import logging
+
+import torch
+import torch.utils.benchmark
+from torch import nn
+from torch.utils.benchmark.utils.common import Measurement, TaskSpec
+
+from compaware.config import BenchConfig
+from compaware.deploy import bench
+from compaware.summary import format_summary
 from compaware.train import train
+
+
+class FakeTimer:
+    """torch.utils.benchmark.Timer answering each measurement with the next runs of
+    ``RUNS`` (seconds): a clock the test decides."""
+
+    RUNS: list[list[float]] = []
+
+    def __init__(self, **_) -> None:
+        pass
+
+    def blocked_autorange(self, min_run_time: float) -> Measurement:
+        return Measurement(1, FakeTimer.RUNS.pop(0), TaskSpec("forward(batch)", "pass"))
+
+
+def _measure(monkeypatch, tmp_path, runs: list[list[float]]) -> dict:
+    """bench.measure of two small models on the CPU, its clock answering ``runs``."""
+    FakeTimer.RUNS = list(runs)
+    monkeypatch.setattr(torch.utils.benchmark, "Timer", FakeTimer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    models = {"dense": nn.Sequential(nn.Linear(4, 4)),
+              "compressed": nn.Sequential(nn.Linear(4, 2))}
+    return bench.measure(models, (4,), BenchConfig(batch_size=2), tmp_path)
+
+
+def test_latency_keeps_the_spread_of_its_runs_and_warns_when_it_is_wide(
+        monkeypatch, tmp_path, caplog):
+    steady, busy = [1e-3] * 8, [1e-3] * 4 + [4e-3, 8e-3, 15e-3, 20e-3]  # IQR: 0, 3.5 × median
+    with caplog.at_level(logging.WARNING, logger="compaware.deploy.bench"):  # batch 1 dense,
+        costs = _measure(monkeypatch, tmp_path, [steady, steady, steady, busy])  # compressed …
+    eager = costs["latency_ms"]["eager"]
+    assert eager["batch_N"]["compressed"] == 2.5  # the median of the busy runs, in ms
+    assert eager["spread"]["batch_1"] == {"dense": 0.0, "compressed": 0.0}
+    assert eager["spread"]["batch_N"]["compressed"] > bench.WIDE_SPREAD
+    assert eager["wide_spread"] == {"batch_1": False, "batch_N": True}
+    assert "eager batch_N compressed (350%)" in caplog.text and "batch_1" not in caplog.text
+    results = {"accuracy": {"dense": 90.0, "compressed": 90.0, "finetuned": None},
+               "seconds": {"bench": 1.0}} | costs
+    summary = format_summary(results)
+    assert "eager ms, batch 2 *" in summary and "eager ms, batch 1 *" not in summary
+    assert "* its runs spread wide" in summary
+
+
+def test_steady_latency_gives_no_warning(monkeypatch, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="compaware.deploy.bench"):
+        costs = _measure(monkeypatch, tmp_path, [[1e-3, 1.01e-3, 0.99e-3, 1e-3]] * 4)
+    assert costs["latency_ms"]["eager"]["wide_spread"] == {"batch_1": False, "batch_N": False}
+    assert "spread wide" not in caplog.text
+    results = {"accuracy": {"dense": 90.0, "compressed": 90.0, "finetuned": None},
+               "seconds": {"bench": 1.0}} | costs
+    assert "*" not in format_summary(results)
 
 
 def test_kmeans_fine_tuning_with_the_default_sgd_keeps_the_accuracy(make_cfg):
