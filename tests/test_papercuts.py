@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import sys
 
+import pytest
 import torch
 import torch.utils.benchmark
 from torch import nn
 from torch.utils.benchmark.utils.common import Measurement, TaskSpec
 
-from compaware.config import BenchConfig
+from compaware.config import BenchConfig, UserError
 from compaware.deploy import bench
 from compaware.summary import format_summary
-from compaware.train import train
+from compaware.sweep_check import check_names
+from compaware.train import run_app, train
+from compaware.train_help import describe, groups
+from tests.conftest import REPO
 
 
 class FakeTimer:
@@ -75,3 +82,55 @@ def test_kmeans_fine_tuning_with_the_default_sgd_keeps_the_accuracy(make_cfg):
     accuracy = results["accuracy"]
     assert accuracy["compressed"] > 30  # a model worth keeping (48.9 % on 4 steps of digits)
     assert accuracy["finetuned"] >= accuracy["compressed"] - 2
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("regularizr=lowrank", "no config group or key 'regularizr'. Did you mean regularizer?"),
+    ("regularizr.lam=0.5", "no config group or key 'regularizr'. Did you mean regularizer?"),
+    ("sed=3", "Did you mean seed?"),
+    ("regularizer=lowrnk", "the group regularizer has no option 'lowrnk'. Did you mean lowrank?"),
+    ("schedule.lrr=0.1", "schedule has no key 'lrr'. Did you mean lr?"),
+])
+def test_a_misspelt_name_is_named_with_the_closest_and_those_available(override, expected):
+    with pytest.raises(UserError, match=re.escape(expected)) as refused:
+        check_names([override])
+    assert "+" not in str(refused.value)  # not Hydra's advice to add the misspelt key
+    assert str(refused.value).startswith(f"{override}: ")
+
+
+def test_existing_names_additions_and_sweeps_pass_the_name_check():
+    check_names(["regularizer=sgl", "regularizer.lam=0.5", "model=torchvision",
+                 "model.name=resnet18", "data.limit=10", "seed=1", "hydra.run.dir=/tmp/x",
+                 "+regularizr=kept_for_hydra", "~init_from", "-m", "compress=svd,kmeans"])
+    with pytest.raises(UserError, match="no option 'kmean'"):
+        check_names(["-m", "compress=svd,kmean"])
+
+
+def test_the_console_script_refuses_a_misspelt_group_before_hydra(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["compaware train", "regularizr=lowrank"])
+    with pytest.raises(SystemExit, match="Did you mean regularizer"):
+        run_app()
+
+
+def test_train_help_describes_groups_options_and_keys_without_torch():
+    script = ("import sys\nsys.argv = ['compaware', 'train', 'compress=kmeans', '--help']\n"
+              "from compaware.cli import main\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0\n"
+              "assert 'torch' not in sys.modules, 'the help imported torch'\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for group, options in groups().items():
+        assert f"  {group}:" in text and all(option in text for option in options)
+    assert "* lowrank      Nuclear norm (Alvarez & Salzmann 2017)" in text  # the default
+    assert " >kmeans" in text  # chosen on the command line: its keys described
+    assert "compress.linear_bits=5" in text and "Han: 5 bits for fully connected" in text
+    assert "schedule.epochs=10" in text and "epochs of training with the regularizer" in text
+    assert "regularizer.lam=0.1" in text and "device=cpu" in text
+
+
+def test_python_dash_m_gives_the_same_help(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["compaware.train", "--help"])
+    run_app()
+    assert capsys.readouterr().out.strip() == describe(["--help"]).strip()
