@@ -71,9 +71,9 @@ def _unknown_name(override: Override) -> str | None:
     if not rest and head in options:
         unknown = [value for value in _values(override) if value not in options[head]]
         if unknown:
-            return (f"the group {head} has no option {unknown[0]!r}."
-                    f"{_close(unknown[0], options[head])} Its options: "
-                    f"{', '.join(options[head])}.")
+            return (f"there is no option {head}/{unknown[0]} (no "
+                    f"compaware/conf/{head}/{unknown[0]}.yaml).{_close(unknown[0], options[head])}"
+                    f" The options of {head}: {', '.join(options[head])}.")
     return None
 
 
