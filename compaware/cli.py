@@ -1,9 +1,10 @@
 """``compaware <command> [args]``: the console script (``train``, ``compress``, ``report``).
 
 ``compaware train [overrides]`` is the Hydra app of :mod:`compaware.train`, exactly as
-``python -m compaware.train [overrides]``: Hydra's ``--help``, ``--cfg job``, ``-m`` and
-overrides all work after ``train``; ``compaware compress [overrides]`` is its second app,
-the same run on trained weights with training skipped.
+``python -m compaware.train [overrides]``: Hydra's ``--cfg job``, ``--hydra-help``, ``-m`` and
+overrides all work after ``train``; ``--help`` describes the config groups and keys
+(compaware/train_help.py), at once here, before torch is imported. ``compaware compress
+[overrides]`` is its second app, the same run on trained weights with training skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def main() -> None:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if args else 2)
+    if args[0] == "train":  # the help answers before the run's imports (torch: seconds)
+        from compaware.train_help import describe, wants_help
+
+        if wants_help(args[1:]):
+            print(describe(args[1:]))
+            sys.exit(0)
     command = args[0]
     if command == "train":
         from compaware.train import run_app

@@ -5,13 +5,18 @@ lives in the values rather than in the shapes: the zeros of unstructured pruning
 values of weight sharing, SSL's zero groups in a model no compressor shrank
 (``schedule.finetune_mask``). Plain SGD would regrow them. :class:`KeepStructure` keeps them
 by editing the gradients between ``backward`` and the optimizer step (the loop calls
-``after_backward``): a zero gets a zero gradient, and every member of a shared value the sum
+``after_backward``): a zero gets a zero gradient, and every member of a shared value the mean
 of its members' gradients.
 
-That sum is the gradient of the shared value itself (Deep Compression's centroid
-fine-tuning). Since the members start equal and then see the same gradients, any elementwise
-optimizer (SGD, momentum, Adam, weight decay) moves them identically: the optimizer trains the
-shared value, and zeros stay exactly zero (their gradient, momentum and decay are all zero).
+That mean is the gradient of the shared value (their sum, Deep Compression's centroid
+gradient) divided by the number of weights sharing it, so a shared value moves at the pace of
+one weight at the same lr. With the sum, the fine-tuning lr that suits single weights makes
+steps as many times too large as the value has members (about 13,000 for each of the 31 values
+of LeNet-5's fc1 at 5 bits), and SGD diverges; Adam, invariant to the gradient's scale, trains
+alike with either. Since the members start equal and then see the same gradients, any
+elementwise optimizer (SGD, momentum, Adam, weight decay) moves them identically: the
+optimizer trains the shared value, and zeros stay exactly zero (their gradient, momentum and
+decay are all zero).
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ class KeepStructure:
         self.groups, self.shared = groups, shared
         self.zero: list[Tensor] = []  # per group: where its values are zero
         self.keys: list[Tensor] = []  # shared: each value's index among the distinct values
+        self.counts: list[Tensor] = []  # shared: how many values share each distinct value
         with torch.no_grad():
             for names in groups:
                 values = torch.cat([model.get_parameter(n).reshape(-1) for n in names])
                 self.zero.append(values == 0)
                 if shared:
-                    self.keys.append(torch.unique(values, return_inverse=True)[1])
+                    key = torch.unique(values, return_inverse=True)[1]
+                    self.keys.append(key)
+                    self.counts.append(torch.bincount(key).to(values.dtype))
 
     @classmethod
     def zeros(cls, model: nn.Module) -> KeepStructure:
@@ -49,7 +57,8 @@ class KeepStructure:
             grads = torch.cat([_grad(p).reshape(-1) for p in params])
             if self.shared:
                 key = self.keys[i]
-                grads = grads.new_zeros(int(key.max()) + 1).index_add_(0, key, grads)[key]
+                sums = grads.new_zeros(len(self.counts[i])).index_add_(0, key, grads)
+                grads = (sums / self.counts[i])[key]
             grads[self.zero[i]] = 0
             start = 0
             for p in params:

@@ -3,10 +3,12 @@
 It reads every ``results.json`` below the given directories (single runs and multirun
 sweeps alike) and writes into ``--out``:
 
-- ``results.md`` and ``results.csv``: one row per run (data, model, method, setting,
-  accuracy dense → compressed → fine-tuned, params/non-zero/MACs/bytes/latency ratios,
-  whether and why it collapsed), the Pareto frontier of each method, and the runs that
-  failed or left no results;
+- ``results.md`` and ``results.csv``: one row per run (data, model, method, setting: what
+  differs between the method's runs, accuracy dense → compressed → fine-tuned,
+  params/non-zero/MACs/bytes/latency ratios, whether and why it collapsed), the Pareto
+  frontier of each method, and the runs that failed or left no results; the CSV in plain
+  numbers, its headers naming their unit (``params ratio (dense/compressed)``, ``acc dense
+  (%)``), the Markdown with ``3.94×``;
 - ``pareto_<data>_<model>.png``: final accuracy against the params, MACs and storage
   ratios, one line per method (its Pareto frontier), post-hoc baselines dashed, each point
   labelled with what differs between the method's runs.
@@ -199,16 +201,17 @@ def differing_overrides(overrides: list[list[str]]) -> list[list[str]]:
              and not o.startswith(NOT_A_SETTING)] for items in overrides]
 
 
-def _data_model(run: Run) -> tuple[str, str]:
-    return run.data, run.model
+def _data_model_method(run: Run) -> tuple[str, str, str]:
+    return run.data, run.model, run.method
 
 
 def distinguishing_settings(runs: list[Run],
-                            group: Callable[[Run], Hashable] = _data_model) -> list[Run]:
+                            group: Callable[[Run], Hashable] = _data_model_method) -> list[Run]:
     """``runs`` with each ``setting`` set to the overrides that tell the run apart from the
-    others of its ``group`` (by default those of its data and model;
-    :func:`differing_overrides`), so a row reads ``regularizer.lam=5``, not every override
-    of the sweep."""
+    others of its ``group`` (by default those of the same method on its data and model, as the
+    plots label their points; :func:`differing_overrides`), so a row reads
+    ``regularizer.lam=5``, not every override the method's runs share (its schedule, an
+    optimizer) nor those that only tell it from other methods, which its method column does."""
     members: dict[Hashable, list[int]] = defaultdict(list)
     for i, run in enumerate(runs):
         members[group(run)].append(i)
@@ -253,6 +256,11 @@ COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
            "acc fine-tuned", *RATIO_COLUMNS, "efficiency b1", "efficiency bN",
            *DEPLOYED_COLUMNS, "collapsed", "overrides", "run")
 CSV_ONLY = ("overrides", "run")  # long: the Markdown table leaves them out
+# The CSV's headers name the unit of their plain numbers (the Markdown cells show it: 3.94×).
+UNITS = {"acc dense": "%", "acc compressed": "%", "acc fine-tuned": "%",
+         **dict.fromkeys(RATIO_COLUMNS, "dense/compressed"),
+         **dict.fromkeys(("efficiency b1", "efficiency bN", *DEPLOYED_COLUMNS),
+                         "latency ratio/MACs ratio")}
 TEXT_COLUMNS = ("data", "model", "method", "setting", "collapsed", *CSV_ONLY)
 
 Cell = str | float | None
@@ -288,6 +296,11 @@ def _markdown_cell(column: str, value: Cell) -> str:
     return "—" if _missing(value) else f"{value:.2f}" + ("×" if column in RATIO_COLUMNS else "")
 
 
+def csv_header(column: str) -> str:
+    """``params ratio`` → ``params ratio (dense/compressed)``: the column with its unit."""
+    return f"{column} ({UNITS[column]})" if column in UNITS else column
+
+
 def _csv_cell(value: Cell) -> str | float:
     """Plain numbers for spreadsheets (4 decimals), empty where not measured."""
     if isinstance(value, str):
@@ -314,9 +327,9 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     rows = [table_row(r) for r in done]
 
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=[csv_header(c) for c in COLUMNS])
         writer.writeheader()
-        writer.writerows({c: _csv_cell(v) for c, v in row.items()} for row in rows)
+        writer.writerows({csv_header(c): _csv_cell(v) for c, v in row.items()} for row in rows)
 
     md = ["# Results", "",
           "Ratios are dense / compressed (higher: smaller or faster); the params ratio counts "
@@ -324,7 +337,7 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           "Accuracy is top-1 (%) on the test set; the fine-tuned column is the model that "
           "ships. Post-hoc baselines are the runs with regularizer "
           f"{', '.join(BASELINE_REGULARIZERS)}. The setting is what differs between the runs "
-          "of a dataset and model (results.csv has every override).", ""]
+          "of a method on a dataset and model (results.csv has every override).", ""]
     measured = {c for row in rows for c in DEPLOYED_COLUMNS if not _missing(row[c])}
     shown = tuple(c for c in COLUMNS if c not in CSV_ONLY
                   and (c not in DEPLOYED_COLUMNS or c in measured))

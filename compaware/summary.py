@@ -65,8 +65,8 @@ def _cell(value: float | int | None, digits: int = 2) -> str:
 def format_summary(results: dict) -> str:
     """Rows of dense → compressed → fine-tuned, with dense/compressed ratios (for latency:
     the speed-up; for parameters, of the modules' counts, then of the compressed model's
-    non-zeros), the budget asked and reached (``compress.target``), and COLLAPSED with the
-    reason for a collapsed run."""
+    non-zeros), ``*`` on a latency whose runs spread wide, the budget asked and reached
+    (``compress.target``), and COLLAPSED with the reason for a collapsed run."""
     acc = results["accuracy"]
     rows = [("accuracy (%)", _cell(acc["dense"]), _cell(acc["compressed"]),
              _cell(acc["finetuned"]), "")]
@@ -76,12 +76,15 @@ def format_summary(results: dict) -> str:
         nonzero = (results.get("compression") or {}).get("nonzero_params")
         if key == "params" and nonzero is not None:  # dense parameters / compressed non-zeros
             rows.append(("  non-zero", "", _cell(nonzero), "", _ratio(dense, nonzero)))
+    noisy = False  # a latency whose runs spread wide (compaware/deploy/bench.py)
     for device, latency in results["latency_ms"].items():
         if latency is None:
             continue
         for key, size in (("batch_1", 1), ("batch_N", latency["batch_size"])):
             dense, compressed = latency[key]["dense"], latency[key]["compressed"]
-            label = f"{device} ms, batch {size}"
+            wide = (latency.get("wide_spread") or {}).get(key)
+            label = f"{device} ms, batch {size}" + (" *" if wide else "")
+            noisy = noisy or bool(wide)
             rows.append((label, _cell(dense, 3), _cell(compressed, 3), "",
                          _ratio(dense, compressed)))
     header = ("", "dense", "compressed", "fine-tuned", "ratio")
@@ -93,6 +96,9 @@ def format_summary(results: dict) -> str:
     threads = next((lat["threads"] for lat in results["latency_ms"].values() if lat), None)
     lines.append(f"seconds: {seconds}" + (f"; latency with {threads} CPU threads" if threads
                                           else ""))
+    if noisy:
+        lines.append("* its runs spread wide (a busy machine?): distrust this median; "
+                     "see latency_ms.<form>.spread")
     budget = ((results.get("compression") or {}).get("details") or {}).get("budget")
     if budget:  # compress.target: what was asked next to what was reached
         lines.append(f"budget: {budget['kind']} {budget['target']:g} asked, "

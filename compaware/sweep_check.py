@@ -1,4 +1,9 @@
-"""A sweep's values checked before any job runs (``compaware train -m ...``).
+"""The command line checked before Hydra composes: names (:func:`check_names`), and a
+sweep's values before any job runs (:func:`check_sweep`, ``compaware train -m ...``).
+
+Hydra answers a misspelt group or key (``regularizr=lowrank``) with the advice to add it
+(``+regularizr=lowrank``), which the schema then refuses anyway. :func:`check_names` names
+the group, key or option that does not exist, the closest that does, and those available.
 
 Hydra composes each job's config only when the job starts, so one ill-typed value
 (``-m schedule.epochs=1,abc,1``) or unknown option (``model=lenet300,resnet5``) used to stop
@@ -11,15 +16,82 @@ is, with one message naming every invalid value, and nothing runs. Searches over
 
 from __future__ import annotations
 
+import difflib
+
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from compaware.config import CONF_DIR, UserError, instantiate, validate
+from compaware.train_help import groups, schema_keys, schema_nodes, top_level_keys
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The overrides of ``argv`` (the command line after ``train``) that are compaware's,
+    not flags nor Hydra's own settings."""
+    return [arg for arg in argv if not arg.startswith("-")
+            and not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+
+
+def check_names(argv: list[str]) -> None:
+    """Raise a :class:`UserError` for the first override of ``argv`` that changes a group,
+    key or option compaware does not have. Additions (``+key=value``) and deletions
+    (``~key``) keep Hydra's meaning and its checks."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(_overrides(argv))
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    for override in parsed:
+        if override.type is OverrideType.CHANGE:
+            problem = _unknown_name(override)
+            if problem:
+                raise UserError(f"{override.input_line}: {problem}")
+
+
+def _unknown_name(override: Override) -> str | None:
+    """What ``override`` names that does not exist, with the closest names, or None."""
+    options, nodes = groups(), schema_nodes()
+    head, _, rest = override.key_or_group.partition(".")
+    if head not in options and head not in nodes and head not in top_level_keys():
+        names = [*options, *top_level_keys()]
+        return (f"compaware train has no config group or key {head!r}.{_close(head, names)} "
+                f"The groups: {', '.join(options)}; the top-level keys: "
+                f"{', '.join(top_level_keys())} (`compaware train --help` describes them).")
+    if rest and head in nodes:
+        keys = list(schema_keys(nodes[head]))
+        key = rest.partition(".")[0]
+        if key not in keys:
+            return (f"{head} has no key {key!r}.{_close(key, keys)} Its keys: "
+                    f"{', '.join(keys)}.")
+    if not rest and head in options:
+        unknown = [value for value in _values(override) if value not in options[head]]
+        if unknown:
+            return (f"there is no option {head}/{unknown[0]} (no "
+                    f"compaware/conf/{head}/{unknown[0]}.yaml).{_close(unknown[0], options[head])}"
+                    f" The options of {head}: {', '.join(options[head])}.")
+    return None
+
+
+def _values(override: Override) -> list[str]:
+    """The options a group override picks (one, or a sweep's list); none where the sweeper
+    chooses them later (globs) or the value removes the group (null)."""
+    if override.is_sweep_override():
+        try:
+            return [str(v) for v in override.sweep_string_iterator()]
+        except HydraException:
+            return []
+    value = override.value()
+    return [] if value is None else [str(value)]
+
+
+def _close(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" Did you mean {close[0]}?" if close else ""
 
 
 def check_sweep(argv: list[str]) -> None:
@@ -27,8 +99,7 @@ def check_sweep(argv: list[str]) -> None:
     command line after ``train``); nothing when it is not a sweep."""
     if not any(arg in MULTIRUN_FLAGS for arg in argv):
         return
-    overrides = [arg for arg in argv if not arg.startswith("-")
-                 and not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    overrides = _overrides(argv)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:

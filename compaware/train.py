@@ -59,7 +59,8 @@ from compaware.models import build_model
 from compaware.regularizers import Regularizer
 from compaware.resources import check_batches
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
-from compaware.sweep_check import check_sweep
+from compaware.sweep_check import check_names, check_sweep
+from compaware.train_help import describe, wants_help
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,12 @@ def run_app(app=main) -> None:
     """``compaware train`` and ``python -m compaware.train`` (``app=compress_main``:
     ``compaware compress``). Under torchrun, ranks > 0 add overrides that leave the run
     directory and Hydra's files to rank 0."""
+    if app is main and wants_help(sys.argv[1:]):  # ours, not Hydra's: groups and keys described
+        print(describe(sys.argv[1:]))
+        return
     sys.argv += distributed.hydra_overrides()
     try:
+        check_names(sys.argv[1:])
         check_sweep(sys.argv[1:])
     except UserError as error:
         sys.exit(f"{error}")

@@ -99,9 +99,9 @@ def test_params_ratio_is_structural_and_the_non_zero_ratio_a_column_of_its_own(t
     assert "5.00× @ 90.00%" in md  # the frontier's ratio is the same
     with open(tmp_path / "out" / "results.csv") as f:
         row = next(csv.DictReader(f))
-    assert (row["params ratio"], row["non-zero ratio"], row["MACs ratio"]) == ("5.0", "10.8",
-                                                                                "6.25")
-    assert row["acc fine-tuned"] == "90.0" and row["collapsed"] == ""
+    ratios = ("params ratio", "non-zero ratio", "MACs ratio")
+    assert [row[f"{c} (dense/compressed)"] for c in ratios] == ["5.0", "10.8", "6.25"]
+    assert row["acc fine-tuned (%)"] == "90.0" and row["collapsed"] == ""
 
 
 def test_the_plot_labels_each_point_and_gives_each_method_a_colour_of_its_own(tmp_path):
@@ -136,7 +136,8 @@ def test_report_shows_a_deployed_form_s_efficiency_where_a_run_measured_it(tmp_p
     assert "| 0.37 | 0.81 | 0.93 | 1.04 |" in md and "| 0.37 | 0.81 | — | — |" in md
     assert md.count("efficiency b1") == 2  # the eager column and this form's only
     with open(tmp_path / "out" / "results.csv") as f:
-        assert {r[f"{column} efficiency bN"] for r in csv.DictReader(f)} == {"1.04", ""}
+        assert {r[f"{column} efficiency bN (latency ratio/MACs ratio)"]
+                for r in csv.DictReader(f)} == {"1.04", ""}
 
 
 def test_the_latency_ratio_is_the_eager_forms_or_an_older_runs_cpu_one(tmp_path):
@@ -182,7 +183,7 @@ def test_report_on_a_fake_sweep(tmp_path):
     assert (tmp_path / "out" / "pareto_digits_lenet5.png").stat().st_size > 10_000
 
 
-def test_settings_keep_only_what_differs_between_runs_of_a_dataset_and_model():
+def test_settings_keep_only_what_differs_between_runs_of_a_method_on_a_dataset_and_model():
     common = "experiment=cmp model=lenet5 init_from=a/b regularizer=lowrank schedule.epochs=3"
     runs = [Run(Path(str(i)), "completed", model="lenet5", overrides=f"{common} {extra}")
             for i, extra in enumerate(("regularizer.lam=1", "regularizer.lam=5",
@@ -211,3 +212,26 @@ def test_report_on_a_real_tiny_sweep(tmp_path):
     assert report.returncode == 0, report.stderr
     assert "2 runs (0 failed" in report.stdout
     assert (tmp_path / "report" / "pareto_digits_lenet5.png").exists()
+
+
+def test_csv_has_plain_numbers_under_headers_naming_the_unit_and_settings_that_differ(tmp_path):
+    """The Markdown shows 3.94×, the CSV 3.94 under ``(dense/compressed)``; a row's setting is
+    what differs between the runs of its method: k-means runs fine-tuned alike differ in their
+    bits only, not in the schedule a plain run of the same model lacks."""
+    shared = ["experiment=cmp", "init_from=a/train.pt", "schedule.epochs=0",
+              "schedule.optimizer=adam", "schedule.finetune_lr=1e-4"]
+    _fake_run(tmp_path, "plain", "none", "none", 97.0, 1000, ["experiment=cmp"])
+    for bits, params in ((2, 254), (5, 500)):
+        _fake_run(tmp_path, f"kmeans_{bits}", "none", "kmeans", 96.0, params,
+                  [*shared, "compress=kmeans", f"compress.linear_bits={bits}"])
+    main([str(tmp_path), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| compress.linear_bits=2 | 98.00 | 95.00 | 96.00 | 3.94× |" in md
+    assert "schedule." not in md
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {Path(r["run"]).name: r for r in csv.DictReader(f)}
+    assert rows["kmeans_2"]["params ratio (dense/compressed)"] == "3.937"
+    assert rows["kmeans_2"]["acc dense (%)"] == "98.0"
+    assert [rows[name]["setting"] for name in ("plain", "kmeans_2", "kmeans_5")] == [
+        "", "compress.linear_bits=2", "compress.linear_bits=5"]
+    assert "×" not in "".join(v for r in rows.values() for v in r.values())

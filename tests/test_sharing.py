@@ -71,8 +71,9 @@ def _step(model: nn.Module, constraint: KeepStructure, optimizer) -> Tensor:
     return grad
 
 
-def test_keep_structure_trains_each_shared_value_by_its_summed_gradient():
-    """Deep Compression's centroid update: value − lr · Σ members' gradients (plain SGD)."""
+def test_keep_structure_trains_each_shared_value_by_its_mean_gradient():
+    """The centroid update at one weight's pace: value − lr · mean of the members' gradients
+    (plain SGD)."""
     model = _shared_layer()
     before = model[0].weight.detach().clone()
     constraint = KeepStructure(model, [["0.weight"]], shared=True)
@@ -82,7 +83,7 @@ def test_keep_structure_trains_each_shared_value_by_its_summed_gradient():
     for value in (0.5, -0.5):
         members = before == value
         assert len(w[members].unique()) == 1
-        assert w[members][0].item() == pytest.approx(value - 0.1 * grad[members].sum().item())
+        assert w[members][0].item() == pytest.approx(value - 0.1 * grad[members].mean().item())
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -2,8 +2,9 @@
 latency, in the inference forms of compaware/deploy/forms.py.
 
 Latency comes from ``torch.utils.benchmark`` (median over blocked runs, thread count
-recorded). The counts read shapes, not values: zeroed weights cost the same until the layer
-is physically smaller, which is why compaware compresses for real.
+recorded, and the runs' spread, with a warning when it is wide). The counts read shapes, not
+values: zeroed weights cost the same until the layer is physically smaller, which is why
+compaware compresses for real.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,13 +36,34 @@ from compaware.layers import weight_layers
 log = logging.getLogger(__name__)
 
 
+# A latency is flagged when the interquartile range of its blocked runs exceeds this share of
+# their median: torch.utils.benchmark's own threshold for "significant environmental
+# influence". On an idle machine a forward pass spreads by a few per cent; on a machine that
+# other processes share, medians of the same model swing by up to 20× between runs, and their
+# runs spread far beyond a quarter.
+WIDE_SPREAD = 0.25
+
+
+class Milliseconds(float):
+    """A median time in milliseconds that keeps how widely the runs behind it spread:
+    ``spread`` = interquartile range / median (None where unknown)."""
+
+    spread: float | None
+
+    def __new__(cls, median: float, spread: float | None = None) -> Milliseconds:
+        value = super().__new__(cls, median)
+        value.spread = spread
+        return value
+
+
 @torch.inference_mode()
 def median_ms(forward: Callable[[torch.Tensor], object], batch: torch.Tensor,
-              min_run_time: float, threads: int) -> float:
-    """Median wall time of ``forward(batch)`` in milliseconds.
+              min_run_time: float, threads: int) -> Milliseconds:
+    """Median wall time of ``forward(batch)`` in milliseconds, with its spread.
 
     ``torch.utils.benchmark`` warms up, synchronises CUDA and reports the median of
-    blocked runs, which is robust to the noise of a shared machine.
+    blocked runs, which is robust to the noise of a shared machine; the spread says when
+    that noise was too much for the median to mean much (:data:`WIDE_SPREAD`).
     """
     # Imported here: importing torch.utils.benchmark loads cpp_extension, which warns about
     # CUDA_HOME on machines with a CUDA toolkit but no GPU.
@@ -49,7 +72,37 @@ def median_ms(forward: Callable[[torch.Tensor], object], batch: torch.Tensor,
 
     timer = benchmark.Timer(stmt="forward(batch)", globals={"forward": forward, "batch": batch},
                             num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    measured = timer.blocked_autorange(min_run_time=min_run_time)
+    return Milliseconds(measured.median * 1e3, measured.iqr / measured.median)
+
+
+def spread_verdict(latency: dict) -> list[str]:
+    """Marks ``latency`` (a :func:`side_by_side_ms` section) with ``wide_spread``
+    (``{batch_1: bool, batch_N: bool}``: some model's spread above :data:`WIDE_SPREAD`) and
+    returns those timings as ``"batch_1 dense (41 %)"``."""
+    wide = []
+    latency["wide_spread"] = {}
+    for key in ("batch_1", "batch_N"):
+        spreads = latency.get("spread", {}).get(key, {})
+        flagged = [f"{key} {name} ({spread:.0%})" for name, spread in spreads.items()
+                   if spread is not None and spread > WIDE_SPREAD]
+        latency["wide_spread"][key] = bool(flagged)
+        wide += flagged
+    return wide
+
+
+def warn_wide_spread(latency: dict) -> None:
+    """Marks every timed section of ``latency`` (results.json's ``latency_ms``) with
+    :func:`spread_verdict` and logs one warning naming the timings that spread wide."""
+    wide = [f"{form} {timing}" for form, section in latency.items() if section
+            for timing in spread_verdict(section)]
+    if wide:
+        load = f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)" if hasattr(
+            os, "getloadavg") else ""
+        log.warning("Latency spread wide: the interquartile range of the runs exceeds %.0f %% "
+                    "of their median for %s. The machine was busy%s, so these medians may be "
+                    "far off; time on an idle machine or raise bench.min_run_time.",
+                    WIDE_SPREAD * 100, ", ".join(wide), load)
 
 
 @contextlib.contextmanager
@@ -142,14 +195,17 @@ def side_by_side_ms(models: dict[str, nn.Module], input_shape: tuple[int, ...],
                     threads: int) -> dict:
     """``{batch_1: {name: ms}, batch_N: {name: ms}}``: each model's ``forward_of(name, model,
     batch)`` timed at batch 1 and ``batch_size`` on ``device``, side by side in one process,
-    with ``threads``, ``batch_size`` and ``device`` recorded."""
+    with ``threads``, ``batch_size`` and ``device`` recorded, and under ``spread`` (same
+    keys) each timing's :attr:`Milliseconds.spread`."""
     results: dict = {"threads": threads, "batch_size": batch_size, "device": str(device)}
+    spread = {}
     for key, size in (("batch_1", 1), ("batch_N", batch_size)):
         batch = torch.randn(size, *input_shape, device=device)
-        results[key] = {name: median_ms(forward_of(name, model, batch), batch, min_run_time,
-                                        threads)
-                        for name, model in models.items()}
-    return results
+        timed = {name: median_ms(forward_of(name, model, batch), batch, min_run_time, threads)
+                 for name, model in models.items()}
+        results[key] = {name: float(ms) for name, ms in timed.items()}
+        spread[key] = {name: getattr(ms, "spread", None) for name, ms in timed.items()}
+    return results | {"spread": spread}
 
 
 def fastest_variant(timed: dict[str, dict]) -> tuple[dict, dict]:
@@ -160,12 +216,14 @@ def fastest_variant(timed: dict[str, dict]) -> tuple[dict, dict]:
     alike."""
     first = next(iter(timed.values()))
     results = {key: first[key] for key in ("threads", "batch_size", "device")}
-    chosen = {}
+    chosen, spread = {}, {}
     for key in ("batch_1", "batch_N"):
         chosen[key] = {name: min(timed, key=lambda variant: timed[variant][key][name])
                        for name in first[key]}
         results[key] = {name: timed[variant][key][name] for name, variant in chosen[key].items()}
-    return results, chosen
+        spread[key] = {name: timed[variant]["spread"][key][name]
+                       for name, variant in chosen[key].items()}
+    return results | {"spread": spread}, chosen
 
 
 def form_latency(form: str, models: dict[str, nn.Module], input_shape: tuple[int, ...], *,
@@ -279,6 +337,7 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
         if torch.cuda.is_available():
             latency["cuda"] = form_latency("eager", inference, input_shape, **timing,
                                            device=torch.device("cuda"))
+    warn_wide_spread(latency)
     costs["latency_ms"] = latency
     costs["efficiency"] = efficiency(costs["macs"], latency["eager"])
     for form in [*FORMS, FASTEST]:
