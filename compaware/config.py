@@ -277,6 +277,10 @@ def validate(cfg: DictConfig) -> None:
                         f"bench.forms=[eager,channels_last].")
     check_choice("objective.ratio", cfg.objective.ratio, ("params", "macs", "bytes"))
     check_range("objective.weight", cfg.objective.weight, 0)
+    if "max_accuracy_drop" in cfg.compress and "target" not in cfg.compress:
+        raise UserError(f"compress.max_accuracy_drop searches budgets (compress.target), which "
+                        f"compress ({cfg.compress._target_}) does not take; it takes "
+                        f"compress=svd, prune or prune+svd.")
     if cfg.resume and cfg.init_from:
         raise UserError("resume=true and init_from are exclusive: resume continues the run in "
                         "hydra.run.dir from its own checkpoint, init_from starts a new run from "
