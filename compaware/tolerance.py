@@ -140,8 +140,10 @@ def search(node: DictConfig, options: AccuracySearch, attempt: Attempter, *,
                     options.max_drop, folder)
         return Attempt(Compressor(), copy.deepcopy(dense), {},
                        {"compressed": dense_accuracy, "finetuned": None}), results
+    share = candidates[chosen - 1]["share"]
+    log.info("search: keeps candidate %d of %d, %s:%g, judged on the %s", chosen,
+             len(candidates), options.kind, share, JUDGED_ON)
     if chosen not in kept:  # judged before an interruption: rebuilt from its checkpoint
-        share = candidates[chosen - 1]["share"]
         kept[chosen] = attempt(candidate(share), folder / str(chosen),
                                f"finetune/{chosen}")
     return kept[chosen], results

@@ -4,8 +4,10 @@ the dense fallback, resume), then a tiny real run and its resume."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ from compaware.compress.base import AccuracySearch
 from compaware.config import UserError
 from compaware.tolerance import FLOOR, Attempt, bisect, search
 from compaware.train import train
+from tests.conftest import REPO
+
+_SPEC = importlib.util.spec_from_file_location(
+    "budget_allocation", REPO / "scripts" / "budget_allocation.py")
+budget_allocation = importlib.util.module_from_spec(_SPEC)
+sys.modules["budget_allocation"] = budget_allocation  # its dataclasses look their module up
+_SPEC.loader.exec_module(budget_allocation)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,3 +177,13 @@ def test_a_run_searches_and_resumes_exactly(make_cfg, tmp_path):
     again = train(make_cfg(*SEARCH, "resume=true"))
     assert (folder / "1" / "finetune.pt").stat().st_mtime_ns == first  # not fine-tuned again
     assert again["search"] == found and again["accuracy"] == results["accuracy"]
+
+
+def test_the_uniform_setting_is_the_weakest_that_meets_the_budget():
+    """scripts/budget_allocation.py: the per-layer value, from either direction."""
+    ratio = budget_allocation.weakest(lambda r: 1 - r, weak=0.0, strong=0.99, goal=0.3)
+    assert 1 - ratio <= 0.3 and ratio == pytest.approx(0.7, abs=1e-5)
+    energy = budget_allocation.weakest(lambda e: e, weak=1.0, strong=1e-6, goal=0.25)
+    assert energy <= 0.25 and energy == pytest.approx(0.25, abs=1e-5)
+    steps = budget_allocation.weakest(lambda r: 1.0 if r < 0.5 else 0.2, 0.0, 0.99, 0.25)
+    assert steps == pytest.approx(0.5, abs=1e-5)  # a step function: its edge
