@@ -122,10 +122,10 @@ def search(node: DictConfig, options: AccuracySearch, attempt: Attempter, *,
                 kept.clear()
                 kept[number] = tried
         candidates.append(entry)
-        log.info("search %d: %s:%g (achieved %s), accuracy %.2f, %.2f points below the dense "
-                 "model's: %s", number, options.kind, share, entry["achieved"],
-                 entry["accuracy"]["judged"], entry["drop"],
-                 "within" if entry["within"] else "beyond the tolerance")
+        log.info("search %d: %s:%g (achieved %s), accuracy %.2f against the dense model's "
+                 "%.2f: %s %g points", number, options.kind, share, entry["achieved"],
+                 entry["accuracy"]["judged"], dense_accuracy,
+                 "within" if entry["within"] else "beyond", options.max_drop)
         return entry["within"]
 
     bisect(judge, options.first, options.steps)
