@@ -292,6 +292,10 @@ def validate(cfg: DictConfig) -> None:
     check_range("finetune.distill_weight", cfg.finetune.distill_weight, 0, 1)
     check_choice("objective.ratio", cfg.objective.ratio, ("params", "macs", "bytes"))
     check_range("objective.weight", cfg.objective.weight, 0)
+    if "max_accuracy_drop" in cfg.compress and "target" not in cfg.compress:
+        raise UserError(f"compress.max_accuracy_drop searches budgets (compress.target), which "
+                        f"compress ({cfg.compress._target_}) does not take; it takes "
+                        f"compress=svd, prune or prune+svd.")
     if cfg.resume and cfg.init_from and (s.epochs or s.pretrain_epochs):
         # A run that trains nothing (compaware compress) keeps no dense checkpoint: resumed,
         # it reads init_from again.

@@ -27,27 +27,30 @@ import math
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware import checkpoint, distributed, native, preemption, rundir
-from compaware.compress import replay
+from compaware import checkpoint, distributed, native, preemption, rundir, tolerance
+from compaware.compress import Compressor, replay
 from compaware.config import (
     CONF_DIR,
     Device,
     ObjectiveConfig,
+    ScheduleConfig,
     UserError,
     check_compress_run,
     instantiate,
     to_container,
     validate,
 )
-from compaware.data import build_data
+from compaware.data import Data, build_data
 from compaware.deploy import bench
 from compaware.deploy.allocator import retain_freed_memory
 from compaware.deploy.export import check_exportable
@@ -60,6 +63,7 @@ from compaware.regularizers import Regularizer
 from compaware.resources import check_batches
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
 from compaware.sweep_check import check_names, check_sweep
+from compaware.tolerance import Attempt
 from compaware.train_help import describe, wants_help
 
 log = logging.getLogger(__name__)
@@ -126,30 +130,23 @@ def train(cfg: DictConfig) -> dict:
         writer.close()
         return {}
 
-    # 2. Compress: a new, physically smaller module; the trained model stays as it is.
-    #    A latency-aware compressor's timings are recorded, and replayed on resume, so that
-    #    a resumed run rebuilds the architecture it fine-tuned (compaware/compress/replay.py).
-    timings = run_dir / "checkpoints" / "compression.json"
-    with timed(seconds, "compress"):
-        timer = replay.timer_for(compressor, timings, resume, LayerTimer)
-        compressed, report = compressor(model, regularizer.artifacts(model), timer)
-        replay.keep(timer, timings)
-    accuracy["compressed"] = evaluate(compressed, data, device)
-    if resume:
-        checkpoint.check_fits(compressed, run_dir / "checkpoints" / "finetune.pt")
-
-    # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
-    #    made (pruned weights stay zero, shared weights shared), optionally learning the
-    #    dense model's outputs too (finetune.distill: the dense model is the teacher).
-    with timed(seconds, "finetune"):
-        finetune = Stage("finetune", s.finetune_epochs, s.finetune_lr or s.lr * 0.1,
-                         Regularizer(), keep=compressor.finetune_constraint(
-                             compressed, keep_zeros=s.finetune_mask),
-                         distill=Distillation(model, cfg.finetune) if cfg.finetune.distill
-                         else None)
-        fit(compressed, data, finetune, s,
-            checkpoint_path=run_dir / "checkpoints" / "finetune.pt", **common)
-    accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None
+    # 2–3. Compress, then fine-tune the compressed model (compress_and_finetune, below; its
+    #    files in checkpoints/). With compress.max_accuracy_drop, a search does both for a
+    #    series of budgets, each from these same trained weights, and keeps the strongest
+    #    whose accuracy stays within that drop of the dense model's (compaware/tolerance.py).
+    attempt = partial(compress_and_finetune, model=model, artifacts=regularizer.artifacts(model),
+                      data=data, schedule=s, seconds=seconds, common=common,
+                      distill=Distillation(model, cfg.finetune) if cfg.finetune.distill else None)
+    search = None
+    if compressor.search is None:
+        chosen = attempt(compressor, run_dir / "checkpoints", "finetune")
+    else:
+        chosen, search = tolerance.search(
+            cfg.compress, compressor.search, attempt, dense=model,
+            dense_accuracy=accuracy["dense"], folder=run_dir / "checkpoints" / "search",
+            resume=resume)
+    compressor, compressed, report = chosen.compressor, chosen.model, chosen.report
+    accuracy |= chosen.accuracy
 
     # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency, as the
     #    results.json sections. A compressor with a storage format of its own writes its file
@@ -163,6 +160,8 @@ def train(cfg: DictConfig) -> dict:
     results = {"accuracy": accuracy, **costs,
                "regularizer": regularizer.stats(model), "seconds": seconds,
                "status": "completed", "choices": config_choices(), "config": config}
+    if search:
+        results["search"] = search  # every candidate budget tried, and the one kept
     results |= collapse_verdict(results, dead_layers(compressed))  # warns when collapsed
     results["objective"] = objective(results, cfg.objective)
     checkpoint.save_json(results, run_dir / "results.json")
@@ -170,6 +169,39 @@ def train(cfg: DictConfig) -> dict:
     print(summary)
     rundir.log_to_file(summary)  # train.log keeps what the console showed
     return results
+
+
+def compress_and_finetune(compressor: Compressor, files: Path, stage: str, *, model: nn.Module,
+                          artifacts: dict, data: Data, schedule: ScheduleConfig,
+                          seconds: dict[str, float], common: dict,
+                          distill: Distillation | None) -> Attempt:
+    """Stages 2 and 3 of a run for ``compressor``, from the trained ``model``, with the
+    files of both in the folder ``files`` and ``stage`` naming the fine-tuning (log,
+    TensorBoard). ``common``: :func:`~compaware.loop.fit`'s keyword arguments."""
+    resume, device = common["resume"], common["device"]
+    # 2. Compress: a new, physically smaller module; the trained model stays as it is.
+    #    A latency-aware compressor's timings are recorded, and replayed on resume, so that
+    #    a resumed run rebuilds the architecture it fine-tuned (compaware/compress/replay.py).
+    timings = files / "compression.json"
+    with timed(seconds, "compress"):
+        timer = replay.timer_for(compressor, timings, resume, LayerTimer)
+        compressed, report = compressor(model, artifacts, timer)
+        replay.keep(timer, timings)
+    accuracy = {"compressed": evaluate(compressed, data, device)}
+    if resume:
+        checkpoint.check_fits(compressed, files / "finetune.pt")
+
+    # 3. Fine-tune the compressed model, without the regularizer, keeping what compression
+    #    made (pruned weights stay zero, shared weights shared), optionally learning the
+    #    dense model's outputs too (finetune.distill: the dense model is the teacher).
+    s = schedule
+    with timed(seconds, "finetune"):
+        finetune = Stage(stage, s.finetune_epochs, s.finetune_lr or s.lr * 0.1,
+                         Regularizer(), keep=compressor.finetune_constraint(
+                             compressed, keep_zeros=s.finetune_mask), distill=distill)
+        fit(compressed, data, finetune, s, checkpoint_path=files / "finetune.pt", **common)
+    accuracy["finetuned"] = evaluate(compressed, data, device) if s.finetune_epochs else None
+    return Attempt(compressor, compressed, report, accuracy)
 
 
 def pick_device(choice: Device) -> torch.device:
@@ -204,7 +236,7 @@ def config_choices() -> dict[str, str]:
 def timed(seconds: dict[str, float], key: str):
     start = time.perf_counter()
     yield
-    seconds[key] = round(time.perf_counter() - start, 3)
+    seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - start, 3)  # summed
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

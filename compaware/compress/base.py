@@ -28,15 +28,47 @@ storage, not in shape, so they own a file format (``save``) whose size is the re
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from compaware.compress.budget import Budget
 from compaware.compress.latency import LatencyOptions, Timer
-from compaware.config import UserError
+from compaware.config import UserError, check_range
 from compaware.keep import KeepStructure
 
 Report = dict[str, dict]
+MAX_SEARCH_STEPS = 20  # candidates of an accuracy search, each one fine-tuning
+
+
+@dataclass(frozen=True)
+class AccuracySearch:
+    """``compress.max_accuracy_drop`` and ``compress.search_steps``: the run tries up to
+    ``steps`` budgets of ``kind``, the first at ``first`` (``compress.target``'s share), and
+    keeps the strongest whose fine-tuned accuracy stays within ``max_drop`` points of the
+    dense model's (compaware/tolerance.py)."""
+
+    max_drop: float
+    steps: int
+    kind: str
+    first: float
+
+    @classmethod
+    def of(cls, max_accuracy_drop: float | None, search_steps: int,
+           budget: Budget | None) -> AccuracySearch | None:
+        """The search a compressor with a ``compress.target`` was configured for, or None."""
+        check_range("compress.search_steps", search_steps, 1, MAX_SEARCH_STEPS, integer=True)
+        if max_accuracy_drop is None:
+            return None
+        check_range("compress.max_accuracy_drop", max_accuracy_drop, 0, 100)
+        if budget is None:
+            raise UserError(f"compress.max_accuracy_drop={max_accuracy_drop} searches the "
+                            f"budgets of compress.target's kind, starting at its share, but "
+                            f"compress.target is null: set it too (params:<share>, "
+                            f"macs:<share> or bytes:<share>, e.g. compress.target=macs:0.5), "
+                            f"or compress.max_accuracy_drop=null.")
+        return cls(float(max_accuracy_drop), int(search_steps), budget.kind, budget.share)
 
 
 class Compressor:
@@ -45,6 +77,7 @@ class Compressor:
     requires: tuple[str, ...] = ()  # artifacts of training it needs (Regularizer.publishes)
     latency: LatencyOptions | None = None  # compress.round_to and compress.latency_*, if taken
     timer: Timer | None = None  # the clock of the current call (use_timer)
+    search: AccuracySearch | None = None  # compress.max_accuracy_drop, if taken
 
     def __call__(self, model: nn.Module, artifacts: dict | None = None,
                  timer: Timer | None = None) -> tuple[nn.Module, Report]:

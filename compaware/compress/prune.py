@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from compaware.compress.base import Compressor, Report
+from compaware.compress.base import AccuracySearch, Compressor, Report
 from compaware.compress.budget import (
     Budget,
     Prices,
@@ -289,7 +289,8 @@ class Prune(Compressor):
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
                  min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
                  latency_batch: int = 32, latency_form: str = "eager",
-                 target: str | None = None) -> None:
+                 target: str | None = None, max_accuracy_drop: float | None = None,
+                 search_steps: int = 6) -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
@@ -308,6 +309,7 @@ class Prune(Compressor):
                                       latency_form=latency_form)
         self.budget = parse_target(target, self.input_shape)
         check_alone(self.budget, "ratio", ratio, 0.0)
+        self.search = AccuracySearch.of(max_accuracy_drop, search_steps, self.budget)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         return self.compress_within(model, self.budget)
@@ -446,7 +448,8 @@ class PruneSVD(Compressor):
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
-                 latency_form: str = "eager", target: str | None = None) -> None:
+                 latency_form: str = "eager", target: str | None = None,
+                 max_accuracy_drop: float | None = None, search_steps: int = 6) -> None:
         both = {"threshold": threshold, "input_shape": input_shape, "layers": layers,
                 "skip_first": skip_first, "round_to": round_to, "latency_aware": latency_aware,
                 "latency_batch": latency_batch, "latency_form": latency_form}
@@ -458,6 +461,7 @@ class PruneSVD(Compressor):
         for option, value, default in (("ratio", ratio, 0.0), ("energy", energy, 1.0),
                                        ("rank", rank, None)):
             check_alone(self.budget, option, value, default)
+        self.search = AccuracySearch.of(max_accuracy_drop, search_steps, self.budget)
 
     def use_timer(self, timer: Timer | None) -> None:
         super().use_timer(timer)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from compaware.compress.base import Compressor, Report
+from compaware.compress.base import AccuracySearch, Compressor, Report
 from compaware.compress.budget import (
     Budget,
     check_alone,
@@ -189,7 +189,8 @@ class SVD(Compressor):
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  input_shape: tuple[int, ...] | None = None,
-                 latency_form: str = "eager", target: str | None = None) -> None:
+                 latency_form: str = "eager", target: str | None = None,
+                 max_accuracy_drop: float | None = None, search_steps: int = 6) -> None:
         check_range("compress.energy", energy, 0, 1, low_open=True)
         if rank is not None:
             check_range("compress.rank", rank, 1, integer=True)
@@ -203,6 +204,7 @@ class SVD(Compressor):
         self.budget = parse_target(target, self.input_shape)
         check_alone(self.budget, "energy", energy, 1.0)
         check_alone(self.budget, "rank", rank, None)
+        self.search = AccuracySearch.of(max_accuracy_drop, search_steps, self.budget)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
         return self.compress_within(model, self.budget)
