@@ -19,7 +19,6 @@ atomically, with a format version and the SHA-256 of its contents, checked when 
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib
 import io
@@ -55,16 +54,16 @@ class ModelFile:
 
 
 def save_model(model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike) -> int:
-    """Write a CPU copy of ``model`` (any mode; its weights, buffers and architecture) with
-    ``input_shape`` to ``path`` atomically; return the file's size in bytes. A model that
+    """Write ``model`` (its architecture, weights and buffers) with ``input_shape`` to
+    ``path`` atomically; return the file's size in bytes. A model that
     cannot be pickled (a lambda in an attribute, say) raises a :class:`UserError` naming it."""
     buffer = io.BytesIO()
     try:
-        torch.save(copy.deepcopy(model).cpu(), buffer)
+        torch.save(model, buffer)  # a model on a GPU is read back onto the CPU: read_model
     except Exception as e:  # pickle's errors for an attribute it cannot store
         raise UserError(f"the compressed model ({type(model).__name__}) cannot be stored as "
                         f"a trainable module: {e}") from None
-    pickled = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    pickled = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)
     checkpoint.save({"format": FORMAT, "version": VERSION, "input_shape": list(input_shape),
                      "module": pickled}, path)
     return Path(path).stat().st_size
@@ -93,12 +92,13 @@ def read_model(path: str | os.PathLike, classes: Iterable[type] = ()) -> ModelFi
                         f"version that wrote it, or use the run's model_compressed.pt2.")
     pickled = io.BytesIO(state["module"].numpy().tobytes())
     extra = {f"{c.__module__}.{c.__qualname__}": c for c in classes}
-    allowed = [allowed_global(name, extra, path)
-               for name in torch.serialization.get_unsafe_globals_in_checkpoint(pickled)]
-    pickled.seek(0)
     try:
-        with torch.serialization.safe_globals(allowed):
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(pickled)
+        pickled.seek(0)
+        with torch.serialization.safe_globals([allowed_global(n, extra, path) for n in names]):
             model = torch.load(pickled, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as e:  # torch's unpickler's errors; the checksum matched, so rare
         raise UserError(f"{path} cannot be rebuilt: {str(e).strip()[:300]}") from None
     if not isinstance(model, nn.Module):
