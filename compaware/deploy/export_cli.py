@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="compaware export",
         description="Write a run's compressed model again in a deployment format, from the "
                     "trainable model_compressed.pt the run kept.")
-    parser.add_argument("run_dir", type=Path, help="a run directory")
-    parser.add_argument("--format", required=True, dest="form",
-                        help=f"one of: {', '.join(FORMATS)}")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    parser.add_argument("--format", required=True, dest="form", metavar="|".join(FORMATS),
+                        help="the format to write")
+    parser.add_argument("--out", type=Path, default=None, metavar="PATH",
                         help="where to write it (default: RUN_DIR/model_compressed.<format>)")
     args = parser.parse_args(argv)
     try:
