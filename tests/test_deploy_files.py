@@ -23,6 +23,8 @@ from torch import nn
 
 import compaware
 from compaware import checkpoint, cli
+from compaware.compress import ShapeDepth
+from compaware.compress.shape import LiveColumnConv2d
 from compaware.config import UserError, instantiate
 from compaware.data import DataInfo
 from compaware.deploy import export_cli, model_file
@@ -30,20 +32,34 @@ from compaware.deploy.bench import inference_model
 from compaware.deploy.export import keep_onnx
 from compaware.models import build_model
 from compaware.train import train
+from tests.test_ssl_compress import _shape_sparse_lenet
 
 ort = pytest.importorskip("onnxruntime")
 
-SHAPES = {"lenet5": (1, 28, 28), "resnet20": (3, 16, 16)}
+# model → its config overrides and one input's shape (C, H, W)
+MODELS = {"lenet5": (["model=lenet5"], (1, 28, 28)),
+          "resnet20": (["model=resnet20"], (3, 16, 16)),
+          "decomposeme": (["model=decomposeme", "model.preset=dec3"], (1, 32, 32)),
+          "mobilenet_v3_small": (["model=torchvision", "model.name=mobilenet_v3_small"],
+                                 (3, 32, 32)),
+          "vit_b_16": (["model=torchvision", "model.name=vit_b_16"], (3, 32, 32)),
+          "swin_t": (["model=torchvision", "model.name=swin_t"], (3, 64, 64))}
 # Settings that make each compressor rebuild the layers of an untrained model.
 COMPRESSORS = {"svd": ["rank=2"], "prune": ["ratio=0.5"], "prune+svd": ["ratio=0.5", "rank=2"]}
+# The default suite's cases; the larger models (seconds to a minute each) are marked slow.
+CASES = [*((model, compressor) for model in ("lenet5", "resnet20") for compressor in COMPRESSORS),
+         *(pytest.param(model, compressor, marks=pytest.mark.slow) for model, compressor in
+           [("decomposeme", "prune+svd"), ("mobilenet_v3_small", "prune"), ("vit_b_16", "svd"),
+            ("vit_b_16", "prune"), ("swin_t", "svd")])]
 
 
 def compressed_model(make_cfg, model: str, compressor: str) -> tuple[nn.Module, tuple]:
     """``model`` (untrained, seeded) compressed by ``compressor`` with :data:`COMPRESSORS`'s
     settings, in eval mode, and its input shape."""
-    channels, size, _ = shape = SHAPES[model]
+    overrides, shape = MODELS[model]
+    channels, size, _ = shape
     cfg = make_cfg("data=synthetic", f"data.channels={channels}", f"data.image_size={size}",
-                   f"model={model}", f"compress={compressor}",
+                   *overrides, f"compress={compressor}",
                    *(f"compress.{setting}" for setting in COMPRESSORS[compressor]))
     torch.manual_seed(0)
     dense = build_model(cfg.model, DataInfo("synthetic", channels, size, 10, 64))
@@ -51,15 +67,28 @@ def compressed_model(make_cfg, model: str, compressor: str) -> tuple[nn.Module, 
     return compressed.eval(), shape
 
 
-@pytest.mark.parametrize("compressor", list(COMPRESSORS))
-@pytest.mark.parametrize("model", ["lenet5", "resnet20"])
+@pytest.mark.parametrize(("model", "compressor"), CASES)
 def test_the_trainable_file_rebuilds_the_model_and_trains(make_cfg, tmp_path, model,
                                                            compressor):
     original, shape = compressed_model(make_cfg, model, compressor)
+    assert_rebuilt_and_trains(original, shape, tmp_path)
+
+
+def test_ssls_live_column_layers_are_rebuilt_too(tmp_path):
+    model, _ = _shape_sparse_lenet()
+    compressed, _ = ShapeDepth()(model)
+    assert isinstance(compressed.conv1, LiveColumnConv2d)
+    assert_rebuilt_and_trains(compressed.eval(), (1, 28, 28), tmp_path)
+
+
+def assert_rebuilt_and_trains(original: nn.Module, shape: tuple, tmp_path) -> None:
+    """``original`` saved and loaded is the same module (classes, state_dict, outputs), and
+    one SGD step in train mode reaches every parameter."""
     model_file.save_model(original, shape, tmp_path / "m.pt")
     loaded = compaware.load_model(tmp_path / "m.pt")
     assert [type(m) for m in loaded.modules()] == [type(m) for m in original.modules()]
     assert loaded.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(t, original.state_dict()[k]) for k, t in loaded.state_dict().items())
     assert not loaded.training
     x = torch.randn(5, *shape)
     with torch.no_grad():
