@@ -3,7 +3,7 @@
 ``model_compressed.pt`` (compaware/deploy/model_file.py) rebuilds the module fine-tuning left:
 same classes, same state_dict, same outputs, and it trains; it is read with torch's
 weights-only unpickler and an allowlist, so a file naming anything but a module class of
-torch, torchvision or compaware is refused before anything is imported or called.
+torch.nn, torchvision or compaware is refused before anything is imported or called.
 ``model_compressed.onnx`` gives ONNX Runtime's outputs equal to PyTorch's, and is skipped
 with one log line where the onnx package is missing.
 """
@@ -169,7 +169,7 @@ def test_a_model_onnx_cannot_express_is_skipped_with_a_warning(tmp_path, caplog)
 
 
 class OwnNet(nn.Sequential):
-    """A model class outside torch, torchvision and compaware."""
+    """A model class outside torch.nn, torchvision and compaware."""
 
 
 class Payload:
@@ -193,7 +193,7 @@ def write_file(path, module: object, version: int = model_file.VERSION) -> None:
 
 def test_a_class_from_elsewhere_loads_only_when_passed(tmp_path):
     write_file(tmp_path / "own.pt", OwnNet(nn.Linear(4, 2)))
-    with pytest.raises(UserError, match=r"names tests\.test_deploy_files\.OwnNet, .*"
+    with pytest.raises(UserError, match=r"names tests\.test_deploy_files\.OwnNet: .*"
                                         r"classes=\[OwnNet\]"):
         compaware.load_model(tmp_path / "own.pt")
     assert isinstance(compaware.load_model(tmp_path / "own.pt", classes=[OwnNet]), OwnNet)
@@ -202,9 +202,14 @@ def test_a_class_from_elsewhere_loads_only_when_passed(tmp_path):
 def test_a_file_that_would_run_code_is_refused_before_running_it(tmp_path):
     marker = tmp_path / "ran"
     write_file(tmp_path / "evil.pt", Payload(str(marker)))
-    with pytest.raises(UserError, match=r"names posix\.system, which is not a module class"):
+    with pytest.raises(UserError, match=r"names posix\.system: not module classes"):
         compaware.load_model(tmp_path / "evil.pt")
     assert not marker.exists()
+    # a torch.fx module is rebuilt by running its generated Python code: refused too
+    write_file(tmp_path / "fx.pt", torch.fx.symbolic_trace(nn.Linear(4, 2)))
+    with pytest.raises(UserError, match=r"names torch\.fx\._symbolic_trace\.Tracer, "
+                                        r"torch\.fx\.graph_module\.reduce_graph_module:"):
+        compaware.load_model(tmp_path / "fx.pt")
 
 
 def test_damaged_foreign_and_future_files_are_refused(tmp_path):

@@ -10,9 +10,10 @@ compressed layers) and the same ``state_dict`` keys, so that
 An ``nn.Module`` of any architecture a compressor rebuilt is only kept whole by pickling it,
 but this file is never unpickled freely. The module's pickle is read by
 ``torch.load(weights_only=True)`` with an allowlist of the classes the file names, each of
-which must be an ``nn.Module`` class of torch, torchvision or compaware (or a class the caller
-passes), plus ``functools.partial`` (a torchvision ViT keeps its norm layer's): a file that
-names anything else (``os.system``, say) is refused before any of it is imported or called.
+which must be an ``nn.Module`` class of torch.nn, torchvision or compaware (or a class the
+caller passes), plus ``functools.partial`` (a torchvision ViT keeps its norm layer's): a file
+that names anything else (``os.system``, say) is refused before any of it is imported or
+called.
 Around that pickle the file is a compaware checkpoint (compaware/checkpoint.py): written
 atomically, with a format version and the SHA-256 of its contents, checked when read.
 """
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "compaware.model"
 VERSION = 1  # raised when the file's layout changes; a reader refuses other versions
-TRUSTED_PACKAGES = ("torch", "torchvision", "compaware")
+# Where the module classes a file may name live: torch's layers (not torch.fx or torch.jit,
+# whose modules rebuild themselves from code), torchvision's models and blocks, compaware's.
+TRUSTED_PACKAGES = ("torch.nn", "torchvision", "compaware")
 # Not a module class, but harmless to rebuild: it only records a callable and its arguments.
 OTHER_GLOBALS = {"functools.partial": functools.partial}
 
@@ -71,7 +74,7 @@ def save_model(model: nn.Module, input_shape: tuple[int, ...], path: str | os.Pa
 
 def read_model(path: str | os.PathLike, classes: Iterable[type] = ()) -> ModelFile:
     """The :class:`ModelFile` at ``path`` (written by :func:`save_model`), its module on the CPU
-    in eval mode. ``classes``: module classes from outside torch, torchvision and compaware that
+    in eval mode. ``classes``: module classes from outside torch.nn, torchvision and compaware that
     the file may name (your own model's). A missing, damaged or foreign file, or one naming any
     other class, raises a :class:`UserError` saying which and why."""
     path = Path(path)
@@ -95,7 +98,7 @@ def read_model(path: str | os.PathLike, classes: Iterable[type] = ()) -> ModelFi
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(pickled)
         pickled.seek(0)
-        with torch.serialization.safe_globals([allowed_global(n, extra, path) for n in names]):
+        with torch.serialization.safe_globals(allowlist(names, extra, path)):
             model = torch.load(pickled, map_location="cpu", weights_only=True)
     except UserError:
         raise
@@ -112,27 +115,32 @@ def load_model(path: str | os.PathLike, classes: Iterable[type] = ()) -> nn.Modu
     return read_model(path, classes).model
 
 
-def allowed_global(name: str, extra: dict[str, type], path: Path) -> object:
-    """The object ``name`` (``module.qualname``, a global the pickle at ``path`` needs) stands
-    for, if the allowlist admits it: one of ``extra``, :data:`OTHER_GLOBALS`, or an
+def allowlist(names: Iterable[str], extra: dict[str, type], path: Path) -> list[object]:
+    """The objects ``names`` (``module.qualname``, the globals the pickle at ``path`` needs)
+    stand for, if the allowlist admits each: one of ``extra``, :data:`OTHER_GLOBALS`, or an
     ``nn.Module`` class of :data:`TRUSTED_PACKAGES`. Only those packages' modules are imported
-    to look a name up; any other name raises a :class:`UserError`."""
-    if name in extra:
-        return extra[name]
-    if name in OTHER_GLOBALS:
-        return OTHER_GLOBALS[name]
-    found = None
-    if name.split(".")[0] in TRUSTED_PACKAGES:
-        found = _lookup(name)
-    if isinstance(found, type) and issubclass(found, nn.Module):
-        return found
-    short = name.rsplit(".", 1)[-1]
-    raise UserError(
-        f"{path} names {name}, which is not a module class of "
-        f"{', '.join(TRUSTED_PACKAGES)} installed here; compaware rebuilds nothing else from a "
-        f"file. If it is your own model's class and you trust the file, pass it: "
-        f"compaware.load_model(path, classes=[{short}]); if it is compaware's, load the file "
-        f"with the compaware version that wrote it.")
+    to look a name up; any other name raises a :class:`UserError` naming every such one."""
+    known = {**OTHER_GLOBALS, **extra}
+    found, refused = [], []
+    for name in sorted(names):
+        if name in known:
+            found.append(known[name])
+            continue
+        target = (_lookup(name) if name.startswith(tuple(f"{package}." for package in
+                                                          TRUSTED_PACKAGES)) else None)
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            found.append(target)
+        else:
+            refused.append(name)
+    if refused:
+        short = ", ".join(name.rsplit(".", 1)[-1] for name in refused)
+        raise UserError(
+            f"{path} names {', '.join(refused)}: not module classes of "
+            f"{', '.join(TRUSTED_PACKAGES)} installed here, and compaware rebuilds nothing else "
+            f"from a file. If they are your own model's classes and you trust the file, pass "
+            f"them: compaware.load_model(path, classes=[{short}]); if they are compaware's, "
+            f"load the file with the compaware version that wrote it.")
+    return found
 
 
 def _lookup(name: str) -> object:
