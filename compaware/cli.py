@@ -1,4 +1,5 @@
-"""``compaware <command> [args]``: the console script (``train``, ``compress``, ``report``).
+"""``compaware <command> [args]``: the console script (``train``, ``compress``, ``report``,
+``export``).
 
 ``compaware train [overrides]`` is the Hydra app of :mod:`compaware.train`, exactly as
 ``python -m compaware.train [overrides]``: Hydra's ``--cfg job``, ``--hydra-help``, ``-m`` and
@@ -21,13 +22,16 @@ commands:
                       init_from=<weights file> or model.weights=DEFAULT (torchvision)
   report DIR... [--out OUT]
                       tables (Markdown, CSV) and Pareto plots from run and sweep directories
+  export RUN_DIR --format onnx|torchscript|pt2 [--out PATH]
+                      write a run's compressed model again in a deployment format
 
 examples:
   compaware train
   compaware train regularizer=lowrank regularizer.lam=0.5 compress.energy=0.9
   compaware train -m regularizer=none,lowrank
   compaware compress model=lenet5 init_from=lenet5.pt compress=prune compress.target=macs:0.5
-  compaware report outputs/multirun/2026-11-21/10-00-00-000000 --out docs"""
+  compaware report outputs/multirun/2026-11-21/10-00-00-000000 --out docs
+  compaware export outputs/2026-11-21/10-00-00-000000 --format onnx"""
 
 
 def main() -> None:
@@ -56,7 +60,11 @@ def main() -> None:
         from compaware.report import main as report_main
 
         sys.exit(report_main(args[1:]))
+    elif command == "export":
+        from compaware.deploy.export_cli import main as export_main
+
+        sys.exit(export_main(args[1:]))
     else:
-        print(f"compaware: unknown command {command!r}; commands: train, compress, "
-              f"report.\n\n{USAGE}", file=sys.stderr)
+        print(f"compaware: unknown command {command!r}; commands: train, compress, report, "
+              f"export.\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -42,5 +42,5 @@ def test_train_stops_before_training(make_cfg, tmp_path):
     with pytest.raises(UserError, match=r"at gate \(DataDependentGate\)"):
         train(make_cfg("data=synthetic", f"model._target_={__name__}.GatedNet"))
     run = tmp_path / "run"  # claimed (the lock), but nothing trained and nothing written
-    assert not list(run.glob("checkpoints/*")) and not list(run.glob("*.pt2"))
+    assert not list(run.glob("checkpoints/*")) and not list(run.glob("model_*"))
     assert not (run / "tb").exists()

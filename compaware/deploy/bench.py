@@ -30,6 +30,7 @@ from compaware.deploy.export import (
 )
 from compaware.deploy.fold import fold_batchnorm
 from compaware.deploy.forms import FASTEST, FORMS
+from compaware.deploy.model_file import keep_compressed
 from compaware.deploy.pooling import swap_max_pools
 from compaware.layers import weight_layers
 
@@ -313,7 +314,9 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
     - ``compression``: the compressor's report (``details``), ``stored`` as ``storage``, and
       :func:`compression_rates`.
 
-    Nothing is timed in a form not asked for: the default times the very model exported."""
+    Nothing is timed in a form not asked for: the default times the very model exported.
+    Beside the .pt2 files, the compressed model is kept trainable (``model_compressed.pt``) and
+    as ONNX (``model_compressed.onnx``): :func:`~compaware.deploy.model_file.keep_compressed`."""
     costs: dict = {key: {} for key in ("params", "macs", "bytes", "structure")}
     inference = {}
     for name, model in models.items():
@@ -323,6 +326,7 @@ def measure(models: dict[str, nn.Module], input_shape: tuple[int, ...], cfg: Ben
         costs["bytes"][name] = export_model(inference[name], torch.zeros(2, *input_shape),
                                             run_dir / f"model_{name}.pt2")
         costs["structure"][name] = layer_shapes(model)
+    keep_compressed(models["compressed"], inference["compressed"], input_shape, run_dir)
     if stored:
         costs["bytes"]["compressed_pt2"] = costs["bytes"]["compressed"]
         costs["bytes"]["compressed"] = stored["bytes"]

@@ -1,4 +1,5 @@
-"""Standalone model files: architecture and weights in one file, loadable without compaware.
+"""Standalone model files: architecture and weights in one file, loadable without compaware
+(``.pt2``; and ``.onnx`` and TorchScript files, for ONNX Runtime and older serving stacks).
 
 We use ``torch.export`` (TorchScript's successor; ``torch.jit.trace`` is deprecated in
 this torch). The exported program records the graph and the weights, not Python
@@ -16,6 +17,8 @@ import contextlib
 import contextvars
 import copy
 import functools
+import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -28,6 +31,8 @@ from torch import nn
 from compaware.checkpoint import write_atomically
 from compaware.config import UserError
 from compaware.layers import describe_failure
+
+log = logging.getLogger(__name__)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -193,6 +198,37 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> in
         except Exception as e:  # the exporter's many error types, all deep inside torch
             raise UserError(f"The model cannot be exported to ONNX: "
                             f"{describe_failure(model, e)}.") from None
+    return path.stat().st_size
+
+
+def keep_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> int | None:
+    """:func:`export_onnx`, for a file a run keeps beside its results: where the ``onnx``
+    package is missing or the model cannot be exported, nothing is written and one log line
+    says why (None); otherwise the file's size."""
+    if importlib.util.find_spec("onnx") is None:
+        log.info("%s not written: ONNX export needs the onnx package (pip install "
+                 "'compaware[onnx]'); the .pt2 and .pt files are written without it.", path)
+        return None
+    try:
+        return export_onnx(model, example, path)
+    except UserError as e:
+        log.warning("%s not written: %s", path, e)
+        return None
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path) -> int:
+    """Write ``model`` traced and frozen by TorchScript (:func:`freeze_torchscript`, traced
+    at ``example``) to ``path``, for serving stacks that load ``torch.jit.load`` files;
+    return its size. A model that cannot be traced stops with a :class:`UserError`."""
+    try:
+        frozen = freeze_torchscript(model, example)
+    except Exception as e:  # the tracer's many error types, all deep inside torch
+        raise UserError(f"The model cannot be traced by TorchScript: "
+                        f"{describe_failure(model, e)}.") from None
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        write_atomically(path, lambda f: torch.jit.save(frozen, f))
     return path.stat().st_size
 
 
