@@ -114,6 +114,8 @@ class ScheduleConfig:
     finetune_epochs: int = 3
     lr: float = 0.05
     strength_ramp: float = 0.3  # share of the regularized stage over which the strength rises
+    steer: bool = True  # with compress.target: steer lam so training meets it (steering.py)
+    steer_ramp: float = 0.7  # share of the stage's epochs over which the steered target falls
     finetune_lr: float | None = None  # None: lr × 0.1
     finetune_mask: bool = False  # keep the trained model's exact zeros at zero while fine-tuning
     batch_size: int = 64
@@ -254,6 +256,7 @@ def validate(cfg: DictConfig) -> None:
     check_range("schedule.finetune_epochs", s.finetune_epochs, 0, MAX_EPOCHS, integer=True)
     check_range("schedule.lr", s.lr, 0, low_open=True)
     check_range("schedule.strength_ramp", s.strength_ramp, 0, 1)
+    check_range("schedule.steer_ramp", s.steer_ramp, 0, 1, low_open=True)
     if s.finetune_lr is not None:
         check_range("schedule.finetune_lr", s.finetune_lr, 0, low_open=True)
     check_range("schedule.batch_size", s.batch_size, 1, integer=True)

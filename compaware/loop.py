@@ -14,7 +14,9 @@ One epoch::
         if a preemption signal came: checkpoint this step and stop (compaware/preemption.py)
     if regularizer.every == "epoch": regularizer.prox(model, t)   # t = lr × steps, at the
                                                                   # epoch's mean ramp
-    scheduler.step(); evaluate; log; checkpoint (atomic, rank 0 only)
+    scheduler.step(); evaluate; log
+    steering.after_epoch(...)                 # toward compress.target: the next epoch's lam
+    checkpoint (atomic, rank 0 only)
 
 Everything an epoch depends on is either in the checkpoint or derived from
 (seed, epoch), so ``resume=true`` continues to the same final weights: from the end of
@@ -29,6 +31,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,9 @@ from compaware.data import Data, test_loader, train_loader
 from compaware.distill import Distillation
 from compaware.keep import KeepStructure
 from compaware.regularizers import Regularizer
+
+if TYPE_CHECKING:
+    from compaware.steering import Steering
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class Stage:
     strength_ramp: float = 0.0  # share of the stage over which the strength rises to lam
     keep: KeepStructure | None = None  # fine-tuning: what compression made (compaware/keep.py)
     distill: Distillation | None = None  # fine-tuning: learn the dense model's outputs too
+    steering: Steering | None = None  # training toward a budget (compaware/steering.py)
 
     @property
     def prefix(self) -> str:
@@ -78,11 +85,13 @@ class Training:
     regularizer: Regularizer
     keep: KeepStructure | None = None
     distill: Distillation | None = None
+    steering: Steering | None = None
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "regularizer": self.regularizer.state_dict()}
+                "regularizer": self.regularizer.state_dict(),
+                **({"steering": self.steering.state_dict()} if self.steering else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -91,6 +100,8 @@ class Training:
         if state.get("scaler"):  # absent or empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])
         self.regularizer.load_state_dict(state["regularizer"])
+        if self.steering:
+            self.steering.load_state_dict(state["steering"])
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate, now and for the rest of the schedule."""
@@ -296,7 +307,8 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
         model=model, net=model, optimizer=optimizer,
         scheduler=make_scheduler(optimizer, schedule, stage.epochs),
         scaler=torch.amp.GradScaler(device.type, enabled=schedule.amp == Amp.fp16),
-        regularizer=stage.regularizer, keep=stage.keep, distill=stage.distill)
+        regularizer=stage.regularizer, keep=stage.keep, distill=stage.distill,
+        steering=stage.steering)
     start, progress, rng = 0, Progress(), None
     if resume and checkpoint_path.exists():
         state = checkpoint.load(checkpoint_path)
@@ -360,6 +372,10 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
             writer.add_scalar(f"{stage.prefix}reg/{key}", value, step)
         for key, figure in stage.regularizer.figures(model).items():
             writer.add_figure(f"{stage.prefix}reg/{key}", figure, step)
+        if stage.steering:  # the strength of the next epoch, from the structure left now
+            stage.steering.after_epoch(model, epoch, writer, step,
+                                       next_lr=optimizer.param_groups[0]["lr"],
+                                       steps=steps_per_epoch)
         writer.flush()
         skipped = f", non-finite batches skipped: {progress.skipped}" if progress.skipped else ""
         log.info("%s epoch %d/%d: loss %.4f (reg %.4f), train acc %.2f, val acc %.2f, lr %.4g%s%s",

@@ -61,6 +61,7 @@ from compaware.loop import Stage, evaluate, fit
 from compaware.models import build_model
 from compaware.regularizers import Regularizer
 from compaware.resources import check_batches
+from compaware.steering import steering_for
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
 from compaware.sweep_check import check_names, check_sweep
 from compaware.tolerance import Attempt
@@ -122,7 +123,10 @@ def train(cfg: DictConfig) -> dict:
                                Regularizer()), s,
             checkpoint_path=run_dir / "checkpoints" / "pretrain.pt", **common)
         pretrained = evaluate(model, data, device) if s.pretrain_epochs else None
-        fit(model, data, Stage("train", s.epochs, s.lr, regularizer, s.strength_ramp), s,
+        steering = steering_for(regularizer, compressor, model, epochs=s.epochs,
+                                ramp=s.steer_ramp, enabled=s.steer)  # toward compress.target
+        fit(model, data, Stage("train", s.epochs, s.lr, regularizer, s.strength_ramp,
+                               steering=steering), s,
             checkpoint_path=run_dir / "checkpoints" / "train.pt", **common)
     accuracy = {"pretrained": pretrained, "dense": evaluate(model, data, device)}
     # Compression, fine-tuning and the benchmark run once, on rank 0; other ranks stop here.
@@ -159,6 +163,7 @@ def train(cfg: DictConfig) -> dict:
 
     results = {"accuracy": accuracy, **costs,
                "regularizer": regularizer.stats(model), "seconds": seconds,
+               **({"steering": steering.summary()} if steering else {}),
                "status": "completed", "choices": config_choices(), "config": config}
     if search:
         results["search"] = search  # every candidate budget tried, and the one kept

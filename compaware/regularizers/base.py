@@ -25,7 +25,8 @@ cross-entropy per sample + lam · r(θ). SGD on it takes a step of lr · lam · 
 a prox of lr · lam · r after each step, and a prox once per epoch one of (lr × the epoch's
 steps) · lam · r, the same threshold summed. None of these depends on the dataset's size or
 the steps per epoch. ``ramp`` scales the strength in force (the loop's warm-up,
-``schedule.strength_ramp``): every penalty, subgradient and prox threshold is multiplied by it.
+``schedule.strength_ramp``, times the factor by which training toward a budget steers it,
+compaware/steering.py): every penalty, subgradient and prox threshold is multiplied by it.
 
 A regularizer with learnable state (soft weight-sharing) creates it in ``setup`` (from the
 weights it starts from and the data), returns it from ``state_dict`` and its parameters from
@@ -59,7 +60,11 @@ class Regularizer:
     """
 
     every: str | None = None  # when prox runs: "epoch", "step", or never
-    ramp: float = 1.0  # the share of the strength in force; the loop sets it before each step
+    warmup: float = 1.0  # the warm-up's share of the strength (schedule.strength_ramp)
+    steering: float = 1.0  # the budget controller's factor on lam (compaware/steering.py)
+    # The structure its prox leaves exactly zero for a compressor to remove: "rank" (singular
+    # values), "units" (whole output units or input channels). What steering can measure.
+    leaves: tuple[str, ...] = ()
     needs_pretrained = False  # a method that retrains a trained network (warned about otherwise)
     publishes: tuple[str, ...] = ()  # the keys of artifacts(): what a compressor may require
 
@@ -68,6 +73,17 @@ class Regularizer:
         check_range("regularizer.lam", lam, 0)
         self.lam = float(lam)
         self.select = LayerSelection("regularizer", layers, skip_first, skip_last)
+
+    @property
+    def ramp(self) -> float:
+        """The share of ``lam`` in force, by which every penalty, subgradient and prox
+        threshold is multiplied: the warm-up's share, which the loop sets before each step,
+        times the steering factor toward a budget (1 without one)."""
+        return self.warmup * self.steering
+
+    @ramp.setter
+    def ramp(self, share: float) -> None:
+        self.warmup = share
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The layers this regularizer acts on in ``model``."""

@@ -83,6 +83,8 @@ class LowRank(ProximalRegularizer):
     factorization would replace.
     """
 
+    leaves = ("rank",)
+
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in super().layers(model) if not is_grouped(m)]
 

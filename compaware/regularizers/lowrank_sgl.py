@@ -24,6 +24,8 @@ from compaware.regularizers.sgl import SGL
 class LowRankSGL(SGL):
     """τ·nuclear norm + (1−τ)·sparse group lasso by proximal steps (``regularizer=lowrank_sgl``)."""
 
+    leaves = ("rank", "units")
+
     def __init__(self, lam: float, tau: float = 0.5, alpha: float = 0.5,
                  lam_first: float | None = None, first_layers: int = 0, every: str = "epoch",
                  prox_step: str = "lr_x_steps", layers: str = "all", skip_first: bool = False,

@@ -73,6 +73,8 @@ class SGL(ProximalRegularizer):
     (``skip_last``): its units are the classes.
     """
 
+    leaves = ("units",)
+
     def __init__(self, lam: float, alpha: float = 0.5, lam_first: float | None = None,
                  first_layers: int = 0, every: str = "epoch", prox_step: str = "lr_x_steps",
                  layers: str = "all", skip_first: bool = False, skip_last: bool = True) -> None:

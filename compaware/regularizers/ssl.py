@@ -149,6 +149,8 @@ class SSL(ProximalRegularizer):
     convs are left out), depth groups on every residual block of the model.
     """
 
+    leaves = ("units",)  # filters and channels; shape columns and branches go with compress=prune
+
     def __init__(self, filter: float = 0.0, channel: float = 0.0, shape: float = 0.0,
                  depth: float = 0.0, lam: float = 1.0, method: str = "subgradient",
                  every: str = "step", prox_step: str = "lr_x_steps", zero_threshold: float = 1e-4,

@@ -1,0 +1,213 @@
+"""Training toward a budget: the regularizer's strength steered so that, when training ends,
+the structure its proximal steps left already meets ``compress.target``, and compression
+removes what is zero instead of cutting a trained network down by force.
+
+At the end of every epoch of the training stage (after the epoch's prox), with the budget
+``kind:share`` (compaware/compress/budget.py)::
+
+    remaining = cost of the model compressed with nothing cut but exact zeros / dense cost
+    target    = 1 − (1 − share) · min(1, epochs done / ramp epochs)
+    factor   ← factor · clip((remaining / next epoch's target) ** GAIN, 1/MAX_STEP, MAX_STEP)
+
+``remaining`` is measured, not estimated: the run's own compressor, its budget set aside
+(with a budget its per-layer options remove only zeros: svd keeps every non-zero singular
+value, prune every live unit), compresses a copy, and the copy's parameters, MACs or bytes are
+counted as the budget counts them. The target falls linearly from 1 to the budget's share over
+``schedule.steer_ramp`` of the stage's epochs, the way gradual pruning schedules lower their
+sparsity target, then holds it. The strength in force is ``regularizer.lam`` × factor (× the
+warm-up ramp): a structure above its target raises it, one below lowers it, so that units or
+singular values the prox took too early can grow back. The factor is an integral controller
+on log λ (each step multiplies it), bounded per epoch by ``MAX_STEP`` and overall by
+``BOUNDS``.
+
+A regularizer steers only when its prox leaves the kind of structure the compressor removes
+(``Regularizer.leaves``: lowrank's ranks for svd, sgl's and ssl's units for prune, both for
+prune+svd); any other pair trains at ``regularizer.lam`` and compression alone meets the
+budget, as the log says once. The controller's state is in the stage's checkpoint, so a
+resumed run steers exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from compaware.compress import SVD, Compressor, Prune, PruneSVD
+from compaware.compress.budget import TOLERANCE, Budget
+from compaware.regularizers import Regularizer
+
+log = logging.getLogger(__name__)
+
+GAIN = 2.0  # log-λ change per unit of log(remaining / target)
+MAX_STEP = 2.0  # at most ×2 or ÷2 per epoch
+BOUNDS = (1e-3, 1e3)  # the factor on regularizer.lam stays within these
+# The steered structure ends this far (a share of the budget) below it: compressing a structure
+# slightly above its budget is a cut of trained weights, which a planner may place badly.
+MARGIN = TOLERANCE
+BISECTIONS = 5  # of the brake's search: within 2^(3/2^5) ≈ 7 % of the factor it looks for
+
+
+def removes(compressor: Compressor) -> tuple[str, ...]:
+    """The structure ``compressor`` takes out of a model (the vocabulary of
+    ``Regularizer.leaves``)."""
+    if isinstance(compressor, PruneSVD):
+        return ("units", "rank")
+    if isinstance(compressor, Prune):
+        return ("units",)
+    if isinstance(compressor, SVD):
+        return ("rank",)
+    return ()
+
+
+def zeros_only(compressor: Compressor) -> Compressor:
+    """A copy of ``compressor`` without its budget or its timings: it removes only what is
+    exactly zero (with a budget set, its per-layer options are at their defaults)."""
+    probe = copy.deepcopy(compressor)
+    for part in (probe, *vars(probe).values()):
+        if isinstance(part, Compressor):
+            part.budget = None
+            if part.latency is not None:
+                part.latency.latency_aware = False
+    return probe
+
+
+@contextmanager
+def quiet(logger: logging.Logger) -> Iterator[None]:
+    """``logger`` holds back everything below an error while inside."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class Steering:
+    """The controller of one training stage; the loop calls :meth:`after_epoch` at the end of
+    each epoch and checkpoints :meth:`state_dict` with the stage."""
+
+    def __init__(self, regularizer: Regularizer, compressor: Compressor, model: nn.Module, *,
+                 epochs: int, ramp: float) -> None:
+        self.regularizer, self.budget = regularizer, compressor.budget
+        self.probe = zeros_only(compressor)
+        self.input_shape = compressor.input_shape
+        self.dense = self.budget.measure(model, self.input_shape)
+        self.epochs, self.ramp_epochs = epochs, max(1, math.ceil(ramp * epochs))
+        self.factor = 1.0
+        self.trajectory: list[dict] = []
+
+    def target(self, epochs_done: int) -> float:
+        """The share of the dense cost that should remain after ``epochs_done`` epochs: at the
+        end :data:`MARGIN` below the budget, so that compression has only zeros to remove."""
+        final = self.budget.share * (1 - MARGIN)
+        return 1 - (1 - final) * min(1.0, epochs_done / self.ramp_epochs)
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module) -> tuple[float, dict[str, dict]]:
+        """The share of the dense cost that ``model`` costs with its exact zeros removed, and
+        the compressor's report of that (per layer: rank, units kept)."""
+        with quiet(logging.getLogger("compaware.compress")):  # its notes are for the final run
+            compressed, report = self.probe(model)
+        return self.budget.measure(compressed, self.input_shape) / self.dense, report
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, factor: float, step_size: float) -> float:
+        """The share that would remain after one more prox of ``step_size`` (a whole epoch's)
+        at ``factor``, applied to a copy of ``model`` now."""
+        copy_ = copy.deepcopy(model)
+        held = self.regularizer.steering
+        self.regularizer.steering = factor
+        try:
+            self.regularizer.prox(copy_, step_size)
+        finally:
+            self.regularizer.steering = held
+        return self.measure(copy_)[0]
+
+    def brake(self, model: nn.Module, factor: float, goal: float, step_size: float) -> float:
+        """``factor``, or less where one epoch's prox at it would already take the structure
+        below ``goal`` (the cliff of a nuclear norm: nothing goes until the threshold reaches
+        the bulk of the spectrum, then most of it at once): the largest factor, found by
+        bisection in log space, whose prox leaves at least ``goal``."""
+        if self.predict(model, factor, step_size) >= goal:
+            return factor
+        low, high = factor / MAX_STEP ** 3, factor
+        if self.predict(model, low, step_size) < goal:
+            return low
+        for _ in range(BISECTIONS):
+            middle = math.sqrt(low * high)
+            low, high = (middle, high) if self.predict(model, middle, step_size) >= goal else (
+                low, middle)
+        return low
+
+    def after_epoch(self, model: nn.Module, epoch: int, writer: SummaryWriter, step: int, *,
+                    next_lr: float, steps: int) -> None:
+        """Measure the structure after ``epoch`` (from 0), log it against the target, and set
+        the strength for the next epoch (of ``steps`` steps at ``next_lr``)."""
+        remaining, report = self.measure(model)
+        target, goal = self.target(epoch + 1), self.target(epoch + 2)
+        lam = self.regularizer.lam * self.factor
+        factor = min(max(self.factor * min(max((remaining / goal) ** GAIN, 1 / MAX_STEP),
+                                           MAX_STEP), BOUNDS[0]), BOUNDS[1])
+        if remaining > goal:  # on the way down: no cliff below the next target
+            factor = self.brake(model, factor, goal, next_lr * steps)
+        self.factor = factor
+        self.regularizer.steering = self.factor
+        self.trajectory.append({"epoch": epoch + 1, "target": round(target, 4),
+                                "remaining": round(remaining, 4), "lam": lam})
+        kind = self.budget.kind
+        writer.add_scalar(f"steer/{kind}_remaining", remaining, step)
+        writer.add_scalar(f"steer/{kind}_target", target, step)
+        writer.add_scalar("steer/lam", lam, step)
+        for name, entry in report.items():
+            for key, tag in (("rank", "rank"), ("kept", "units")):
+                if key in entry:
+                    writer.add_scalar(f"steer/{tag}/{name}", entry[key], step)
+        log.info("steering toward %s:%g: %.4f of the dense %s remain after epoch %d "
+                 "(target %.4f) at lam %.4g; next lam %.4g", kind, self.budget.share,
+                 remaining, kind, epoch + 1, target, lam, self.regularizer.lam * self.factor)
+
+    def summary(self) -> dict:
+        """results.json's ``steering``: the budget, the trajectory (per epoch: target,
+        remaining share, the lam in force) and whether training alone reached the budget."""
+        last = self.trajectory[-1]["remaining"] if self.trajectory else 1.0
+        return {"kind": self.budget.kind, "share": self.budget.share,
+                "ramp_epochs": self.ramp_epochs, "remaining": last,
+                "reached": last <= self.budget.share * (1 + TOLERANCE),
+                "trajectory": self.trajectory}
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor, "trajectory": copy.deepcopy(self.trajectory)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.factor = state["factor"]
+        self.trajectory = copy.deepcopy(state["trajectory"])
+        self.regularizer.steering = self.factor
+
+
+def steering_for(regularizer: Regularizer, compressor: Compressor, model: nn.Module, *,
+                 epochs: int, ramp: float, enabled: bool = True) -> Steering | None:
+    """The controller for a run, or None where there is nothing to steer; the log says why
+    once when a budget is set and the strength is not steered."""
+    budget: Budget | None = getattr(compressor, "budget", None)
+    if budget is None or not epochs:
+        return None
+    spec = f"compress.target={budget.kind}:{budget.share:g}"
+    name = type(regularizer).__name__
+    common = set(regularizer.leaves) & set(removes(compressor))
+    why = ("schedule.steer=false" if not enabled else
+           f"{name} leaves no structure exactly zero" if not regularizer.leaves else
+           f"{name} leaves {' and '.join(regularizer.leaves)} at zero, which "
+           f"{type(compressor).__name__} does not remove" if not common else
+           "regularizer.lam=0" if regularizer.lam == 0 else None)
+    if why:
+        log.info("%s: the regularizer's strength is not steered toward the budget (%s); it "
+                 "trains at regularizer.lam and compression alone meets the budget.", spec, why)
+        return None
+    return Steering(regularizer, compressor, model, epochs=epochs, ramp=ramp)
