@@ -6,19 +6,29 @@ At the end of every epoch of the training stage (after the epoch's prox), with t
 ``kind:share`` (compaware/compress/budget.py)::
 
     remaining = cost of the model compressed with nothing cut but exact zeros / dense cost
-    target    = 1 − (1 − share) · min(1, epochs done / ramp epochs)
+    target    = 1 − (1 − share·(1 − MARGIN)) · min(1, epochs done / ramp epochs)
     factor   ← factor · clip((remaining / next epoch's target) ** GAIN, 1/MAX_STEP, MAX_STEP)
+    if remaining > next target: factor ← the brake's (below)
 
 ``remaining`` is measured, not estimated: the run's own compressor, its budget set aside
 (with a budget its per-layer options remove only zeros: svd keeps every non-zero singular
 value, prune every live unit), compresses a copy, and the copy's parameters, MACs or bytes are
-counted as the budget counts them. The target falls linearly from 1 to the budget's share over
-``schedule.steer_ramp`` of the stage's epochs, the way gradual pruning schedules lower their
-sparsity target, then holds it. The strength in force is ``regularizer.lam`` × factor (× the
-warm-up ramp): a structure above its target raises it, one below lowers it, so that units or
-singular values the prox took too early can grow back. The factor is an integral controller
-on log λ (each step multiplies it), bounded per epoch by ``MAX_STEP`` and overall by
-``BOUNDS``.
+counted as the budget counts them. The target falls linearly from 1 to just below the
+budget's share over ``schedule.steer_ramp`` of the stage's epochs, the way gradual pruning
+schedules lower their sparsity target, then holds it. The strength in force is
+``regularizer.lam`` × factor (× the warm-up ramp): a structure above its target raises it, one
+below lowers it, so that units or singular values the prox took too early can grow back. The
+factor is an integral controller on log λ (each step multiplies it), bounded per epoch by
+``MAX_STEP`` and overall by ``BOUNDS``.
+
+The brake is for the cliff: a nuclear norm's prox removes nothing until its threshold reaches
+the bulk of a layer's spectrum, then most of it at once, and a controller that only looks back
+would step over the edge (on digits it went from all MACs to 15 % in one epoch, aiming at
+57 %). Before an epoch on the way down, the controller applies a whole epoch's prox (the next
+lr × the steps) to a copy of the model at the factor it chose and measures what would remain;
+where that is below the next target it takes, by bisection, the largest factor that is not.
+The prediction ignores the gradient steps that regrow part of what a prox removes, so the
+brake errs on the side of removing too little, which the next epoch's rise makes up.
 
 A regularizer steers only when its prox leaves the kind of structure the compressor removes
 (``Regularizer.leaves``: lowrank's ranks for svd, sgl's and ssl's units for prune, both for
@@ -51,7 +61,8 @@ BOUNDS = (1e-3, 1e3)  # the factor on regularizer.lam stays within these
 # The steered structure ends this far (a share of the budget) below it: compressing a structure
 # slightly above its budget is a cut of trained weights, which a planner may place badly.
 MARGIN = TOLERANCE
-BISECTIONS = 5  # of the brake's search: within 2^(3/2^5) ≈ 7 % of the factor it looks for
+BRAKE_RANGE = 1024.0  # the brake searches down to factor / this …
+BISECTIONS = 7  # … in bisections of log λ: within 2^(10/2^7) ≈ 5.6 % of the factor it looks for
 
 
 def removes(compressor: Compressor) -> tuple[str, ...]:
@@ -137,7 +148,7 @@ class Steering:
         bisection in log space, whose prox leaves at least ``goal``."""
         if self.predict(model, factor, step_size) >= goal:
             return factor
-        low, high = factor / MAX_STEP ** 3, factor
+        low, high = max(factor / BRAKE_RANGE, BOUNDS[0]), factor
         if self.predict(model, low, step_size) < goal:
             return low
         for _ in range(BISECTIONS):
