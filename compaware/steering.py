@@ -24,11 +24,11 @@ factor is an integral controller on log λ (each step multiplies it), bounded pe
 The brake is for the cliff: a nuclear norm's prox removes nothing until its threshold reaches
 the bulk of a layer's spectrum, then most of it at once, and a controller that only looks back
 would step over the edge (on digits it went from all MACs to 15 % in one epoch, aiming at
-57 %). Before an epoch on the way down, the controller applies a whole epoch's prox (the next
-lr × the steps) to a copy of the model at the factor it chose and measures what would remain;
-where that is below the next target it takes, by bisection, the largest factor that is not.
-The prediction ignores the gradient steps that regrow part of what a prox removes, so the
-brake errs on the side of removing too little, which the next epoch's rise makes up.
+57 %). Before an epoch on the way down in which the strength rises, the controller applies a whole
+epoch's prox (the next lr × the steps) to a copy of the model at the new strength and at the
+present one, and predicts the remaining share as remaining × the ratio of the two (dividing
+out what a prox on freshly thresholded weights removes at any strength); where that is below
+the next target it takes, by bisection, the largest rise that is not (possibly none).
 
 A regularizer steers only when its prox leaves the kind of structure the compressor removes
 (``Regularizer.leaves``: lowrank's ranks for svd, sgl's and ssl's units for prune, both for
@@ -56,13 +56,12 @@ from compaware.regularizers import Regularizer
 log = logging.getLogger(__name__)
 
 GAIN = 2.0  # log-λ change per unit of log(remaining / target)
-MAX_STEP = 2.0  # at most ×2 or ÷2 per epoch
+MAX_STEP = 1.5  # at most ×1.5 or ÷1.5 per epoch
 BOUNDS = (1e-3, 1e3)  # the factor on regularizer.lam stays within these
 # The steered structure ends this far (a share of the budget) below it: compressing a structure
 # slightly above its budget is a cut of trained weights, which a planner may place badly.
 MARGIN = TOLERANCE
-BRAKE_RANGE = 1024.0  # the brake searches down to factor / this …
-BISECTIONS = 7  # … in bisections of log λ: within 2^(10/2^7) ≈ 5.6 % of the factor it looks for
+BISECTIONS = 6  # of the brake's search: within 1/64 of the rise it would have made
 
 
 def removes(compressor: Compressor) -> tuple[str, ...]:
@@ -130,8 +129,8 @@ class Steering:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, factor: float, step_size: float) -> float:
-        """The share that would remain after one more prox of ``step_size`` (a whole epoch's)
-        at ``factor``, applied to a copy of ``model`` now."""
+        """The share that would remain after a prox at ``factor`` over ``step_size`` (a whole
+        epoch's), applied to a copy of ``model`` now."""
         copy_ = copy.deepcopy(model)
         held = self.regularizer.steering
         self.regularizer.steering = factor
@@ -141,20 +140,31 @@ class Steering:
             self.regularizer.steering = held
         return self.measure(copy_)[0]
 
-    def brake(self, model: nn.Module, factor: float, goal: float, step_size: float) -> float:
-        """``factor``, or less where one epoch's prox at it would already take the structure
-        below ``goal`` (the cliff of a nuclear norm: nothing goes until the threshold reaches
-        the bulk of the spectrum, then most of it at once): the largest factor, found by
-        bisection in log space, whose prox leaves at least ``goal``."""
-        if self.predict(model, factor, step_size) >= goal:
+    def brake(self, model: nn.Module, factor: float, remaining: float, *, goal: float,
+              step_size: float) -> float:
+        """``factor``, or less where rising to it from the present factor would take the
+        structure (now ``remaining``) below ``goal`` within one epoch: the largest factor
+        between the two, found by bisection, that would not (possibly the present one).
+
+        A prox applied to weights that a prox at the present strength has just thresholded
+        removes more than the next epoch will, whose gradient steps regrow part of it; so the
+        prediction at a factor is scaled by remaining / the prediction at the present one,
+        which divides that bias out and leaves what the rise itself changes."""
+        if factor <= self.factor:
             return factor
-        low, high = max(factor / BRAKE_RANGE, BOUNDS[0]), factor
-        if self.predict(model, low, step_size) < goal:
-            return low
+        present = self.predict(model, self.factor, step_size)
+        if present == 0:  # nothing to scale by: no rise
+            return self.factor
+
+        def keeps_goal(candidate: float) -> bool:
+            return remaining * self.predict(model, candidate, step_size) / present >= goal
+
+        if keeps_goal(factor):
+            return factor
+        low, high = self.factor, factor
         for _ in range(BISECTIONS):
-            middle = math.sqrt(low * high)
-            low, high = (middle, high) if self.predict(model, middle, step_size) >= goal else (
-                low, middle)
+            middle = (low + high) / 2
+            low, high = (middle, high) if keeps_goal(middle) else (low, middle)
         return low
 
     def after_epoch(self, model: nn.Module, epoch: int, writer: SummaryWriter, step: int, *,
@@ -167,7 +177,7 @@ class Steering:
         factor = min(max(self.factor * min(max((remaining / goal) ** GAIN, 1 / MAX_STEP),
                                            MAX_STEP), BOUNDS[0]), BOUNDS[1])
         if remaining > goal:  # on the way down: no cliff below the next target
-            factor = self.brake(model, factor, goal, next_lr * steps)
+            factor = self.brake(model, factor, remaining, goal=goal, step_size=next_lr * steps)
         self.factor = factor
         self.regularizer.steering = self.factor
         self.trajectory.append({"epoch": epoch + 1, "target": round(target, 4),
