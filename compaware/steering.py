@@ -174,7 +174,10 @@ class Steering:
         remaining, report = self.measure(model)
         target, goal = self.target(epoch + 1), self.target(epoch + 2)
         lam = self.regularizer.lam * self.factor
-        factor = min(max(self.factor * min(max((remaining / goal) ** GAIN, 1 / MAX_STEP),
+        # where the structure is heading: a prox keeps removing for epochs after a rise
+        last = self.trajectory[-1]["remaining"] if self.trajectory else 1.0
+        heading = min(max(2 * remaining - last, remaining / MAX_STEP), 1.0)
+        factor = min(max(self.factor * min(max((heading / goal) ** GAIN, 1 / MAX_STEP),
                                            MAX_STEP), BOUNDS[0]), BOUNDS[1])
         if remaining > goal:  # on the way down: no cliff below the next target
             factor = self.brake(model, factor, remaining, goal=goal, step_size=next_lr * steps)

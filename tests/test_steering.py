@@ -18,7 +18,7 @@ from compaware.compress import SVD, Prune, PruneSVD
 from compaware.config import CONF_DIR, UserError, validate
 from compaware.models.lenet import LeNet5
 from compaware.regularizers import L1, SGL, LowRank, LowRankSGL, Regularizer, SoftWeightSharing
-from compaware.steering import MARGIN, Steering, steering_for, zeros_only
+from compaware.steering import MARGIN, MAX_STEP, Steering, steering_for, zeros_only
 from compaware.train import train
 from tests.test_faults import assert_same_run, run_killed
 
@@ -114,22 +114,29 @@ def test_the_strength_rises_above_the_target_and_falls_below_it():
     controller.measure = lambda model: (0.1, {})  # far below every target
     before = controller.factor
     controller.after_epoch(model, 1, Writer(), 2, next_lr=1e-6, steps=1)
-    assert controller.factor == pytest.approx(before / 2)  # at most halved per epoch
+    assert controller.factor == pytest.approx(before / MAX_STEP)  # the most it falls per epoch
 
 
-def test_the_brake_keeps_one_epoch_s_prox_from_going_below_the_next_target():
-    """A step size at which lam would zero nearly every singular value: the brake lowers the
-    strength until the predicted structure is no further down than the next target."""
-    controller = steering(0.25, epochs=8, ramp=1.0)
+def test_a_prox_at_a_higher_strength_predicts_less_structure():
+    controller = steering(0.25)
     model = lenet()
-    assert controller.predict(model, 2.0, 50.0) < controller.target(2)  # the cliff
+    shares = [controller.predict(model, factor, 10.0) for factor in (0.01, 1.0, 10.0)]
+    assert shares[0] == pytest.approx(1.0) and shares[0] > shares[1] > shares[2]
+    assert controller.regularizer.steering == 1.0  # the factor in force is left as it was
+
+
+def test_the_brake_stops_a_rise_at_the_edge_of_a_cliff():
+    """Predictions with a cliff at factor 1.2 (everything above it would go at once): a rise
+    to 1.5 is cut back to the edge, found within 1/64 of the rise."""
+    controller = steering(0.25, epochs=8, ramp=1.0)
+    controller.predict = lambda model, factor, step_size: 0.9 if factor <= 1.2 else 0.1
     writer = Writer()
-    controller.after_epoch(model, 0, writer, 1, next_lr=1.0, steps=50)
-    assert controller.factor < 1
-    assert controller.predict(model, controller.factor, 50.0) >= controller.target(2)
+    controller.after_epoch(lenet(), 0, writer, 1, next_lr=0.1, steps=10)
+    assert 1.2 - 0.5 / 64 <= controller.factor <= 1.2
     assert writer.scalars["steer/macs_remaining"] == pytest.approx(1.0)
     assert writer.scalars["steer/macs_target"] == controller.target(1)
-    assert {"steer/lam", "steer/rank/conv1", "steer/rank/fc1"} <= set(writer.scalars)
+    assert writer.scalars["steer/lam"] == pytest.approx(0.1)  # the lam of the epoch measured
+    assert {"steer/rank/conv1", "steer/rank/fc1"} <= set(writer.scalars)
 
 
 def test_steer_ramp_takes_a_share_in_zero_one(make_cfg):
