@@ -7,7 +7,8 @@ At the end of every epoch of the training stage (after the epoch's prox), with t
 
     remaining = cost of the model compressed with nothing cut but exact zeros / dense cost
     target    = 1 − (1 − share·(1 − MARGIN)) · min(1, epochs done / ramp epochs)
-    factor   ← factor · clip((remaining / next epoch's target) ** GAIN, 1/MAX_STEP, MAX_STEP)
+    heading   = remaining + (remaining − last epoch's remaining), within [remaining/MAX_STEP, 1]
+    factor   ← factor · clip((heading / next epoch's target) ** GAIN, 1/MAX_STEP, MAX_STEP)
     if remaining > next target: factor ← the brake's (below)
 
 ``remaining`` is measured, not estimated: the run's own compressor, its budget set aside
@@ -19,13 +20,15 @@ schedules lower their sparsity target, then holds it. The strength in force is
 ``regularizer.lam`` × factor (× the warm-up ramp): a structure above its target raises it, one
 below lowers it, so that units or singular values the prox took too early can grow back. The
 factor is an integral controller on log λ (each step multiplies it), bounded per epoch by
-``MAX_STEP`` and overall by ``BOUNDS``.
+``MAX_STEP`` and overall by ``BOUNDS``; it acts on where the structure is heading rather than
+where it is, because a prox goes on removing for an epoch or two after the strength that
+drives it stopped rising.
 
 The brake is for the cliff: a nuclear norm's prox removes nothing until its threshold reaches
 the bulk of a layer's spectrum, then most of it at once, and a controller that only looks back
 would step over the edge (on digits it went from all MACs to 15 % in one epoch, aiming at
-57 %). Before an epoch on the way down in which the strength rises, the controller applies a whole
-epoch's prox (the next lr × the steps) to a copy of the model at the new strength and at the
+57 %). Before an epoch on the way down in which the strength rises, the controller applies a
+whole epoch's prox (the next lr × the steps) to a copy of the model at the new strength and at the
 present one, and predicts the remaining share as remaining × the ratio of the two (dividing
 out what a prox on freshly thresholded weights removes at any strength); where that is below
 the next target it takes, by bisection, the largest rise that is not (possibly none).

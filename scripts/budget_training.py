@@ -61,8 +61,8 @@ def main() -> None:
     plain = args.out / "plain"
     run(plain, *common, f"schedule.epochs={args.epochs}", "regularizer=none", "compress=none",
         "schedule.finetune_epochs=0")
-    rows = ["| MACs budget | method | MACs left by training | MACs reached | accuracy trained "
-            "| compressed | fine-tuned |", "|---|---|---|---|---|---|---|"]
+    rows = ["| MACs budget | method | MACs left by training | MACs reached | parameters "
+            "| accuracy trained | compressed | fine-tuned |", "|---|---|---|---|---|---|---|---|"]
     for share in args.budgets:
         for label, (regularizer, compressor, trained) in METHODS.items():
             setting = (f"regularizer={regularizer}", f"compress={compressor}",
@@ -74,7 +74,8 @@ def main() -> None:
             accuracy = results["accuracy"]
             left = results["steering"]["remaining"] if "steering" in results else 1.0
             reached = results["macs"]["compressed"] / results["macs"]["dense"]
-            rows.append(f"| {share} | {label} | {left:.3f} | {reached:.3f} "
+            fewer = results["params"]["dense"] / results["params"]["compressed"]
+            rows.append(f"| {share} | {label} | {left:.3f} | {reached:.3f} | {fewer:.2f}× fewer "
                         f"| {accuracy['dense']:.2f} | {accuracy['compressed']:.2f} "
                         f"| {accuracy['finetuned']:.2f} |")
     print(f"LeNet-5, {args.data} ({args.limit} training samples), {args.epochs} epochs, "

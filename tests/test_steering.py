@@ -100,9 +100,19 @@ def test_the_measure_is_what_compression_without_a_cut_leaves():
         model.conv2.weight.copy_(((u * s) @ vh).reshape(model.conv2.weight.shape))
     share, report = controller.measure(model)
     assert report["conv2"]["rank"] == 2 and share < 0.6
-    assert zeros_only(controller_compressor := SVD(target="macs:0.5",
-                                                   input_shape=SHAPE)).budget is None
-    assert controller_compressor.budget is not None  # the run's compressor keeps its budget
+
+
+@pytest.mark.parametrize("compressor", [SVD, Prune, PruneSVD])
+def test_the_measuring_copy_has_no_budget_and_times_nothing(compressor):
+    """A latency-aware compressor needs a clock; the copy that measures the structure each
+    epoch compresses without one, and removes nothing from a dense model."""
+    run = compressor(target="macs:0.5", input_shape=SHAPE, latency_aware=True)
+    probe = zeros_only(run)
+    model = lenet()
+    compressed, _ = probe(model)
+    assert run.budget is not None and run.latency_aware and not probe.latency_aware
+    assert sum(p.numel() for p in compressed.parameters()) == sum(
+        p.numel() for p in model.parameters())
 
 
 def test_the_strength_rises_above_the_target_and_falls_below_it():
