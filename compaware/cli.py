@@ -27,7 +27,7 @@ commands:
 
 examples:
   compaware train
-  compaware train regularizer=lowrank regularizer.lam=0.5 compress.energy=0.9
+  compaware train regularizer=lowrank regularizer.lam=0.5 compress.target=null compress.energy=0.9
   compaware train -m regularizer=none,lowrank
   compaware compress model=lenet5 init_from=lenet5.pt compress=prune compress.target=macs:0.5
   compaware report outputs/multirun/2026-11-21/10-00-00-000000 --out docs

@@ -155,7 +155,8 @@ def settings(trained: Trained, name: str, node: DictConfig, allocation: str,
 
 
 def build(node: DictConfig, options: dict) -> Compressor:
-    return instantiate(OmegaConf.merge(node, options), "compress")
+    """``node`` with ``options``: a uniform option replaces svd's default target."""
+    return instantiate(OmegaConf.merge(node, {"target": None}, options), "compress")
 
 
 def main() -> None:

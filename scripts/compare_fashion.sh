@@ -45,7 +45,8 @@ commands() {  # one line per run: <dir> <overrides...>
   trained="$trained schedule.epochs=0 regularizer=none"
   # Each method's strengths span its useful range (docs/strengths.md, docs/methods.md).
   for lam in 0.05 0.1 0.2 0.3; do
-    echo "$m/lowrank_$lam model=$m $pre regularizer=lowrank regularizer.lam=$lam compress=svd"
+    echo "$m/lowrank_$lam model=$m $pre regularizer=lowrank regularizer.lam=$lam compress=svd" \
+         "compress.target=null"
   done
   for lam in 0.05 0.1 0.2; do  # tau=0.95: the nuclear norm needs ~20× the SGL term's strength
     echo "$m/lowrank_sgl_$lam model=$m $pre regularizer=lowrank_sgl regularizer.lam=$lam" \
@@ -64,7 +65,8 @@ commands() {  # one line per run: <dir> <overrides...>
          "schedule.finetune_lr=5e-4 schedule.strength_ramp=0"
   done
   for energy in 0.6 0.8 0.95; do
-    echo "$m/svd_$energy model=$m $trained compress=svd compress.energy=$energy"
+    echo "$m/svd_$energy model=$m $trained compress=svd compress.target=null" \
+         "compress.energy=$energy"
   done
   for q in 0.5 1 1.75; do
     echo "$m/magnitude_$q model=$m $trained compress=magnitude compress.q=$q"

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from compaware.compress import SVD, Prune, PruneSVD
-from compaware.compress.budget import TOLERANCE
+from compaware.compress.budget import TOLERANCE, Budget
 from compaware.config import UserError
 from compaware.deploy.bench import count_macs, count_params
 from compaware.models.cifar import CifarResNet
@@ -133,12 +133,14 @@ def test_a_per_layer_option_beside_a_target_is_an_error(method, kwargs, option):
         method(target="params:0.5", **kwargs)
 
 
-@pytest.mark.parametrize("compress", ["svd", "prune", "prune+svd"])
-def test_the_configs_take_a_target(make_cfg, compress):
-    cfg = make_cfg(f"compress={compress}", "compress.target=macs:0.25")
-    compressor = instantiate(cfg.compress)
-    assert (compressor.budget.kind, compressor.budget.share) == ("macs", 0.25)
-    assert instantiate(make_cfg(f"compress={compress}").compress).budget is None
+@pytest.mark.parametrize(("compress", "default"), [
+    ("svd", Budget("macs", 0.25)), ("prune", None), ("prune+svd", None)])
+def test_the_configs_take_a_target(make_cfg, compress, default):
+    cfg = make_cfg(f"compress={compress}", "compress.target=params:0.5")
+    assert instantiate(cfg.compress).budget == Budget("params", 0.5)
+    assert instantiate(make_cfg(f"compress={compress}").compress).budget == default
+    assert instantiate(make_cfg(f"compress={compress}", "compress.target=null").compress
+                       ).budget is None
 
 
 def test_a_run_reports_the_budget_in_results_and_summary(make_cfg, tmp_path, capsys):

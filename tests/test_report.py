@@ -163,7 +163,7 @@ def test_report_on_a_fake_sweep(tmp_path):
     _fake_run(sweep, "0", "lowrank", "svd", 97.0, 100, ["experiment=x", "regularizer.lam=1"])
     _fake_run(sweep, "1", "lowrank", "svd", 95.0, 50, ["experiment=x", "regularizer.lam=5"])
     _fake_run(sweep, "2", "none", "svd", 96.0, 200,
-              ["experiment=x", "regularizer=none", "compress.rank=8"])
+              ["experiment=x", "regularizer=none", "compress.rank=8", "compress.target=null"])
     _fake_run(sweep, "3", "lowrank", "svd", 0, 0, ["regularizer.lam=-1"], status="failed")
     (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that died before writing results
 
@@ -203,7 +203,7 @@ def test_report_refuses_an_empty_directory(tmp_path):
 def test_report_on_a_real_tiny_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     out = run_cli("train", "-m", "debug=fast", "bench.latency=false", "regularizer=none,lowrank",
-                  "compress.rank=2", f"hydra.sweep.dir={sweep}")
+                  "compress.rank=2", "compress.target=null", f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr
     runs = find_runs([sweep])
     assert [r.status for r in runs] == ["completed", "completed"]

@@ -116,9 +116,10 @@ def check_alone(budget: Budget | None, option: str, value: object, default: obje
     from its ``default`` beside it, rather than silently ignore one of the two."""
     if budget is not None and value != default:
         raise UserError(f"compress.target={budget.kind}:{budget.share:g} chooses every layer's "
-                        f"size itself, so compress.{option}={value} would be ignored; set one "
-                        f"of the two: compress.{option}={default} with the target, or "
-                        f"compress.target=null.")
+                        f"size itself, so compress.{option}={value} would be ignored. To size "
+                        f"the layers by compress.{option}, add compress.target=null (compress=svd "
+                        f"has a target by default); to keep the target, leave compress.{option} "
+                        f"at {'null' if default is None else default}.")
 
 
 @torch.no_grad()
