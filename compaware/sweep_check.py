@@ -68,7 +68,8 @@ def _unknown_name(override: Override) -> str | None:
         if key not in keys:
             return (f"{head} has no key {key!r}.{_close(key, keys)} Its keys: "
                     f"{', '.join(keys)}.")
-    if not rest and head in options:
+    if not rest and head in options and not override.is_sweep_override():
+        # a sweep's unknown options are named, every one, by check_sweep
         unknown = [value for value in _values(override) if value not in options[head]]
         if unknown:
             return (f"there is no option {head}/{unknown[0]} (no "
@@ -112,9 +113,11 @@ def check_sweep(argv: list[str]) -> None:
         except HydraException:
             continue  # not enumerable before the sweeper runs (intervals, globs)
         for value in values:
-            reason = _refusal([*fixed, f"{override.get_key_element()}={value}"])
+            job = f"{override.get_key_element()}={value}"
+            reason = _unknown_name(OverridesParser.create().parse_override(job)) or _refusal(
+                [*fixed, job])
             if reason:
-                invalid.append(f"{override.get_key_element()}={value}: {reason}")
+                invalid.append(f"{job}: {reason}")
     if invalid:
         raise UserError("the sweep has invalid values, so none of its jobs ran:\n  "
                         + "\n  ".join(invalid)
