@@ -56,11 +56,14 @@ from compaware.regularizers import Regularizer
 from compaware.resources import check_batches
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
 from compaware.sweep_check import check_sweep
+from compaware.time_limit import time_limit
 
 log = logging.getLogger(__name__)
 
 # What must not change when a run is resumed: the run would silently become another one.
 RUN_IDENTITY = ("data", "model", "regularizer", "compress", "seed")
+TOO_LONG = ("Compress fewer layers (compress.layers, compress.skip_first) or a smaller model, "
+            "or raise compress_time_limit.")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -124,8 +127,11 @@ def train(cfg: DictConfig) -> dict:
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     #    A latency-aware compressor's timings are recorded, and replayed on resume, so that
     #    a resumed run rebuilds the architecture it fine-tuned (compaware/compress/replay.py).
+    #    A signal stops it at once (a rerun repeats it), and so does compress_time_limit.
     timings = run_dir / "checkpoints" / "compression.json"
-    with timed(seconds, "compress"):
+    with (timed(seconds, "compress"),
+          preemption.stop_at_once("compression", run_dir / "checkpoints" / "train.pt"),
+          time_limit(cfg.compress_time_limit, "compression", "compress_time_limit", TOO_LONG)):
         timer = replay.timer_for(compressor, timings, resume, LayerTimer)
         compressed, report = compressor(model, regularizer.artifacts(model), timer)
         replay.keep(timer, timings)
@@ -146,7 +152,8 @@ def train(cfg: DictConfig) -> dict:
     # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency, as the
     #    results.json sections. A compressor with a storage format of its own writes its file
     #    first; that file's size is bytes.compressed.
-    with timed(seconds, "bench"):
+    last = run_dir / "checkpoints" / ("finetune.pt" if s.finetune_epochs else "train.pt")
+    with timed(seconds, "bench"), preemption.stop_at_once("benchmark", last):
         stored = compressor.save(compressed, run_dir)
         costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
                               cfg.bench, run_dir, stored=stored, details=report)
