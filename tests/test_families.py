@@ -17,15 +17,63 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+from torch import nn
 
 from compaware import rundir
 from compaware.compress import Compressor
 from compaware.config import UserError
+from compaware.data import DataInfo
+from compaware.models import check_input_fits, smallest_fitting_size
 from compaware.time_limit import TimeLimitExceeded, time_limit
 from compaware.train import main, train
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# Each torchvision family's smallest classifier, at the smallest image size it takes (a size
+# below it stops at start naming it: tests/test_models.py).
+FAMILIES = {"alexnet": ("alexnet", 63), "vgg": ("vgg11", 32), "resnet": ("resnet18", 32),
+            "resnext": ("resnext50_32x4d", 32), "wide_resnet": ("wide_resnet50_2", 32),
+            "squeezenet": ("squeezenet1_1", 32), "densenet": ("densenet121", 32),
+            "googlenet": ("googlenet", 32), "inception": ("inception_v3", 75),
+            "mobilenet_v2": ("mobilenet_v2", 32), "mobilenet_v3": ("mobilenet_v3_small", 32),
+            "mnasnet": ("mnasnet0_5", 32), "shufflenet_v2": ("shufflenet_v2_x0_5", 32),
+            "efficientnet": ("efficientnet_b0", 32), "efficientnet_v2": ("efficientnet_v2_s", 32),
+            "regnet": ("regnet_x_400mf", 32), "convnext": ("convnext_tiny", 32),
+            "vit": ("vit_b_32", 32), "swin": ("swin_t", 32), "swin_v2": ("swin_v2_t", 32),
+            "maxvit": ("maxvit_t", 221)}
+
+# What each compressor is asked for: something to remove from any model.
+FORCED = {"svd": ["compress.energy=0.5"], "prune": ["compress.ratio=0.25"]}
+
+# The cases of the default suite: a few seconds each on 2 cores.
+QUICK = {("mobilenet_v3", "prune"), ("squeezenet", "svd")}
+
+# AlexNet's and VGG's classifiers (9216 or 25088 → 4096 → 4096) take minutes per SVD on 2
+# cores, as in tests/test_matrix.py: SVD acts on their convs here.
+CONV_ONLY = {"alexnet", "vgg"}
+
+
+def _family_cases() -> list:
+    return [pytest.param(family, compressor, id=f"{family}-{compressor}",
+                         marks=[] if (family, compressor) in QUICK else [pytest.mark.slow])
+            for family in FAMILIES for compressor in FORCED]
+
+
+@pytest.mark.parametrize(("family", "compressor"), _family_cases())
+def test_every_torchvision_family_compresses_end_to_end(make_cfg, family, compressor):
+    name, size = FAMILIES[family]
+    layers = ["compress.layers=conv"] if family in CONV_ONLY and compressor == "svd" else []
+    results = train(make_cfg("model=torchvision", f"model.name={name}", "data=synthetic",
+                             "data.channels=3", f"data.image_size={size}", "data.limit=32",
+                             "data.test_size=16", "schedule.batch_size=8",
+                             "schedule.max_steps_per_epoch=2", "regularizer=none",
+                             f"compress={compressor}", *FORCED[compressor], *layers,
+                             "bench.latency=false"))
+    assert results["status"] == "completed"
+    assert results["params"]["compressed"] < results["params"]["dense"]
 
 
 def library_loop(marker: Path | None = None) -> None:
@@ -131,3 +179,27 @@ def test_sigterm_stops_a_stage_stuck_in_a_library_at_once(tmp_path, where, stage
     assert rundir.status(run_dir) == "preempted"
     error = json.loads((run_dir / "results.json").read_text())["error"]
     assert error.startswith(f"{stage}: preempted by SIGTERM"), error
+
+
+class TrainingNeedsMore(nn.Module):
+    """Runs on any image in eval mode; in training mode (an auxiliary head, say) only on
+    images of at least ``size`` pixels, and it moves a running statistic."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.norm, self.head = size, nn.BatchNorm2d(1), nn.Linear(1, 10)
+
+    def forward(self, x):
+        if self.training and x.shape[-1] < self.size:
+            raise ValueError(f"the auxiliary head needs {self.size} pixels")
+        return self.head(self.norm(x).mean((2, 3)))
+
+
+def test_the_size_a_model_is_said_to_work_from_works_in_training_mode_too():
+    model = TrainingNeedsMore(40)
+    with pytest.raises(UserError, match=r"auxiliary head needs 40 pixels\. It works from "
+                                        r"data.image_size=40"):
+        check_input_fits(model, OmegaConf.create({"name": "aux"}),
+                         DataInfo("synthetic", 1, 32, 10, 100))
+    assert model.training and model.norm.num_batches_tracked == 0  # left as it was
+    assert smallest_fitting_size(model, 1, 32) == 40
