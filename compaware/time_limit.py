@@ -14,6 +14,7 @@ the main thread only, so elsewhere (a thread of a test runner), and on platforms
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -56,10 +57,21 @@ def time_limit(seconds: float | None, stage: str, option: str, advice: str) -> I
 
 
 def where(frame: FrameType | None) -> str:
-    """``module.function`` of the innermost frame: which library held the stage."""
-    if frame is None:
+    """``module.function`` of the innermost frame in a module's file (not generated code, a
+    named tuple's, say), and of compaware's frame that called into it: which library held the
+    stage, and from where."""
+    spots: list[str] = []
+    while frame is not None:
+        module = sys.modules.get(frame.f_globals.get("__name__", ""))
+        ours = getattr(module, "__name__", "").startswith("compaware.")
+        if getattr(module, "__file__", None) and (not spots or ours):
+            spots.append(f"{module.__name__}.{frame.f_code.co_name}")
+            if ours:
+                break
+        frame = frame.f_back
+    if not spots:
         return "code outside Python"
-    return f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_name}"
+    return ", called from ".join(spots)
 
 
 class _Expired(BaseException):

@@ -141,6 +141,7 @@ def test_compression_past_the_time_limit_leaves_a_failed_results_json(make_cfg, 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "failed"
     assert results["error"].startswith("compression ran past compress_time_limit=0.5 s")
+    assert "in tests.test_families.library_loop, called from compaware." in results["error"]
     assert "Compress fewer layers" in results["error"]
 
 
