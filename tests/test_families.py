@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from compaware import rundir
-from compaware.compress import Compressor
+from compaware.compress import Compressor, Prune
+from compaware.compress.opaque import opaque_pruners
 from compaware.config import UserError
 from compaware.data import DataInfo
 from compaware.models import check_input_fits, smallest_fitting_size
@@ -204,3 +206,25 @@ def test_the_size_a_model_is_said_to_work_from_works_in_training_mode_too():
                          DataInfo("synthetic", 1, 32, 10, 100))
     assert model.training and model.norm.num_batches_tracked == 0  # left as it was
     assert smallest_fitting_size(model, 1, 32) == 40
+
+
+class AppliesWeightsItself(nn.Module):
+    """Uses its linear's weight without calling the linear, as Swin's attention does."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, width)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.qkv.weight) + x
+
+
+def test_a_module_applying_its_layers_weights_itself_is_one_node_left_whole():
+    model = nn.Sequential(nn.Linear(4, 8), AppliesWeightsItself(8), nn.ReLU(),
+                          nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    pruners = opaque_pruners(model, torch.zeros(1, 4))
+    assert set(pruners) == {AppliesWeightsItself}
+    pruned, report = Prune(0.5, input_shape=(4,))(model)
+    assert report["0"]["kept"] == 8 and "AppliesWeightsItself" in report["0"]["reason"]
+    assert report["3"]["kept"] == 8  # a group that does not reach it is pruned
+    assert pruned(torch.zeros(2, 4)).shape == (2, 3)
