@@ -64,16 +64,26 @@ def _family_cases() -> list:
             for family in FAMILIES for compressor in FORCED]
 
 
+# Where Torch-Pruning's dependency search does not end in reasonable time: the run stops at
+# compress_time_limit, naming the library function it was in (docs/running.md).
+TOO_SLOW = {("maxvit", "prune"): "torch_pruning.dependency"}
+
+
 @pytest.mark.parametrize(("family", "compressor"), _family_cases())
 def test_every_torchvision_family_compresses_end_to_end(make_cfg, family, compressor):
     name, size = FAMILIES[family]
     layers = ["compress.layers=conv"] if family in CONV_ONLY and compressor == "svd" else []
-    results = train(make_cfg("model=torchvision", f"model.name={name}", "data=synthetic",
-                             "data.channels=3", f"data.image_size={size}", "data.limit=32",
-                             "data.test_size=16", "schedule.batch_size=8",
-                             "schedule.max_steps_per_epoch=2", "regularizer=none",
-                             f"compress={compressor}", *FORCED[compressor], *layers,
-                             "bench.latency=false"))
+    cfg = make_cfg("model=torchvision", f"model.name={name}", "data=synthetic", "data.channels=3",
+                   f"data.image_size={size}", "data.limit=32", "data.test_size=16",
+                   "schedule.batch_size=8", "schedule.max_steps_per_epoch=2",
+                   "regularizer=none", f"compress={compressor}", *FORCED[compressor], *layers,
+                   "bench.latency=false")
+    if (family, compressor) in TOO_SLOW:
+        cfg.compress_time_limit = 60
+        with pytest.raises(TimeLimitExceeded, match=f"in {TOO_SLOW[family, compressor]}"):
+            train(cfg)
+        return
+    results = train(cfg)
     assert results["status"] == "completed"
     assert results["params"]["compressed"] < results["params"]["dense"]
 
