@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 
 # What must not change when a run is resumed: the run would silently become another one.
 RUN_IDENTITY = ("data", "model", "regularizer", "compress", "seed")
-TOO_LONG = ("Compress fewer layers (compress.layers, compress.skip_first), a smaller model, or "
-            "with another compressor (compress=svd traces nothing), or raise compress_time_limit.")
+TOO_LONG = ("Compress fewer layers (compress.layers, compress.skip_first) or a smaller model, use "
+            "another compressor (compress=svd traces nothing), or raise compress_time_limit.")
 
 
 def train(cfg: DictConfig) -> dict:
