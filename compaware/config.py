@@ -192,6 +192,7 @@ class RunConfig:
     # pass, but the process keeps its peak memory. Off: the C library's defaults.
     retain_freed_memory: bool = False
     native_kernels: bool = False  # compaware.native's C kernels, built on first use
+    compress_time_limit: float | None = 3600.0  # seconds (compaware/time_limit.py); None: none
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -248,6 +249,8 @@ def validate(cfg: DictConfig) -> None:
     _check_no_added_keys(cfg)
     _check_finite(to_container(cfg))
     check_range("seed", cfg.seed, 0, MAX_SEED, integer=True)
+    if cfg.compress_time_limit is not None:
+        check_range("compress_time_limit", cfg.compress_time_limit, 0, low_open=True)
     s, d, b = cfg.schedule, cfg.data, cfg.bench
     check_range("schedule.pretrain_epochs", s.pretrain_epochs, 0, MAX_EPOCHS, integer=True)
     if s.pretrain_lr is not None:

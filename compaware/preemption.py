@@ -10,6 +10,11 @@ and exits cleanly. A rerun in the same run directory (a requeued job) resumes at
 that step by itself. A handler that was installed before ours, like submitit's,
 which requeues the job, is called once the checkpoint is written
 (:meth:`Preempted.pass_on`).
+
+Compression and the benchmark have no steps and checkpoint nothing: a rerun repeats them
+from the last checkpoint. Inside :func:`stop_at_once` (around those stages) a signal raises
+:class:`Preempted` at once, wherever the main thread is, a library's loop included
+(Torch-Pruning's dependency search may run for many minutes without returning to us).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 _received: list[int] = []
 _previous: dict[int, object] = {}
+_at_once: list[bool] = []  # non-empty inside stop_at_once
 
 
 class Preempted(Exception):
@@ -57,6 +63,22 @@ def stop_at_next_step() -> Iterator[None]:
             signal.signal(sig, _previous[sig] if _previous[sig] is not None else signal.SIG_DFL)
 
 
+@contextmanager
+def stop_at_once(where: str, checkpoint: Path) -> Iterator[None]:
+    """While inside, a preemption signal raises :class:`Preempted` at once (one received
+    before, on entry): for a stage ``where`` with no step boundary, which a rerun repeats
+    from ``checkpoint``, the last one the run wrote."""
+    if requested() is not None:
+        raise Preempted(requested(), where, checkpoint)
+    _at_once.append(True)
+    try:
+        yield
+    except _Interrupted as signal_received:
+        raise Preempted(signal_received.signum, where, checkpoint) from None
+    finally:
+        _at_once.pop()
+
+
 def requested() -> int | None:
     """The first preemption signal received, if any."""
     return _received[0] if _received else None
@@ -64,3 +86,15 @@ def requested() -> int | None:
 
 def _remember(signum: int, frame: object) -> None:
     _received.append(signum)
+    if _at_once:  # signal handlers run in the main thread, between two Python instructions
+        raise _Interrupted(signum)
+
+
+class _Interrupted(BaseException):
+    """What the handler raises inside :func:`stop_at_once`: not an :class:`Exception`, so that
+    a library's ``except Exception`` (a tracer trying another way) does not swallow it; the
+    context turns it into :class:`Preempted`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -64,6 +64,7 @@ from compaware.resources import check_batches
 from compaware.steering import steering_for
 from compaware.summary import collapse_verdict, final_accuracy, format_summary
 from compaware.sweep_check import check_names, check_sweep
+from compaware.time_limit import time_limit
 from compaware.tolerance import Attempt
 from compaware.train_help import describe, wants_help
 
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 
 # What must not change when a run is resumed: the run would silently become another one.
 RUN_IDENTITY = ("data", "model", "regularizer", "compress", "seed")
+TOO_LONG = ("Compress fewer layers (compress.layers, compress.skip_first) or a smaller model, use "
+            "another compressor (compress=svd traces nothing), or raise compress_time_limit.")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -140,7 +143,8 @@ def train(cfg: DictConfig) -> dict:
     #    whose accuracy stays within that drop of the dense model's (compaware/tolerance.py).
     attempt = partial(compress_and_finetune, model=model, artifacts=regularizer.artifacts(model),
                       data=data, schedule=s, seconds=seconds, common=common,
-                      distill=Distillation(model, cfg.finetune) if cfg.finetune.distill else None)
+                      distill=Distillation(model, cfg.finetune) if cfg.finetune.distill else None,
+                      limit=cfg.compress_time_limit, trained=run_dir / "checkpoints" / "train.pt")
     search = None
     if compressor.search is None:
         chosen = attempt(compressor, run_dir / "checkpoints", "finetune")
@@ -155,7 +159,8 @@ def train(cfg: DictConfig) -> dict:
     # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency, as the
     #    results.json sections. A compressor with a storage format of its own writes its file
     #    first; that file's size is bytes.compressed.
-    with timed(seconds, "bench"):
+    last = run_dir / "checkpoints" / ("finetune.pt" if s.finetune_epochs else "train.pt")
+    with timed(seconds, "bench"), preemption.stop_at_once("benchmark", last):
         stored = compressor.save(compressed, run_dir)
         costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
                               cfg.bench, run_dir, stored=stored, details=report)
@@ -179,16 +184,20 @@ def train(cfg: DictConfig) -> dict:
 def compress_and_finetune(compressor: Compressor, files: Path, stage: str, *, model: nn.Module,
                           artifacts: dict, data: Data, schedule: ScheduleConfig,
                           seconds: dict[str, float], common: dict,
-                          distill: Distillation | None) -> Attempt:
+                          distill: Distillation | None, limit: float | None,
+                          trained: Path) -> Attempt:
     """Stages 2 and 3 of a run for ``compressor``, from the trained ``model``, with the
     files of both in the folder ``files`` and ``stage`` naming the fine-tuning (log,
-    TensorBoard). ``common``: :func:`~compaware.loop.fit`'s keyword arguments."""
+    TensorBoard). ``common``: :func:`~compaware.loop.fit`'s keyword arguments; ``limit``:
+    compress_time_limit; ``trained``: the checkpoint a stopped compression restarts from."""
     resume, device = common["resume"], common["device"]
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     #    A latency-aware compressor's timings are recorded, and replayed on resume, so that
     #    a resumed run rebuilds the architecture it fine-tuned (compaware/compress/replay.py).
+    #    A signal stops it at once (a rerun repeats it), and so does compress_time_limit.
     timings = files / "compression.json"
-    with timed(seconds, "compress"):
+    with (timed(seconds, "compress"), preemption.stop_at_once("compression", trained),
+          time_limit(limit, "compression", "compress_time_limit", TOO_LONG)):
         timer = replay.timer_for(compressor, timings, resume, LayerTimer)
         compressed, report = compressor(model, artifacts, timer)
         replay.keep(timer, timings)

@@ -82,10 +82,18 @@ def smallest_fitting_size(model: nn.Module, channels: int, failing: int) -> int 
 
 @torch.no_grad()
 def _forward_error(model: nn.Module, channels: int, size: int) -> Exception | None:
-    """The exception one eval-mode forward pass of a blank image raises, if any."""
-    with eval_mode(model):
+    """The exception a forward pass of blank images raises, if any: in eval mode, then in
+    training mode on 2 images (what training runs; BatchNorm needs more than one value per
+    channel there), with the random state and the buffers (running statistics) restored."""
+    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    with eval_mode(model), torch.random.fork_rng(devices=[]):
         try:
             model(torch.zeros(1, channels, size, size))
+            model.train()
+            model(torch.zeros(2, channels, size, size))
         except Exception as e:  # whatever torch raises deep inside: reported by the caller
             return e
+        finally:
+            for buffer, value in saved:
+                buffer.copy_(value)
     return None
