@@ -14,13 +14,14 @@ from torch import nn
 from compaware.compress import SVD, Prune, PruneSVD
 from compaware.compress.budget import TOLERANCE
 from compaware.compress.latency_budget import PLANS, ROUNDS, Curve
-from compaware.compress.replay import RecordingTimer, ReplayingTimer, question
+from compaware.compress.replay import RecordingTimer, question
 from compaware.compress.svd import Spectrum, rank_steps
 from compaware.config import UserError
 from compaware.costs import count_macs
 from compaware.deploy.timing import LayerTimer
 from compaware.models.cifar import CifarResNet
 from compaware.models.lenet import LeNet5
+from tests.test_latency import assert_replayed
 
 WHOLE = (LeNet5, CifarResNet)
 MACS: dict[str, int] = {}  # counted once per question: the counter runs a forward pass
@@ -112,12 +113,7 @@ def test_a_latency_budget_is_replayed_exactly_on_resume(tmp_path):
     recorder = RecordingTimer(MacClock(penalty=1.2))
     first, report = prune(model, timer=recorder)
     assert any(answer["question"].startswith("LeNet5(") for answer in recorder.answers)
-    replay = ReplayingTimer(recorder.answers, tmp_path / "compression.json")
-    again, replayed = prune(model, timer=replay)
-    replay.check_all_asked()
-    assert replayed == report
-    assert {k: v.shape for k, v in again.state_dict().items()} == {
-        k: v.shape for k, v in first.state_dict().items()}
+    assert_replayed(prune, model, recorder, (first, report), tmp_path)
 
 
 def test_a_latency_budget_needs_a_timer_and_is_not_split_by_prune_svd():
