@@ -13,7 +13,7 @@ from torch import nn
 
 from compaware.compress import SVD, Prune, PruneSVD
 from compaware.compress.budget import TOLERANCE
-from compaware.compress.latency_budget import PLANS, ROUNDS, Curve
+from compaware.compress.latency_budget import CLOSE, PLANS, ROUNDS, Curve
 from compaware.compress.replay import RecordingTimer, question
 from compaware.compress.svd import Spectrum, rank_steps
 from compaware.config import UserError
@@ -84,6 +84,17 @@ def test_a_plan_that_measures_slower_than_planned_is_aimed_lower_and_made_again(
     assert budget["achieved"] == pytest.approx(1.2 * macs_share(model, compressed, (1, 28, 28)),
                                                abs=1e-4)
     assert clock.wholes == 1 + 2 * 2 * ROUNDS
+
+
+def test_a_plan_that_measures_much_faster_than_planned_is_made_again_less_compressed():
+    torch.manual_seed(0)
+    model, clock = LeNet5(), MacClock(penalty=0.7)
+    compressed, report = Prune(target="latency:0.5", input_shape=(1, 28, 28), latency_batch=2,
+                               round_to=2)(model, timer=clock)
+    budget = report["budget"]
+    assert budget["plans"] == 2 and budget["reached"]
+    assert 0.5 * (1 - CLOSE) <= budget["achieved"] <= 0.5 * (1 + TOLERANCE)
+    assert budget["planned"] > 0.65  # aimed at 0.5 · 0.5 / 0.35 the second time
 
 
 def test_a_budget_the_clock_never_confirms_stops_after_a_few_plans_with_the_reason():
