@@ -19,6 +19,7 @@ from compaware.compress.svd import Spectrum, rank_steps
 from compaware.config import UserError
 from compaware.costs import count_macs
 from compaware.deploy.timing import LayerTimer
+from compaware.layers import weight_layers
 from compaware.models.cifar import CifarResNet
 from compaware.models.lenet import LeNet5
 from tests.test_latency import assert_replayed
@@ -95,6 +96,38 @@ def test_a_plan_that_measures_much_faster_than_planned_is_made_again_less_compre
     assert budget["plans"] == 2 and budget["reached"]
     assert 0.5 * (1 - CLOSE) <= budget["achieved"] <= 0.5 * (1 + TOLERANCE)
     assert budget["planned"] > 0.65  # aimed at 0.5 · 0.5 / 0.35 the second time
+
+
+class PassesClock(MacClock):
+    """A whole model also takes ``per_output`` ns per element its convs and linears write
+    (the ReLUs and pools over their outputs, which no layer timed alone accounts for)."""
+
+    def __init__(self, per_output: float) -> None:
+        super().__init__()
+        self.per_output = per_output
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        seconds = super().__call__(module, x)
+        if not isinstance(module, WHOLE):
+            return seconds
+        written = []
+        hooks = [layer.register_forward_hook(lambda _, __, out: written.append(out[0].numel()))
+                 for _, layer in weight_layers(module)]
+        with torch.no_grad():
+            module(x[:1])
+        for hook in hooks:
+            hook.remove()
+        return seconds + self.per_output * sum(written) * 1e-9
+
+
+def test_the_passes_between_layers_shrink_with_a_pruned_models_channels():
+    torch.manual_seed(0)
+    model = LeNet5()
+    compressed, report = Prune(target="latency:0.5", input_shape=(1, 28, 28), latency_batch=2)(
+        model, timer=PassesClock(per_output=30))
+    budget = report["budget"]
+    assert budget["plans"] == 1 and budget["reached"]  # planned right the first time
+    assert budget["achieved"] == pytest.approx(budget["planned"], abs=0.02)
 
 
 def test_a_budget_the_clock_never_confirms_stops_after_a_few_plans_with_the_reason():

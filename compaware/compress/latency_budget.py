@@ -8,8 +8,9 @@ counted ones: each candidate layer is timed alone on its input, dense and at a f
 sizes the plan can give it (ranks, or widths, rounded to ``round_to``), and a size between
 those is priced by linear interpolation (:class:`Curve`). What the layers do not account
 for (activations, additions, pooling) is the dense model's measured time less the sum of
-its layers', taken as fixed. A layer of one shape on one input is timed once
-(:class:`ShapeCache`): ResNet-50's blocks repeat.
+its layers': fixed for SVD (a pair writes the layer's outputs), shrinking with the channels
+for pruning (:func:`~compaware.compress.prune_plan.timed_cost`). A layer of one shape on one
+input is timed once (:class:`ShapeCache`): ResNet-50's blocks repeat.
 
 A plan is a prediction, so it is checked (:func:`meet`): the compressed model is timed
 against the dense one, side by side in alternating rounds. Where it is slower than the target

@@ -319,7 +319,9 @@ class Prune(Compressor):
                 steps += [(value, len(steps) + i, root, units, reach) for i, (value, units)
                           in enumerate(group_steps(unit_importance, self.latency.round_to))]
         if measured:
-            now, cost = measured.dense, timed_cost(model, measured, sides, self.latency.round_to)
+            positions = prices(Budget("macs", 1.0), model, self.input_shape).weight
+            now = measured.dense
+            cost = timed_cost(model, measured, sides, positions, self.latency.round_to)
         else:
             now = budget.measure(model, self.input_shape)
             cost = analytic_cost(prices(budget, model, self.input_shape))

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from compaware.compress.budget import Prices, layer_cost
 from compaware.compress.latency import pruned_stand_in, round_up
 from compaware.compress.latency_budget import Curve, Measured, nanoseconds
-from compaware.layers import WEIGHT_LAYERS
+from compaware.layers import WEIGHT_LAYERS, weight_layers
 
 # a layer's cost with (output units, input units) removed
 LayerCost = Callable[[nn.Module, str, tuple[int, int]], int]
@@ -141,21 +141,32 @@ FRACTIONS = (0.75, 0.5, 0.25, 0.1)  # of a layer's units, at which its time is m
 
 
 def timed_cost(model: nn.Module, measured: Measured, sides: dict[str, set[int]],
-               round_to: int) -> LayerCost:
+               positions: dict[str, int], round_to: int) -> LayerCost:
     """A layer's cost measured: each conv and linear that pruning reaches (``sides``: the
     sides it loses units on, 0 outputs, 1 inputs) timed dense and with :data:`FRACTIONS` of
-    those units left (rounded up to ``round_to``), interpolated in its share of MACs left;
-    BatchNorms cost nothing (a deployment folds them)."""
+    those units left (rounded up to ``round_to``), interpolated in its share of MACs left,
+    plus its part of the rest of the model's time. The rest (activations, pooling, additions:
+    the dense model's time less its layers') is shared among all convs and linears by the
+    size of their outputs (``positions`` per output unit, :func:`~.budget.prices`) and
+    shrinks with their output units: those passes read and write the channels a layer
+    writes. BatchNorms cost nothing (a deployment folds them)."""
     curves = {}
     for name, axes in sides.items():
         layer = model.get_submodule(name)
         if isinstance(layer, WEIGHT_LAYERS):
             curves[name] = layer_curve(measured, (name, layer), axes, round_to)
+    outputs = {name: positions[name] * layer.weight.shape[0]
+               for name, layer in weight_layers(model)}
+    rest = max(measured.dense_seconds - sum(curve(1.0) for curve in curves.values()), 0.0)
+    per_output = rest / max(sum(outputs.values()), 1)
 
     def cost(layer: nn.Module, name: str, removed: tuple[int, int]) -> int:
         if name not in curves:
             return 0
-        return nanoseconds(curves[name](macs_left(layer, name, removed)))
+        units = layer.weight.shape[0]
+        left = units - (max(removed) if getattr(layer, "groups", 1) > 1 else removed[0])
+        return nanoseconds(curves[name](macs_left(layer, name, removed))
+                           + per_output * outputs[name] * left / units)
     return cost
 
 
