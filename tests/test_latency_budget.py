@@ -13,7 +13,7 @@ from torch import nn
 
 from compaware.compress import SVD, Prune, PruneSVD
 from compaware.compress.budget import TOLERANCE
-from compaware.compress.latency_budget import CLOSE, PLANS, ROUNDS, Curve
+from compaware.compress.latency_budget import CLOSE, PLANS, ROUNDS, Curve, next_aim
 from compaware.compress.replay import RecordingTimer, question
 from compaware.compress.svd import Spectrum, rank_steps
 from compaware.config import UserError
@@ -167,6 +167,12 @@ def test_a_latency_budget_needs_a_timer_and_is_not_split_by_prune_svd():
         svd(LeNet5())
     with pytest.raises(UserError, match="latency budget.*compress=svd and compress=prune"):
         PruneSVD(target="latency:0.5", input_shape=(1, 28, 28))
+
+
+def test_the_next_plan_is_aimed_between_two_that_missed_on_either_side():
+    assert next_aim([(0.2, 0.5)], 0.5, 0.46) == pytest.approx(1.0)  # capped: 0.5 · 0.46 / 0.2
+    assert next_aim([(0.6, 0.5)], 0.5, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)
+    assert next_aim([(0.2, 0.5), (1.0, 1.0)], 0.5, 1.0) == pytest.approx(0.5 + 0.3 * 0.5 / 0.8)
 
 
 def test_a_curve_interpolates_between_its_measurements_and_holds_beyond_them():

@@ -17,7 +17,8 @@ against the dense one, side by side in alternating rounds. Where it is slower th
 allows, or more than :data:`CLOSE` faster (the parts taken as fixed shrink with the layers
 too, so a pruned model often runs faster than planned), the plan is made again, aimed at the
 target corrected by the ratio of the measured share to the planned one, at most :data:`PLANS`
-times. The ``budget`` entry records the target, the measured share, the spread of the
+times (between two plans measured on either side of the target, the aim is interpolated).
+The ``budget`` entry records the target, the measured share, the spread of the
 per-round shares, the plan's own prediction and how many plans it took.
 
 Every timing goes through the timer in a fixed order, so that a resumed run replays them
@@ -118,6 +119,19 @@ def side_by_side(timer: Timer, dense: nn.Module, compressed: nn.Module,
     return statistics.median(shares), (max(shares) - min(shares)) / 2
 
 
+def next_aim(tried: list[tuple[float, float]], target: float, planned: float) -> float:
+    """The share the next plan aims at, given the (measured share, aim) of the plans so far
+    and what the last one predicted (``planned``): between two plans measured on either side
+    of the target, linearly interpolated; else the target corrected by how far the last
+    plan's prediction was off."""
+    faster = [point for point in tried if point[0] < target]
+    slower = [point for point in tried if point[0] > target]
+    if faster and slower:
+        (low, low_aim), (high, high_aim) = max(faster), min(slower)
+        return low_aim + (target - low) * (high_aim - low_aim) / (high - low)
+    return min(1.0, target * planned / tried[-1][0])
+
+
 def preferred(achieved: float, best: float, limit: float) -> bool:
     """Whether a plan measured at ``achieved`` beats the best so far: one that reaches the
     target (at most ``limit``) beats one that does not; of two that reach it the less
@@ -140,7 +154,7 @@ def meet(model: nn.Module, budget: Budget, plan: Plan, *, timer: Timer, batch_si
     cache = ShapeCache(LatencyCheck(model, input_shape, batch_size, timer))
     measured = Measured(cache, timer(model, x))
     target, limit = budget.share, budget.share * (1 + TOLERANCE)
-    aim, best, plans = target, None, 0
+    aim, best, plans, tried = target, None, 0, []
     while plans < PLANS:
         plans += 1
         compressed, report = plan(copy.deepcopy(model), Budget(budget.kind, aim), measured)
@@ -149,7 +163,8 @@ def meet(model: nn.Module, budget: Budget, plan: Plan, *, timer: Timer, batch_si
             best = (compressed, report, achieved, spread)
         if target * (1 - CLOSE) <= achieved <= limit:
             break
-        aim = min(1.0, target * report["budget"]["achieved"] / achieved)
+        tried.append((achieved, aim))
+        aim = next_aim(tried, target, report["budget"]["achieved"])
     compressed, report, achieved, spread = best
     planned = report.pop("budget")
     entry = {"kind": budget.kind, "target": budget.share, "achieved": round(achieved, 4),
