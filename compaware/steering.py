@@ -87,7 +87,7 @@ def zeros_only(compressor: Compressor) -> Compressor:
         if isinstance(part, Compressor):
             part.budget = None
             if part.latency is not None:
-                part.latency.latency_aware = False
+                part.latency.latency_aware = part.latency.check_layers = False
     return probe
 
 
@@ -108,7 +108,10 @@ class Steering:
 
     def __init__(self, regularizer: Regularizer, compressor: Compressor, model: nn.Module, *,
                  epochs: int, ramp: float) -> None:
-        self.regularizer, self.budget = regularizer, compressor.budget
+        budget = compressor.budget
+        # A measured latency is not timed every epoch: the MACs stand in for it while training.
+        self.regularizer = regularizer
+        self.budget = Budget("macs", budget.share) if budget.kind == "latency" else budget
         self.probe = zeros_only(compressor)
         self.input_shape = compressor.input_shape
         self.dense = self.budget.measure(model, self.input_shape)

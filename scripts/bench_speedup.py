@@ -7,21 +7,24 @@
 For ResNet-50, AlexNet, Dec8 (DecomposeMe) and LeNet-5 (random weights: latency depends on
 shapes, not values), each compressed by ``svd`` (energies), ``prune`` (ratios), SSL's shape
 sparsity (a share of every conv's im2col columns zeroed, smallest norms first, then
-``compress=ssl``'s live-column layers) and the latency-aware variants (``round_to=8`` and
-``latency_aware=true``), it prints the MACs ratio (dense / compressed), the measured CPU
-latency ratio at batch 1 and batch N, and the realization efficiency = latency ratio ÷ MACs
-ratio (1: the whole MAC saving became time). Both models run in one inference form
-(compaware/deploy/forms.py, the forms ``compaware train`` times with ``bench.forms``), each
-from the model as exported (``bench.inference_model``: BatchNorm folded): ``eager`` (NCHW,
-what the exported file runs) by default; ``channels_last`` (NHWC), ``strided_pools``
-(max-pools off PyTorch's slow NCHW kernel), ``inductor`` (compiled by TorchInductor, frozen,
-C++ wrapper, each model with its convs on oneDNN or PyTorch's dispatch, the faster kept per
-batch size), ``onnxruntime``, or ``fastest`` (each model in the fastest of ``--fastest-of``,
-all the forms by default, per batch size: what a deployment free to choose would run) with
-``--form``. The latency-aware variants time their layers in that form (eager for
-``strided_pools`` and ``fastest``) unless ``--latency-form`` names another. Dense and
-compressed are timed interleaved in this process, ``--rounds`` times, and the median of the
-per-round ratios is reported, so load from other processes hits both alike.
+``compress=ssl``'s live-column layers), the latency-aware variants (``round_to=8`` and
+``latency_aware=true``) and the measured budgets (``target=latency:0.5`` and ``0.33``,
+``round_to=8``: planned with layers timed at batch N, checked whole against the dense model),
+it prints the MACs ratio (dense / compressed), the measured CPU latency ratio at batch 1 and
+batch N, and the realization efficiency = latency ratio ÷ MACs ratio (1: the whole MAC saving
+became time); a latency budget is met where the latency ratio at batch N is at least 1/share
+(2× for 0.5, 3.03× for 0.33), within the noise control row's spread. Both models run in one
+inference form (compaware/deploy/forms.py, the forms ``compaware train`` times with
+``bench.forms``), each from the model as exported (``bench.inference_model``: BatchNorm
+folded): ``eager`` (NCHW, what the exported file runs) by default; ``channels_last`` (NHWC),
+``strided_pools`` (max-pools off PyTorch's slow NCHW kernel), ``inductor`` (compiled by
+TorchInductor, frozen, C++ wrapper, each model with its convs on oneDNN or PyTorch's dispatch,
+the faster kept per batch size), ``onnxruntime``, or ``fastest`` (each model in the fastest of
+``--fastest-of``, all the forms by default, per batch size: what a deployment free to choose
+would run) with ``--form``. The latency-aware variants and the latency budgets time in that
+form (eager for ``strided_pools`` and ``fastest``) unless ``--latency-form`` names another.
+Dense and compressed are timed interleaved in this process, ``--rounds`` times, and the
+median of the per-round ratios is reported, so load from other processes hits both alike.
 
 A second table compares the inference forms of each model, dense and pruned at 0.5, with
 two reference rows besides them: eager with its BatchNorms (as trained) and TorchScript
@@ -110,7 +113,10 @@ def compressor(make: Callable[[tuple], object]) -> Callable[[nn.Module, tuple], 
 def timed(compress: Compressor, model: nn.Module) -> nn.Module:
     """``model`` compressed, a latency-aware compressor timing its layers as a run's does."""
     timer = LayerTimer(compress.latency.latency_form) if compress.latency_aware else None
-    return compress(model, timer=timer)[0]
+    compressed, report = compress(model, timer=timer)
+    if "budget" in report:  # a latency budget: what its own check measured
+        logging.info("budget %s", report["budget"])
+    return compressed
 
 
 def variants(batch: int, latency_form: str) -> dict[str, Callable[[nn.Module, tuple],
@@ -120,6 +126,7 @@ def variants(batch: int, latency_form: str) -> dict[str, Callable[[nn.Module, tu
     aware_timing = {"latency_aware": True, "latency_batch": batch,
                     "latency_form": latency_form}
     aware = {"round_to": 8, **aware_timing}
+    budgeted = {"round_to": 8, "latency_batch": batch, "latency_form": latency_form}
     return {
         "none (noise control)": lambda model, shape: copy.deepcopy(model),
         "svd energy=0.5": compressor(lambda shape: SVD(energy=0.5)),
@@ -137,6 +144,12 @@ def variants(batch: int, latency_form: str) -> dict[str, Callable[[nn.Module, tu
             lambda shape: Prune(0.5, input_shape=shape, **aware)),
         "prune ratio=0.7 round8+aware": compressor(
             lambda shape: Prune(0.7, input_shape=shape, **aware)),
+        "prune latency:0.5": compressor(
+            lambda shape: Prune(input_shape=shape, target="latency:0.5", **budgeted)),
+        "prune latency:0.33": compressor(
+            lambda shape: Prune(input_shape=shape, target="latency:0.33", **budgeted)),
+        "svd latency:0.5": compressor(
+            lambda shape: SVD(input_shape=shape, target="latency:0.5", **budgeted)),
         "ssl shape 50%": ssl_shape(0.5),
         "ssl shape 75%": ssl_shape(0.75),
         "ssl shape 50% +aware": ssl_shape(0.5, **aware_timing),
@@ -204,7 +217,9 @@ def speedup_table(args: argparse.Namespace) -> None:
             if args.only and not any(word in label for word in args.only):
                 continue
             start = time.perf_counter()
-            with torch_threads(args.compress_threads):
+            # a variant that times while it compresses times with the threads it is measured at
+            timing = "aware" in label or "latency:" in label
+            with torch_threads(None if timing else args.compress_threads):
                 compressed = compress(dense, shape).eval()
             macs_ratio = dense_macs / count_macs(compressed, shape)
             ratios = []
@@ -400,7 +415,8 @@ def main() -> None:
                         "page-faulting it in again (compaware train's "
                         "retain_freed_memory=true; default: off, as a run)")
     parser.add_argument("--compress-threads", type=int, default=1,
-                        help="torch threads while compressing (not timed)")
+                        help="torch threads while compressing (not timed; the "
+                        "latency-aware and latency-budget variants time with --threads)")
     parser.add_argument("--form", choices=[*FORMS, FASTEST], default="eager",
                         help="the inference form of both models in the speedup table "
                         "(compaware/deploy/forms.py; fastest: each model in the fastest of "

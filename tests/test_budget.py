@@ -107,18 +107,15 @@ def test_an_unreachable_budget_is_reported_not_reached():
 def test_an_invalid_target_names_the_option_and_what_it_takes(spec):
     for method in (SVD, Prune, PruneSVD):
         with pytest.raises(UserError, match=r"compress.target=.*takes kind:share with kind "
-                                            r"one of params, macs, bytes and share in \(0, 1\]"):
+                                            r"one of params, macs, bytes, latency and share "
+                                            r"in \(0, 1\]"):
             method(target=spec, input_shape=(1, 28, 28))
 
 
-def test_a_latency_budget_is_refused_as_not_available_yet():
-    with pytest.raises(UserError, match="latency:0.5 is not available yet"):
-        SVD(target="latency:0.5")
-
-
-def test_a_macs_budget_needs_an_input_shape():
+@pytest.mark.parametrize("kind", ["macs", "latency"])
+def test_a_macs_or_latency_budget_needs_an_input_shape(kind):
     with pytest.raises(UserError, match="needs compress.input_shape"):
-        SVD(target="macs:0.5")
+        SVD(target=f"{kind}:0.5")
 
 
 @pytest.mark.parametrize(("method", "kwargs", "option"), [

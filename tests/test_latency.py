@@ -172,9 +172,17 @@ def test_replayed_timings_rebuild_the_recorded_architecture_whatever_the_clock_s
     # a clock that now finds every pair faster would factorize every layer
     anew, _ = svd(model, timer=FakeClock(lambda layer: False, 1))
     assert isinstance(anew.conv2, nn.Sequential)
-    replay = ReplayingTimer(recorder.answers, tmp_path / "compression.json")
-    again, replayed = svd(model, timer=replay)
+    assert_replayed(svd, model, recorder, (first, report), tmp_path)
+
+
+def assert_replayed(compress, model: nn.Module, recorder: RecordingTimer, recorded: tuple,
+                    folder) -> None:
+    """``compress`` of ``model`` replaying ``recorder``'s answers asks every recorded
+    question and gives the ``recorded`` architecture and report again."""
+    replay = ReplayingTimer(recorder.answers, folder / "compression.json")
+    again, replayed = compress(model, timer=replay)
     replay.check_all_asked()
+    first, report = recorded
     assert replayed == report
     assert {k: v.shape for k, v in again.state_dict().items()} == {
         k: v.shape for k, v in first.state_dict().items()}

@@ -109,7 +109,8 @@ class Compressor:
         if self.latency_aware and timer is None:
             form = self.latency.latency_form
             raise UserError(f"{type(self).__name__} is latency-aware (compress.latency_aware="
-                            f"true) and times candidate layers, but was given no timer: pass "
+                            f"true or a compress.target=latency:<share>) and times candidate "
+                            f"layers, but was given no timer: pass "
                             f"one, e.g. compressor(model, timer=LayerTimer({form!r})) with "
                             f"compaware.deploy.timing.LayerTimer.")
         self.timer = timer

@@ -1,18 +1,21 @@
-"""Compression to a budget: ``compress.target=params:0.1 | macs:0.25 | bytes:0.05``.
+"""Compression to a budget: ``compress.target=params:0.1 | macs:0.25 | latency:0.5 | …``.
 
 The target is the share of the dense model's cost that the compressed model keeps, in one
-of three measures: ``params``, the structural parameter count (results.json ``params``);
+of four measures: ``params``, the structural parameter count (results.json ``params``);
 ``macs``, the multiply-accumulates of one forward pass of one sample
 (:func:`compaware.costs.count_macs`, results.json ``macs``); ``bytes``, four bytes
-(float32) per parameter. A compressor given a target chooses its per-layer ranks or widths
-across all its layers at once (:mod:`~compaware.compress.svd`,
+(float32) per parameter; ``latency``, the time of a forward pass as measured
+(:mod:`~compaware.compress.latency_budget`, which plans with measured prices and checks
+the result against the clock). A compressor given a target chooses its per-layer ranks or
+widths across all its layers at once (:mod:`~compaware.compress.svd`,
 :mod:`~compaware.compress.prune`), then measures what it reached and reports both under
 ``budget`` (:meth:`Budget.outcome`).
 
 Planning is analytic: what a layer costs follows from its shape (:func:`layer_cost`) and,
 for MACs, from how many output positions it computes per sample (:func:`prices`, one
 forward pass), so a compressor weighs thousands of candidate steps without building a
-model for each. The measure of the result is not: :meth:`Budget.measure` counts the model.
+model for each. The measure of the result is not: :meth:`Budget.measure` counts the model
+(a latency budget's result is timed instead).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from compaware.config import UserError
 from compaware.costs import count_macs, count_params
 from compaware.layers import eval_mode, weight_layers
 
-KINDS = ("params", "macs", "bytes")
+KINDS = ("params", "macs", "bytes", "latency")
 TOLERANCE = 0.03  # a budget counts as reached up to 3 % above the target
 BYTES_PER_PARAM = 4  # float32
 
@@ -91,10 +94,6 @@ def parse_target(spec: str | None, input_shape: tuple[int, ...] | None) -> Budge
     if spec is None:
         return None
     kind, colon, share = str(spec).partition(":")
-    if kind == "latency":
-        raise UserError(f"compress.target={spec} is not available yet: compaware cannot "
-                        f"compress to a latency budget. compress.target takes params:<share>, "
-                        f"macs:<share> or bytes:<share>, or null.")
     try:
         value = float(share)
     except ValueError:
@@ -103,11 +102,13 @@ def parse_target(spec: str | None, input_shape: tuple[int, ...] | None) -> Budge
         raise UserError(f"compress.target={spec!r} is not a budget; compress.target takes "
                         f"kind:share with kind one of {', '.join(KINDS)} and share in (0, 1], "
                         f"the part of the dense model's cost that remains (macs:0.25 keeps a "
-                        f"quarter of the MACs), or null for the per-layer options.")
-    if kind == "macs" and not input_shape:
-        raise UserError(f"compress.target={spec} counts the MACs of a forward pass, so it "
-                        f"needs compress.input_shape (C, H, W of one sample; the configs take "
-                        f"it from the data).")
+                        f"quarter of the MACs, latency:0.5 half the measured time), or null "
+                        f"for the per-layer options.")
+    if kind in ("macs", "latency") and not input_shape:
+        what = "counts the MACs of" if kind == "macs" else "times"
+        raise UserError(f"compress.target={spec} {what} a forward pass, so it needs "
+                        f"compress.input_shape (C, H, W of one sample; the configs take it "
+                        f"from the data).")
     return Budget(kind, value)
 
 

@@ -83,7 +83,7 @@ class LatencyCheck:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                  timer: Timer) -> None:
         self.shapes = input_shapes(model, input_shape, batch_size)
-        self.timer = timer
+        self.timer, self.batch_size = timer, batch_size
         self.device = next(model.parameters()).device
 
     def input_of(self, name: str, layer: nn.Module) -> list[int]:
@@ -126,11 +126,13 @@ class LatencyOptions:
     """The options a latency-aware compressor shares: ``round_to`` (ranks or channel counts
     rounded up to a multiple of it; 1: not rounded), ``latency_aware``, ``latency_batch``
     (the batch size the layers are timed at) and ``latency_form`` (what they are timed in:
-    one of :data:`LAYER_FORMS`), checked once here."""
+    one of :data:`LAYER_FORMS`), checked once here. A compressor given a latency budget
+    (``measured_budget``) times too, so it is latency-aware (it needs a timer) without
+    checking each change on its own as ``latency_aware`` does (:attr:`check_layers`)."""
 
     def __init__(self, *, round_to: int = 1, latency_aware: bool = False,
                  latency_batch: int = 32, input_shape: tuple[int, ...] | None = None,
-                 latency_form: str = "eager") -> None:
+                 latency_form: str = "eager", measured_budget: bool = False) -> None:
         check_range("compress.round_to", round_to, 1, integer=True)
         check_range("compress.latency_batch", latency_batch, 1, integer=True)
         if latency_form not in LAYER_FORMS:
@@ -139,6 +141,8 @@ class LatencyOptions:
                             f"{', '.join(LAYER_FORMS)} (eager PyTorch in NCHW or NHWC, "
                             f"exported to ONNX and run by ONNX Runtime, or compiled by "
                             f"TorchInductor).")
+        self.check_layers = bool(latency_aware)
+        latency_aware = latency_aware or measured_budget
         if latency_aware and not input_shape:
             raise UserError("compress.latency_aware=true times each layer on its input, so it "
                             "needs compress.input_shape (C, H, W of one sample; the configs "
@@ -158,7 +162,7 @@ class LatencyOptions:
                       timer: Timer | None) -> LatencyCheck | None:
         """A :class:`LatencyCheck` on ``model`` timing with ``timer`` when latency-aware,
         else None."""
-        if not self.latency_aware:
+        if not self.check_layers:
             return None
         assert timer is not None, "Compressor.use_timer refuses a latency-aware call without one"
         return LatencyCheck(model, input_shape, self.latency_batch, timer)
@@ -204,12 +208,20 @@ def faster_when_pruned(check: LatencyCheck, model: nn.Module,
     :func:`pruned_shapes`), each timed on its own input (narrower by the removed input
     units)."""
     before, after = [], []
-    for name, (out_removed, in_removed) in shapes.items():
+    for name, removed in shapes.items():
         layer = model.get_submodule(name)
-        shape = check.input_of(name, layer)
-        before.append((layer, list(shape)))
-        channel_dim = -1 if isinstance(layer, nn.Linear) else 1
-        shape[channel_dim] -= (max(out_removed, in_removed) if getattr(layer, "groups", 1) > 1
-                               else in_removed)
-        after.append((stand_in(layer, out_removed, in_removed), shape))
+        before.append((layer, check.input_of(name, layer)))
+        after.append(pruned_stand_in(check, name, layer, tuple(removed)))
     return check.compare(before, after)
+
+
+def pruned_stand_in(check: LatencyCheck, name: str, layer: nn.Module,
+                    removed: tuple[int, int]) -> tuple[nn.Module, list[int]]:
+    """A :func:`stand_in` for layer ``name`` with ``removed`` = (outputs, inputs) taken away,
+    and its input shape (narrower by the removed inputs)."""
+    out_removed, in_removed = removed
+    shape = check.input_of(name, layer)
+    channel_dim = -1 if isinstance(layer, nn.Linear) else 1
+    shape[channel_dim] -= (max(out_removed, in_removed) if getattr(layer, "groups", 1) > 1
+                           else in_removed)
+    return stand_in(layer, out_removed, in_removed), shape

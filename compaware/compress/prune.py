@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -57,15 +56,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import AccuracySearch, Compressor, Report
-from compaware.compress.budget import (
-    Budget,
-    Prices,
-    check_alone,
-    layer_cost,
-    parse_target,
-    prices,
-    slack,
-)
+from compaware.compress.budget import Budget, check_alone, parse_target, prices, slack
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.latency import (
     LatencyCheck,
@@ -75,8 +66,19 @@ from compaware.compress.latency import (
     pruned_shapes,
     round_up,
 )
+from compaware.compress.latency_budget import Measured, meet
+from compaware.compress.prune_plan import (
+    RemovalPlan,
+    analytic_cost,
+    group_steps,
+    importance,
+    take_steps,
+    timed_cost,
+    unit_reach,
+    zero_units,
+)
 from compaware.compress.shape import drop_dead_columns
-from compaware.compress.svd import SVD
+from compaware.compress.svd import SVD, timed_budget
 from compaware.compress.trace_parts import example_in_eval_mode, traced_parts
 from compaware.config import UserError, check_range
 from compaware.layers import WEIGHT_LAYERS, LayerSelection, weight_layers
@@ -157,13 +159,6 @@ def unit_norms(graph: tp.DependencyGraph, group: tp.Group, side: str) -> Tensor 
     return squares.sqrt() if found else None
 
 
-def zero_units(norms: Tensor | None, threshold: float) -> Tensor:
-    """Which units have a norm ≤ ``threshold`` × the largest (none when ``norms`` is None)."""
-    if norms is None:
-        return torch.zeros(0, dtype=torch.bool)
-    return norms <= threshold * norms.max()
-
-
 def units_to_remove(writers: Tensor, readers: Tensor | None, *, ratio: float,
                     threshold: float, round_to: int = 1) -> tuple[list[int], int]:
     """The units to remove (never all of them) and how many of them are dead.
@@ -181,67 +176,6 @@ def units_to_remove(writers: Tensor, readers: Tensor | None, *, ratio: float,
     # dead units first, then by writer norm
     order = torch.argsort(torch.where(dead, -1.0, writers.double()), stable=True)
     return sorted(order[:count].tolist()), int(dead.sum())
-
-
-def importance(writers: Tensor, readers: Tensor | None, threshold: float) -> Tensor:
-    """Each unit's group norm over the mean of its group's (comparable across layers of any
-    scale), -1 for the dead units (:func:`units_to_remove`) so that they go first."""
-    dead = zero_units(writers, threshold)
-    if readers is not None:
-        dead = dead | zero_units(readers, threshold)
-    return torch.where(dead, -1.0, writers / writers.mean().clamp_min(1e-30))
-
-
-def group_steps(unit_importance: Tensor, round_to: int) -> list[tuple[float, list[int]]]:
-    """The group's steps down, in order: (importance, root units removed). The least
-    important units go first; each step leaves a multiple of ``round_to`` units (the first
-    may remove fewer than ``round_to``: the rounding comes first) and at least one. A step
-    is as important as its most important unit."""
-    n = len(unit_importance)
-    order = torch.argsort(unit_importance, stable=True).tolist()
-    steps, kept = [], n
-    for size in range((n - 1) // round_to * round_to, 0, -round_to):
-        units = order[n - kept:n - size]
-        steps.append((float(unit_importance[units].max()), units))
-        kept = size
-    return steps
-
-
-def unit_reach(graph: tp.DependencyGraph, group: tp.Group,
-               names: dict[nn.Module, str]) -> dict[int, list[tuple[str, int, int]]]:
-    """Per root unit of ``group``: the (layer, side, count) it takes away, side 0 for output
-    units (a BatchNorm's channels too), 1 for inputs (a linear after a flatten loses
-    ``count`` > 1 input columns per channel)."""
-    reach: dict[int, list[tuple[str, int, int]]] = {}
-    for item in group:
-        layer = item.dep.layer
-        if not isinstance(layer, (*WEIGHT_LAYERS, _BatchNorm)) or None in item.root_idxs:
-            continue
-        side = 0 if graph.is_out_channel_pruning_fn(item.dep.handler) else 1
-        for unit, count in Counter(item.root_idxs).items():
-            reach.setdefault(unit, []).append((names[layer], side, count))
-    return reach
-
-
-class RemovalPlan:
-    """What removing units does to the cost of the model, counted layer by layer
-    (:func:`~compaware.compress.budget.layer_cost`) as units are taken away."""
-
-    def __init__(self, model: nn.Module, price: Prices) -> None:
-        self.layers = dict(model.named_modules())
-        self.price = price
-        self.removed: dict[str, list[int]] = {}
-
-    def remove(self, reach: list[tuple[str, int, int]], sign: int = 1) -> int:
-        """Take away one unit reaching ``reach`` (``sign=-1``: put it back); return the cost
-        saved."""
-        saved = 0
-        for name, side, count in reach:
-            layer, removed = self.layers[name], self.removed.setdefault(name, [0, 0])
-            before = layer_cost(layer, self.price, name, tuple(removed))
-            removed[side] += sign * count
-            saved += before - layer_cost(layer, self.price, name, tuple(removed))
-        return saved
 
 
 def prunable_groups(graph: tp.DependencyGraph, boundary: set[nn.Module],
@@ -281,7 +215,8 @@ class Prune(Compressor):
     of this many units. ``latency_aware``: a group is pruned only where its convs and linears,
     timed at ``latency_batch`` samples in ``latency_form``, get faster
     (compaware/compress/latency.py). ``target`` (``ratio`` then stays 0): the units to remove
-    are ranked over all groups together until the budget is met (:meth:`plan_removals`).
+    are ranked over all groups together until the budget is met (:meth:`plan_removals`;
+    a latency budget: :mod:`~compaware.compress.latency_budget`).
     """
 
     def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5,
@@ -304,22 +239,28 @@ class Prune(Compressor):
         self.depth, self.shape, self.min_sparsity = depth, shape, float(min_sparsity)
         self.input_shape = tuple(int(size) for size in input_shape)
         self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
+        self.budget = parse_target(target, self.input_shape)
         self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
                                       latency_batch=latency_batch, input_shape=self.input_shape,
-                                      latency_form=latency_form)
-        self.budget = parse_target(target, self.input_shape)
+                                      latency_form=latency_form,
+                                      measured_budget=timed_budget(self.budget))
         check_alone(self.budget, "ratio", ratio, 0.0)
         self.search = AccuracySearch.of(max_accuracy_drop, search_steps, self.budget)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        if timed_budget(self.budget):
+            return meet(model, self.budget, self.compress_within, timer=self.timer,
+                        batch_size=self.latency.latency_batch, input_shape=self.input_shape)
         return self.compress_within(model, self.budget)
 
     @torch.no_grad()
-    def compress_within(self, model: nn.Module, budget: Budget | None
-                        ) -> tuple[nn.Module, Report]:
-        """Prune ``model`` in place by ``ratio``, or to ``budget``; the report's ``budget``
-        says what was reached."""
-        dense = budget.measure(model, self.input_shape) if budget else 0
+    def compress_within(self, model: nn.Module, budget: Budget | None,
+                        measured: Measured | None = None) -> tuple[nn.Module, Report]:
+        """Prune ``model`` in place by ``ratio``, or to ``budget`` (a latency budget priced by
+        ``measured`` timings); the report's ``budget`` says what was reached (for a latency
+        budget: planned)."""
+        dense = (measured.dense if measured else
+                 budget.measure(model, self.input_shape) if budget else 0)
         blocks = remove_zero_branches(model) if self.depth else {}
         before = units_per_layer(model)
         check = self.latency.latency_check(model, self.input_shape, self.timer)
@@ -328,9 +269,10 @@ class Prune(Compressor):
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
         notes: dict[str, dict] = {}  # per layer: its group's zero units, or why it was left
         parts = traced_parts(model, self.input_shape)
-        plan = (self.plan_removals(model, parts, names=names, ignored=ignored,
-                                   budget=budget, goal=budget.share * dense)
-                if budget else None)
+        plan, saved = (self.plan_removals(model, parts, names=names, ignored=ignored,
+                                          budget=budget, goal=budget.share * dense,
+                                          measured=measured)
+                       if budget else (None, 0))
         for graph, boundary in parts:
             for group in prunable_groups(graph, boundary, ignored):
                 self.prune_group(model, graph, group, names=names, notes=notes, check=check,
@@ -349,22 +291,23 @@ class Prune(Compressor):
                              **columns.get("latency_ms", {})}
                     report[name].update(columns, **({"latency_ms": timed} if timed else {}))
         check_still_runs(model, self.input_shape)
-        if budget:
+        if measured:  # the plan's prediction; latency_budget.meet measures the model
+            report["budget"] = budget.outcome(dense, dense - saved, FLOOR)
+        elif budget:
             report["budget"] = budget.judge(model, self.input_shape, dense, report,
                                             kept="whole", floor=FLOOR)
         return model, report
 
     def plan_removals(self, model: nn.Module, parts: list[tuple], *,
                       names: dict[nn.Module, str], ignored: list[nn.Module], budget: Budget,
-                      goal: float) -> dict[nn.Module, list[int]]:
+                      goal: float, measured: Measured | None
+                      ) -> tuple[dict[nn.Module, list[int]], int]:
         """The root units to remove per group (keyed by its root layer) so that ``model``
-        costs at most ``goal``: every group's steps (:func:`group_steps`) in one ranking by
-        importance, taken from the least important on until the cost is down to ``goal``
-        (dead units go anyway). A step that would go more than the budget's slack below the
-        goal ends its group's steps, so that finer ones fill the rest, unless nothing else
-        gets close enough. Groups that a layer blocks are left out."""
-        price = prices(budget, model, self.input_shape)
-        steps = []
+        costs at most ``goal`` in the budget's measure, and what they save
+        (:func:`~compaware.compress.prune_plan.take_steps` over every group's steps; groups
+        that a layer blocks are left out). Costs are counted, or for a latency budget
+        measured (``measured``, :func:`~compaware.compress.prune_plan.timed_cost`)."""
+        steps, sides = [], {}
         for graph, boundary in parts:
             for group in prunable_groups(graph, boundary, ignored):
                 if blocking_layer(group) is not None:
@@ -372,30 +315,20 @@ class Prune(Compressor):
                 unit_importance = importance(unit_norms(graph, group, "out"),
                                              unit_norms(graph, group, "in"), self.threshold)
                 reach = unit_reach(graph, group, names)
+                for name, side, _ in (entry for entries in reach.values() for entry in entries):
+                    sides.setdefault(name, set()).add(side)
                 root = group[0].dep.layer
                 steps += [(value, len(steps) + i, root, units, reach) for i, (value, units)
                           in enumerate(group_steps(unit_importance, self.latency.round_to))]
-        excess, margin = budget.measure(model, self.input_shape) - goal, slack(goal)
-        removals = RemovalPlan(model, price)
-        plan: dict[nn.Module, list[int]] = {}
-        too_big: dict[nn.Module, tuple[int, list[int]]] = {}  # per ended group: its next step
-        for value, _, root, units, reach in sorted(steps, key=lambda step: step[:2]):
-            if excess <= 0 and value >= 0:
-                break
-            if root in too_big:
-                continue
-            saved = sum(removals.remove(reach.get(unit, [])) for unit in units)
-            if saved - excess > margin and value >= 0:
-                for unit in units:
-                    removals.remove(reach.get(unit, []), sign=-1)
-                too_big[root] = (saved, units)
-                continue
-            excess -= saved
-            plan.setdefault(root, []).extend(units)
-        if excess > margin and too_big:  # short of the budget: the smallest overshoot after all
-            root, (_, units) = min(too_big.items(), key=lambda item: item[1][0])
-            plan.setdefault(root, []).extend(units)
-        return plan
+        if measured:
+            positions = prices(Budget("macs", 1.0), model, self.input_shape).weight
+            now = measured.dense
+            cost = timed_cost(model, measured, sides, positions, self.latency.round_to)
+        else:
+            now = budget.measure(model, self.input_shape)
+            cost = analytic_cost(prices(budget, model, self.input_shape))
+        return take_steps(steps, RemovalPlan(model, cost), excess=now - goal,
+                          margin=slack(goal))
 
     def prune_group(self, model: nn.Module, graph: tp.DependencyGraph, group: tp.Group, *,
                     names: dict[nn.Module, str], notes: dict[str, dict],
@@ -458,6 +391,10 @@ class PruneSVD(Compressor):
         self.latency = self.prune.latency  # the same options as the SVD's
         self.input_shape = self.prune.input_shape
         self.budget = parse_target(target, self.input_shape)
+        if timed_budget(self.budget):  # its two steps would split a measured share
+            raise UserError(f"compress.target={target} is a latency budget, which compress=svd "
+                            f"and compress=prune meet, not compress=prune+svd; use one of them, "
+                            f"or a params, macs or bytes target here.")
         for option, value, default in (("ratio", ratio, 0.0), ("energy", energy, 1.0),
                                        ("rank", rank, None)):
             check_alone(self.budget, option, value, default)

@@ -14,14 +14,17 @@ calling them (``nn.MultiheadAttention.out_proj``, Swin's attention), which a pai
 cannot replace.
 
 With ``compress.target`` (:mod:`~compaware.compress.budget`) the ranks are chosen for all
-selected layers together (:func:`allocate_ranks`).
+selected layers together (:func:`allocate_ranks`); for a latency budget each layer's pair is
+timed at a few ranks (:func:`timed_spectra`, :mod:`~compaware.compress.latency_budget`).
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +38,7 @@ from compaware.compress.budget import (
     slack,
 )
 from compaware.compress.latency import LatencyOptions, round_up
+from compaware.compress.latency_budget import Curve, Measured, meet, nanoseconds, samples
 from compaware.config import check_range
 from compaware.layers import LayerSelection, is_grouped, read_by_parent, weight_matrix
 
@@ -99,15 +103,19 @@ def factorize(layer: nn.Module, u: Tensor, s: Tensor, vh: Tensor, rank: int) -> 
 @dataclass(frozen=True)
 class Spectrum:
     """What :func:`allocate_ranks` needs of a layer: its singular values (descending), its
-    weight matrix's shape and what one weight entry costs (:class:`~.budget.Prices`)."""
+    weight matrix's shape and what one weight entry costs (:class:`~.budget.Prices`), or
+    for a latency budget (``timed``) what the layer or pair of a rank measures."""
 
     s: Tensor
     out_dim: int
     in_dim: int
     price: int
+    timed: Callable[[int], int] | None = None
 
     def cost(self, rank: int) -> int:
         """At full rank the dense layer, else the pair (biases cost the same either way)."""
+        if self.timed is not None:
+            return self.timed(rank)
         if rank == len(self.s):
             return self.out_dim * self.in_dim * self.price
         return rank * (self.out_dim + self.in_dim) * self.price
@@ -124,14 +132,18 @@ def rank_steps(name: str, spectrum: Spectrum, *, round_to: int,
                threshold: float) -> list[tuple[float, str, int, int]]:
     """The layer's steps down, in order: (energy lost per cost saved, name, new rank, cost
     saved). The first goes from dense to the largest rank that saves, each next one drops
-    ``round_to`` more singular values. Energy is the layer's share of Σσ², so that layers of
-    any scale compare; singular values ≤ ``threshold``·σ_max count as no energy."""
+    ``round_to`` more singular values, or more where that saves nothing (a timed pair may be
+    slower than the layer down to well below the break-even rank). Energy is the layer's
+    share of Σσ², so that layers of any scale compare; singular values ≤
+    ``threshold``·σ_max count as no energy."""
     s = spectrum.s.double()
     energy = torch.where(s > threshold * s.max(), s**2, 0.0)
     energy = energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
     steps, rank = [], len(s)
     for new_rank in spectrum.ranks(round_to):
         saved = spectrum.cost(rank) - spectrum.cost(new_rank)
+        if saved <= 0:
+            continue
         lost = float(energy[new_rank:rank].sum())
         steps.append((lost / max(saved, 1), name, new_rank, saved))
         rank = new_rank
@@ -197,28 +209,37 @@ class SVD(Compressor):
         check_range("compress.threshold", threshold, 0, 1)
         self.energy, self.rank, self.threshold = float(energy), rank, float(threshold)
         self.select = LayerSelection("compress", layers, skip_first, skip_last)
-        self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
-                                      latency_batch=latency_batch, input_shape=input_shape,
-                                      latency_form=latency_form)
         self.input_shape = tuple(input_shape) if input_shape else None
         self.budget = parse_target(target, self.input_shape)
+        self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
+                                      latency_batch=latency_batch, input_shape=input_shape,
+                                      latency_form=latency_form,
+                                      measured_budget=timed_budget(self.budget))
         check_alone(self.budget, "energy", energy, 1.0)
         check_alone(self.budget, "rank", rank, None)
         self.search = AccuracySearch.of(max_accuracy_drop, search_steps, self.budget)
 
     def compress(self, model: nn.Module) -> tuple[nn.Module, Report]:
+        if timed_budget(self.budget):
+            return meet(model, self.budget, self.compress_within, timer=self.timer,
+                        batch_size=self.latency.latency_batch, input_shape=self.input_shape)
         return self.compress_within(model, self.budget)
 
     @torch.no_grad()
-    def compress_within(self, model: nn.Module, budget: Budget | None
-                        ) -> tuple[nn.Module, Report]:
-        """Factorize ``model`` in place with per-layer ranks, or ranks that meet ``budget``;
-        the report's ``budget`` says what was reached."""
+    def compress_within(self, model: nn.Module, budget: Budget | None,
+                        measured: Measured | None = None) -> tuple[nn.Module, Report]:
+        """Factorize ``model`` in place with per-layer ranks, or ranks that meet ``budget``
+        (a latency budget priced by ``measured`` timings); the report's ``budget`` says what
+        was reached (for a latency budget: planned)."""
         report: Report = {}
-        dense = budget.measure(model, self.input_shape) if budget else 0
+        dense = (measured.dense if measured else
+                 budget.measure(model, self.input_shape) if budget else 0)
         check = self.latency.latency_check(model, self.input_shape, self.timer)
         candidates = self.candidates(model, report)
-        ranks = (self.budget_ranks(model, candidates, budget, dense) if budget else
+        spectra = (self.spectra(model, candidates, budget, measured) if budget else {})
+        ranks = (allocate_ranks(spectra, dense - budget.share * dense,
+                                round_to=self.latency.round_to, threshold=self.threshold,
+                                slack=slack(budget.share * dense)) if budget else
                  {name: round_up(choose_rank(s, self.energy, self.threshold, self.rank),
                                  self.latency.round_to, len(s))
                   for name, (_, _, s, _) in candidates.items()})
@@ -234,7 +255,11 @@ class SVD(Compressor):
             if check is None or check.keeps(name, layer, pair, entry=report[name],
                                             flag="factorized", label="factorized"):
                 model.set_submodule(name, pair)
-        if budget:
+        if measured:  # the plan's prediction; latency_budget.meet measures the model
+            saved = sum(spectra[name].cost(len(spectra[name].s)) - spectra[name].cost(rank)
+                        for name, rank in ranks.items() if report[name]["factorized"])
+            report["budget"] = budget.outcome(dense, dense - saved, FLOOR)
+        elif budget:
             report["budget"] = budget.judge(model, self.input_shape, dense, report,
                                             kept="dense", floor=FLOOR)
         return model, report
@@ -258,14 +283,38 @@ class SVD(Compressor):
             found[name] = (layer, *singular_triplets(w))
         return found
 
-    def budget_ranks(self, model: nn.Module, candidates: dict[str, tuple], budget: Budget,
-                     dense: int) -> dict[str, int]:
-        """Ranks that bring ``model`` (of cost ``dense``) within ``budget``:
-        :func:`allocate_ranks` over the candidates."""
+    def spectra(self, model: nn.Module, candidates: dict[str, tuple], budget: Budget,
+                measured: Measured | None) -> dict[str, Spectrum]:
+        """The candidates as :func:`allocate_ranks` weighs them: priced in ``budget``'s
+        measure, or timed (:func:`timed_spectra`) for a latency budget."""
+        if measured:
+            return timed_spectra(candidates, measured, self.latency.round_to)
         price = prices(budget, model, self.input_shape)
-        spectra = {name: Spectrum(s, u.shape[0], vh.shape[1], price.weight[name])
-                   for name, (_, u, s, vh) in candidates.items()}
-        return allocate_ranks(spectra, dense - budget.share * dense,
-                              round_to=self.latency.round_to, threshold=self.threshold,
-                              slack=slack(budget.share * dense))
+        return {name: Spectrum(s, u.shape[0], vh.shape[1], price.weight[name])
+                for name, (_, u, s, vh) in candidates.items()}
+
+
+def timed_budget(budget: Budget | None) -> bool:
+    return budget is not None and budget.kind == "latency"
+
+
+def timed_spectra(candidates: dict[str, tuple], measured: Measured,
+                  round_to: int) -> dict[str, Spectrum]:
+    """Each candidate's cost by rank, measured: the layer itself at full rank, its pair
+    timed at a few of the ranks a plan can give it (:func:`~.latency_budget.samples`) and
+    interpolated in between, on the layer's input at the latency batch."""
+    spectra = {}
+    for name, (layer, u, s, vh) in candidates.items():
+        shape = measured.cache.check.input_of(name, layer)
+        spectrum = Spectrum(s, u.shape[0], vh.shape[1], 0)
+        dense = measured.cache(layer, shape)
+        pairs = Curve({rank: measured.cache(factorize(layer, u, s, vh, rank), shape)
+                       for rank in samples(spectrum.ranks(round_to))})
+        spectra[name] = Spectrum(s, u.shape[0], vh.shape[1], 0, timed=partial(
+            timed_cost, len(s), dense, pairs))
+    return spectra
+
+
+def timed_cost(full: int, dense: float, pairs: Curve, rank: int) -> int:
+    return nanoseconds(dense if rank == full else pairs(rank))
 

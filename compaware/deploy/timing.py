@@ -4,7 +4,8 @@ A compressor gets its timer from outside (``compressor(model, artifacts, timer=.
 that compression needs nothing of the deployment forms: ``compaware/train.py`` builds a
 :class:`LayerTimer` in the form ``compress.latency_form`` names, and tests hand in a fake
 clock. Any ``Callable[[nn.Module, Tensor], float]`` giving seconds will do
-(:data:`compaware.compress.base.Timer`).
+(:data:`compaware.compress.base.Timer`). It times single layers and, for a latency budget
+(``compress.target=latency:<share>``), whole models, dense and compressed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from compaware.deploy.bench import channels_last_forward, median_ms
+from compaware.deploy.bench import channels_last_forward, inference_model, median_ms
 from compaware.deploy.export import compile_inductor, onnxruntime_forward
+
+TRACED = ("onnxruntime", "inductor")  # forms built once per shape, not per call
 
 
 class LayerTimer:
@@ -28,8 +32,10 @@ class LayerTimer:
     ONNX, run by ONNX Runtime's CPU provider) or ``inductor`` (compiled by TorchInductor,
     :func:`compaware.deploy.export.compile_inductor`, on an NHWC input: the layout Inductor keeps
     between the convs of a compiled network, so a layer is not charged for converting to it).
-    A deployed layer is built once per weight and input shape and kept while the layer lives:
-    a compilation takes seconds."""
+    A module with BatchNorms (a whole model) is timed as the benchmark times it, folded
+    (:func:`~compaware.deploy.bench.inference_model`). A deployed layer or folded model is
+    built once per weight and input shape and kept while the module lives: a compilation
+    takes seconds."""
 
     def __init__(self, form: str = "eager", min_run_time: float = 0.05) -> None:
         self.form, self.min_run_time = form, min_run_time
@@ -40,9 +46,9 @@ class LayerTimer:
         layer.eval()
         if self.form == "inductor" and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        forward = (layer if self.form == "eager" else
-                   channels_last_forward(layer) if self.form == "channels_last" else
-                   self.deployed_forward(layer, x))
+        folds = any(isinstance(module, _BatchNorm) for module in layer.modules())
+        forward = (self.deployed_forward(layer, x) if folds or self.form in TRACED else
+                   layer if self.form == "eager" else channels_last_forward(layer))
         return median_ms(forward, x, self.min_run_time, torch.get_num_threads()) / 1e3
 
     def deployed_forward(self, layer: nn.Module, x: torch.Tensor) -> Callable:
@@ -55,7 +61,11 @@ class LayerTimer:
         return cached[1]
 
     def deploy(self, layer: nn.Module, x: torch.Tensor) -> Callable:
-        """``layer`` compiled by TorchInductor or exported to an ONNX Runtime session."""
+        """``layer`` with its BatchNorms folded, in the form: as it is, in NHWC, compiled by
+        TorchInductor or exported to an ONNX Runtime session."""
+        layer = inference_model(layer)
+        if self.form in ("eager", "channels_last"):
+            return layer if self.form == "eager" else channels_last_forward(layer)
         if self.form == "inductor":
             return compile_inductor(layer, x)
         with tempfile.TemporaryDirectory() as folder:  # the session holds the model
