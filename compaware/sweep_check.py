@@ -26,7 +26,15 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from compaware.config import CONF_DIR, UserError, instantiate, validate
-from compaware.train_help import groups, schema_keys, schema_nodes, top_level_keys
+from compaware.train_help import (
+    TARGET_GROUPS,
+    chosen_options,
+    groups,
+    option_keys,
+    schema_keys,
+    schema_nodes,
+    top_level_keys,
+)
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
@@ -46,9 +54,10 @@ def check_names(argv: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(_overrides(argv))
     except HydraException:
         return  # a syntax error: Hydra's own message says where
+    options = _known_options(argv)
     for override in parsed:
         if override.type is OverrideType.CHANGE:
-            problem = _unknown_name(override)
+            problem = _unknown_name(override) or _unknown_option_key(override, options)
             if problem:
                 raise UserError(f"{override.input_line}: {problem}")
 
@@ -76,6 +85,33 @@ def _unknown_name(override: Override) -> str | None:
                     f"compaware/conf/{head}/{unknown[0]}.yaml).{_close(unknown[0], options[head])}"
                     f" The options of {head}: {', '.join(options[head])}.")
     return None
+
+
+def _known_options(argv: list[str]) -> dict[str, str | None]:
+    """The option of each ``_target_`` group whose keys ``argv`` leaves certain: not where an
+    experiment may switch it, a sweep picks several, or ``group._target_`` names another
+    factory (whose keys are its own)."""
+    if any(arg.startswith(("experiment=", "+experiment=")) for arg in argv):
+        return {}
+    def uncertain(group: str) -> bool:
+        return any(arg.startswith(f"{group}=") and "," in arg
+                   or arg.startswith(f"{group}._target_=") for arg in argv)
+
+    chosen = chosen_options(argv)
+    return {group: chosen.get(group) for group in TARGET_GROUPS if not uncertain(group)}
+
+
+def _unknown_option_key(override: Override, options: dict[str, str | None]) -> str | None:
+    """What a key of a ``_target_`` group's option (``regularizer.lamm``) names that the
+    option does not take, with the closest, or None."""
+    head, _, rest = override.key_or_group.partition(".")
+    keys = option_keys(head, options[head]) if rest and head in options else None
+    key = rest.partition(".")[0]
+    if keys is None or key in keys:
+        return None
+    return (f"{head}={options[head]} has no key {key!r}.{_close(key, keys)} Its keys: "
+            f"{', '.join(keys)} (`compaware train {head}={options[head]} --help` describes "
+            f"them).")
 
 
 def _values(override: Override) -> list[str]:

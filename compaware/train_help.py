@@ -137,7 +137,7 @@ def schema_keys(schema: type) -> dict[str, tuple[str, str]]:
     return keys
 
 
-def _chosen(argv: list[str]) -> dict[str, str | None]:
+def chosen_options(argv: list[str]) -> dict[str, str | None]:
     """The option of each group: ``group=option`` from ``argv``, else config.yaml's default."""
     chosen = defaults()
     for arg in argv:
@@ -145,6 +145,16 @@ def _chosen(argv: list[str]) -> dict[str, str | None]:
         if group in chosen and option and "," not in option:
             chosen[group] = option
     return chosen
+
+
+def option_keys(group: str, option: str | None) -> list[str] | None:
+    """The keys the option ``group/option`` takes (its file's), or None where they cannot be
+    read without composing: no such file, or a file that composes others."""
+    path = CONF / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    content = yaml.safe_load(path.read_text()) or {}
+    return None if "defaults" in content else list(content)
 
 
 def _key_rows(prefix: str, keys: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
@@ -163,7 +173,7 @@ def _merged(from_yaml: tuple[str, str] | None,
 def key_sections(argv: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
     """(title, [(key=default, description)]) for the top level, each schema node and the
     options of the ``_target_`` groups chosen in ``argv`` (or by default)."""
-    chosen = _chosen(argv)
+    chosen = chosen_options(argv)
     config_keys = commented_keys((CONF / "config.yaml").read_text().splitlines())
     schema_top = schema_keys(RunConfig)
     top = {key: _merged(config_keys.get(key), schema_top[key]) for key in top_level_keys()}
@@ -212,7 +222,7 @@ def describe(argv: list[str]) -> str:
     options whose keys it then describes (``compaware train compress=kmeans --help``)."""
     width = max(shutil.get_terminal_size((100, 24)).columns, 60)
     hydra_help = yaml.safe_load((CONF / "config.yaml").read_text())["hydra"]["help"]
-    chosen = _chosen(argv)
+    chosen = chosen_options(argv)
     lines = [hydra_help["header"], "",
              "usage: compaware train [group=option ...] [key=value ...] [-m] [--cfg job] "
              "[--help]", "",

@@ -91,12 +91,21 @@ def test_kmeans_fine_tuning_with_the_default_sgd_keeps_the_accuracy(make_cfg):
     ("regularizer=lowrnk", "no option regularizer/lowrnk (no compaware/conf/regularizer/"
                            "lowrnk.yaml). Did you mean lowrank?"),
     ("schedule.lrr=0.1", "schedule has no key 'lrr'. Did you mean lr?"),
+    ("regularizer.lamm=0.5", "regularizer=lowrank has no key 'lamm'. Did you mean lam?"),
 ])
 def test_a_misspelt_name_is_named_with_the_closest_and_those_available(override, expected):
     with pytest.raises(UserError, match=re.escape(expected)) as refused:
         check_names([override])
     assert "+" not in str(refused.value)  # not Hydra's advice to add the misspelt key
     assert str(refused.value).startswith(f"{override}: ")
+
+
+def test_a_misspelt_key_of_a_chosen_option_is_named_and_another_factorys_keys_pass():
+    with pytest.raises(UserError, match="compress=prune has no key 'ratoi'. Did you mean ratio?"):
+        check_names(["compress=prune", "compress.ratoi=0.3"])
+    check_names(["regularizer=sgl", "regularizer.alpha=0.2"])  # lowrank has no alpha; sgl has
+    check_names(["model._target_=my.Net", "model.width=3"])  # the factory's own keys
+    check_names(["experiment=wen2016_lenet_mnist", "regularizer.anything=1"])  # composed later
 
 
 def test_existing_names_additions_and_sweeps_pass_the_name_check():
