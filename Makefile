@@ -19,7 +19,7 @@ test:  ## the test suite (a few minutes on 2 CPU cores)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest
 
 test-slow:  ## the slow cases: every model × method, the experiments' real runs, SLURM sweeps
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -m slow
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -m "slow and not survey"
 
 compare:  ## every method vs the post-hoc baselines on Fashion-MNIST → docs/results.md (~80 min)
 	scripts/compare_fashion.sh

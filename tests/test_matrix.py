@@ -50,7 +50,8 @@ STRONG = {"lowrank": ["regularizer.lam=30"],  # × lr × 2 steps: a threshold of
 # and under which it must remove something from any trained model. Quantization has no
 # lossless setting (every weight moves to a shared value), so (a) does not apply to it.
 COMPRESSOR_SETTINGS = {
-    "svd": {"lossless": ["energy=1.0", "rank=null"], "forced": ["rank=2"]},
+    "svd": {"lossless": ["target=null", "energy=1.0", "rank=null"],
+            "forced": ["target=null", "rank=2"]},
     "prune": {"lossless": ["ratio=0.0"], "forced": ["ratio=0.5"]},
     "prune+svd": {"lossless": ["ratio=0.0", "energy=1.0", "rank=null"],
                   "forced": ["ratio=0.5", "rank=2"]},
