@@ -162,9 +162,9 @@ class FinetuneConfig:
     (1 − distill_weight)·CE + distill_weight·T²·KL(softmax(teacher/T) ‖ softmax(student/T))
     with T = ``temperature`` (Hinton et al. 2015)."""
 
-    distill: bool = False
-    temperature: float = 4.0
-    distill_weight: float = 0.5
+    distill: bool = False  # true: learn the dense model's outputs too (knowledge distillation)
+    temperature: float = 4.0  # T, softening both models' outputs (> 0)
+    distill_weight: float = 0.5  # w in [0, 1]: the soft term's share of the loss
 
 
 @dataclass
@@ -185,7 +185,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
     resume: bool = False
-    init_from: str | None = None  # a checkpoint file or run directory to take dense weights from
+    init_from: str | None = None  # dense weights: a run directory or a state_dict file
     device: Device = Device.cpu
     # Opt-in, for the whole process: glibc keeps freed tensor memory for reuse instead of
     # returning it to the system (compaware/deploy/allocator.py): no page faults per forward

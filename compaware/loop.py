@@ -100,6 +100,10 @@ class Training:
         if state.get("scaler"):  # absent or empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])
         self.regularizer.load_state_dict(state["regularizer"])
+        if self.steering and "steering" not in state:
+            raise UserError("this checkpoint was written without steering toward the budget "
+                            "(schedule.steer=false), so resuming it steered would be another "
+                            "run: resume with schedule.steer=false, or start afresh.")
         if self.steering:
             self.steering.load_state_dict(state["steering"])
 
@@ -383,7 +387,8 @@ def fit(model: nn.Module, data: Data, stage: Stage, schedule: ScheduleConfig, *,
                  metrics["acc"], val_acc, lr, skipped, _summarize(stats))
         _save(training, checkpoint_path, epoch + 1, meta)
         progress, rng = Progress(in_a_row=progress.in_a_row), None  # a streak spans epochs
-    stage.regularizer.ramp = 1.0  # compression and the run's stats see the whole strength
+    stage.regularizer.ramp = 1.0  # warm-up done: compression and the stats see the strength in
+    #                                force at the end (lam, × the steering factor where steered)
 
 
 def _save(training: Training, path: Path, epoch: int, meta: dict,

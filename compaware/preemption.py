@@ -35,10 +35,12 @@ _at_once: list[bool] = []  # non-empty inside stop_at_once
 class Preempted(Exception):
     """Raised at a step boundary after a preemption signal, once the checkpoint is written."""
 
-    def __init__(self, signum: int | None, where: str, checkpoint: Path) -> None:
+    def __init__(self, signum: int | None, where: str, checkpoint: Path | None) -> None:
         by = signal.Signals(signum).name if signum else "a signal to another rank"
-        super().__init__(f"{where}: preempted by {by}; checkpoint {checkpoint} written. The "
-                         f"same command in the same run directory continues the run.")
+        kept = (f"checkpoint {checkpoint} written" if checkpoint else
+                f"stopped at once, nothing written (a rerun repeats the {where})")
+        super().__init__(f"{where}: preempted by {by}; {kept}. The same command in the same "
+                         f"run directory continues the run.")
         self.signum = signum
 
     def pass_on(self) -> None:
@@ -64,17 +66,17 @@ def stop_at_next_step() -> Iterator[None]:
 
 
 @contextmanager
-def stop_at_once(where: str, checkpoint: Path) -> Iterator[None]:
+def stop_at_once(where: str) -> Iterator[None]:
     """While inside, a preemption signal raises :class:`Preempted` at once (one received
     before, on entry): for a stage ``where`` with no step boundary, which a rerun repeats
-    from ``checkpoint``, the last one the run wrote."""
+    from the checkpoints the run has."""
     if requested() is not None:
-        raise Preempted(requested(), where, checkpoint)
+        raise Preempted(requested(), where, None)
     _at_once.append(True)
     try:
         yield
     except _Interrupted as signal_received:
-        raise Preempted(signal_received.signum, where, checkpoint) from None
+        raise Preempted(signal_received.signum, where, None) from None
     finally:
         _at_once.pop()
 

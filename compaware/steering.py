@@ -115,7 +115,7 @@ class Steering:
         self.probe = zeros_only(compressor)
         self.input_shape = compressor.input_shape
         self.dense = self.budget.measure(model, self.input_shape)
-        self.epochs, self.ramp_epochs = epochs, max(1, math.ceil(ramp * epochs))
+        self.ramp_epochs = max(1, math.ceil(ramp * epochs))
         self.factor = 1.0
         self.trajectory: list[dict] = []
 
@@ -173,6 +173,13 @@ class Steering:
             low, high = (middle, high) if keeps_goal(middle) else (low, middle)
         return low
 
+    def epoch_step(self, lr: float, steps: int) -> float:
+        """The step size of one epoch's prox: the regularizer's own rule where it proxes once
+        an epoch (``prox_step``), the sum of its steps where it proxes at every step."""
+        if self.regularizer.every == "epoch":
+            return self.regularizer.prox_step(lr, steps)
+        return lr * steps
+
     def after_epoch(self, model: nn.Module, epoch: int, writer: SummaryWriter, step: int, *,
                     next_lr: float, steps: int) -> None:
         """Measure the structure after ``epoch`` (from 0), log it against the target, and set
@@ -186,7 +193,8 @@ class Steering:
         factor = min(max(self.factor * min(max((heading / goal) ** GAIN, 1 / MAX_STEP),
                                            MAX_STEP), BOUNDS[0]), BOUNDS[1])
         if remaining > goal:  # on the way down: no cliff below the next target
-            factor = self.brake(model, factor, remaining, goal=goal, step_size=next_lr * steps)
+            factor = self.brake(model, factor, remaining, goal=goal,
+                                step_size=self.epoch_step(next_lr, steps))
         self.factor = factor
         self.regularizer.steering = self.factor
         self.trajectory.append({"epoch": epoch + 1, "target": round(target, 4),

@@ -144,7 +144,7 @@ def train(cfg: DictConfig) -> dict:
     attempt = partial(compress_and_finetune, model=model, artifacts=regularizer.artifacts(model),
                       data=data, schedule=s, seconds=seconds, common=common,
                       distill=Distillation(model, cfg.finetune) if cfg.finetune.distill else None,
-                      limit=cfg.compress_time_limit, trained=run_dir / "checkpoints" / "train.pt")
+                      limit=cfg.compress_time_limit)
     search = None
     if compressor.search is None:
         chosen = attempt(compressor, run_dir / "checkpoints", "finetune")
@@ -159,8 +159,7 @@ def train(cfg: DictConfig) -> dict:
     # 4. Benchmark dense against compressed: parameters, MACs, bytes, latency, as the
     #    results.json sections. A compressor with a storage format of its own writes its file
     #    first; that file's size is bytes.compressed.
-    last = run_dir / "checkpoints" / ("finetune.pt" if s.finetune_epochs else "train.pt")
-    with timed(seconds, "bench"), preemption.stop_at_once("benchmark", last):
+    with timed(seconds, "bench"), preemption.stop_at_once("benchmark"):
         stored = compressor.save(compressed, run_dir)
         costs = bench.measure({"dense": model, "compressed": compressed}, input_shape,
                               cfg.bench, run_dir, stored=stored, details=report)
@@ -184,19 +183,18 @@ def train(cfg: DictConfig) -> dict:
 def compress_and_finetune(compressor: Compressor, files: Path, stage: str, *, model: nn.Module,
                           artifacts: dict, data: Data, schedule: ScheduleConfig,
                           seconds: dict[str, float], common: dict,
-                          distill: Distillation | None, limit: float | None,
-                          trained: Path) -> Attempt:
+                          distill: Distillation | None, limit: float | None) -> Attempt:
     """Stages 2 and 3 of a run for ``compressor``, from the trained ``model``, with the
     files of both in the folder ``files`` and ``stage`` naming the fine-tuning (log,
     TensorBoard). ``common``: :func:`~compaware.loop.fit`'s keyword arguments; ``limit``:
-    compress_time_limit; ``trained``: the checkpoint a stopped compression restarts from."""
+    compress_time_limit."""
     resume, device = common["resume"], common["device"]
     # 2. Compress: a new, physically smaller module; the trained model stays as it is.
     #    A latency-aware compressor's timings are recorded, and replayed on resume, so that
     #    a resumed run rebuilds the architecture it fine-tuned (compaware/compress/replay.py).
     #    A signal stops it at once (a rerun repeats it), and so does compress_time_limit.
     timings = files / "compression.json"
-    with (timed(seconds, "compress"), preemption.stop_at_once("compression", trained),
+    with (timed(seconds, "compress"), preemption.stop_at_once("compression"),
           time_limit(limit, "compression", "compress_time_limit", TOO_LONG)):
         timer = replay.timer_for(compressor, timings, resume, LayerTimer)
         compressed, report = compressor(model, artifacts, timer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import enum
+import functools
 import re
 import shutil
 import typing
@@ -36,12 +37,14 @@ LAYER_KEYS = {"layers": "the layers acted on: all | conv | linear",
 KEY_LINE = re.compile(r"^(\w+)\s*:\s*([^#]*?)\s*(?:#\s?(.*))?$")  # key: value # text
 
 
+@functools.cache  # read once per process: every override's check asks
 def groups() -> dict[str, list[str]]:
     """Each config group of compaware/conf (Hydra's own excepted) → its options, sorted."""
     return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
             for d in sorted(CONF.iterdir()) if d.is_dir() and d.name != "hydra"}
 
 
+@functools.cache
 def schema_nodes() -> dict[str, type]:
     """The nodes of the run's schema that are dataclasses (``schedule`` → ScheduleConfig)."""
     hints = typing.get_type_hints(RunConfig)
@@ -49,6 +52,7 @@ def schema_nodes() -> dict[str, type]:
             if dataclasses.is_dataclass(hints[f.name])}
 
 
+@functools.cache
 def top_level_keys() -> list[str]:
     """The keys of the run's top level that are values, not nodes (``seed``, ``device``)."""
     nodes = schema_nodes()
@@ -112,6 +116,7 @@ def _as_value(value: object) -> str:
     return str(value)
 
 
+@functools.cache
 def schema_keys(schema: type) -> dict[str, tuple[str, str]]:
     """The fields of the dataclass ``schema`` → (default, the comment of its line in
     compaware/config.py, or the comment lines just above it)."""

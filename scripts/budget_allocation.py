@@ -117,7 +117,7 @@ class Trained:
                   "resume": False, "meta": {}, "num_workers": 0}
         tried = compress_and_finetune(compressor, files, "finetune", model=self.model,
                                       artifacts={}, data=self.data, schedule=self.cfg.schedule,
-                                      seconds={}, common=common)
+                                      seconds={}, common=common, distill=None, limit=None)
         return {**tried.accuracy, "macs": self.macs_share(tried.model)}
 
 

@@ -83,7 +83,7 @@ class LatencyCheck:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                  timer: Timer) -> None:
         self.shapes = input_shapes(model, input_shape, batch_size)
-        self.timer, self.batch_size = timer, batch_size
+        self.timer = timer
         self.device = next(model.parameters()).device
 
     def input_of(self, name: str, layer: nn.Module) -> list[int]:

@@ -99,13 +99,25 @@ def pretrained_classifier(name: str, weights: str, in_channels: int, num_classes
         raise UserError(f"model.weights={weights}: {path} cannot be loaded as {name}'s "
                         f"weights (a damaged or different file?): {reason[:300]}") from None
     if classes == num_classes:
-        return model
+        return without_auxiliary_heads(model)
     for_data = torchvision_classifier(name, in_channels, num_classes, image_size)
     fresh = transplant(model, for_data)
     log.warning("model.new_head=true: %s starts from %s except %s, freshly initialised for %d "
                 "classes instead of %d: fine-tune it (schedule.finetune_epochs).",
                 name, path.name, ", ".join(fresh), num_classes, classes)
     return for_data
+
+
+def without_auxiliary_heads(model: nn.Module) -> nn.Module:
+    """``model`` with its training-mode auxiliary classifiers removed (Inception-v3 keeps them
+    when built with weights, and its builder refuses aux_logits=False beside weights): what its
+    builder does after loading when asked, so training sees one output, as without weights."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for head in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, head):
+                setattr(model, head, None)
+    return model
 
 
 def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
