@@ -310,6 +310,9 @@ def validate(cfg: DictConfig) -> None:
                         "another run's weights. Drop one of them.")
 
 
+COMPRESS_RUN = "compress_run"  # the config of `compaware compress` (conf/compress_run.yaml)
+
+
 def check_compress_run(cfg: DictConfig) -> None:
     """``compaware compress`` compresses trained weights as they are: it needs some, and
     trains nothing before compressing them."""

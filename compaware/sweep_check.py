@@ -25,7 +25,14 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from compaware.config import CONF_DIR, UserError, instantiate, validate
+from compaware.config import (
+    COMPRESS_RUN,
+    CONF_DIR,
+    UserError,
+    check_compress_run,
+    instantiate,
+    validate,
+)
 from compaware.train_help import (
     TARGET_GROUPS,
     chosen_options,
@@ -131,9 +138,10 @@ def _close(name: str, names: list[str]) -> str:
     return f" Did you mean {close[0]}?" if close else ""
 
 
-def check_sweep(argv: list[str]) -> None:
+def check_sweep(argv: list[str], config_name: str = "config") -> None:
     """Raise a :class:`UserError` naming every invalid value of the sweep in ``argv`` (the
-    command line after ``train``); nothing when it is not a sweep."""
+    command line after ``train``, or ``compress``: ``config_name`` is then
+    :data:`~compaware.config.COMPRESS_RUN`); nothing when it is not a sweep."""
     if not any(arg in MULTIRUN_FLAGS for arg in argv):
         return
     overrides = _overrides(argv)
@@ -151,7 +159,7 @@ def check_sweep(argv: list[str]) -> None:
         for value in values:
             job = f"{override.get_key_element()}={value}"
             reason = _unknown_name(OverridesParser.create().parse_override(job)) or _refusal(
-                [*fixed, job])
+                [*fixed, job], config_name)
             if reason:
                 invalid.append(f"{job}: {reason}")
     if invalid:
@@ -160,13 +168,16 @@ def check_sweep(argv: list[str]) -> None:
                         + "\nCorrect or drop these values and start the sweep again.")
 
 
-def _refusal(overrides: list[str]) -> str | None:
-    """Why the job of ``overrides`` would be refused at its start, or None."""
+def _refusal(overrides: list[str], config_name: str) -> str | None:
+    """Why the job of ``overrides`` (composed from ``config_name``) would be refused at its
+    start, or None."""
     if GlobalHydra.instance().is_initialized():  # inside a running app: compose its own way
         return None
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=[*overrides, "paths.run_dir=sweep-check"])
+            cfg = compose(config_name, overrides=[*overrides, "paths.run_dir=sweep-check"])
+        if config_name == COMPRESS_RUN:
+            check_compress_run(cfg)
         validate(cfg)
         regularizer = instantiate(cfg.regularizer, "regularizer")
         compressor = instantiate(cfg.compress, "compress")

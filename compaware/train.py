@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 from compaware import checkpoint, distributed, native, preemption, rundir, tolerance
 from compaware.compress import Compressor, replay
 from compaware.config import (
+    COMPRESS_RUN,
     CONF_DIR,
     Device,
     ObjectiveConfig,
@@ -71,7 +73,7 @@ from compaware.train_help import describe, wants_help
 log = logging.getLogger(__name__)
 
 # What must not change when a run is resumed: the run would silently become another one.
-RUN_IDENTITY = ("data", "model", "regularizer", "compress", "seed")
+RUN_IDENTITY = ("data", "model", "init_from", "regularizer", "compress", "seed")
 TOO_LONG = ("Compress fewer layers (compress.layers, compress.skip_first) or a smaller model, use "
             "another compressor (compress=svd traces nothing), or raise compress_time_limit.")
 
@@ -253,15 +255,31 @@ def timed(seconds: dict[str, float], key: str):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """The Hydra app. Returns the run's objective (``objective.*``) for sweepers.
+    """The Hydra app of ``compaware train``; see :func:`run`."""
+    return run(cfg)
 
-    A run that fails leaves ``results.json`` with status ``failed`` and the error, so a
-    sweep keeps a trace of it. SIGTERM/SIGUSR1/SIGUSR2 stop the run at the next step
-    boundary with a checkpoint and status ``preempted``; the same command in the same run
-    directory (a requeued job) then resumes it (compaware/preemption.py).
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=COMPRESS_RUN)
+def compress_main(cfg: DictConfig) -> float | None:
+    """``compaware compress``: :func:`run` on trained weights, without training
+    (compaware/conf/compress_run.yaml)."""
+    return run(cfg, check_compress_run)
+
+
+def run(cfg: DictConfig, check: Callable[[DictConfig], None] | None = None) -> float | None:
+    """One run of a Hydra app, after its own ``check`` of the config. Returns the run's
+    objective (``objective.*``) for sweepers.
+
+    A run that fails, or is refused at its start, leaves ``results.json`` with status
+    ``failed`` and the error, so a sweep keeps a trace of it. SIGTERM/SIGUSR1/SIGUSR2 stop
+    the run at the next step boundary with a checkpoint and status ``preempted``; the same
+    command in the same run directory (a requeued job) then resumes it
+    (compaware/preemption.py).
     """
     run_dir = Path(cfg.paths.run_dir)
     try:
+        if check is not None:
+            check(cfg)
         with preemption.stop_at_next_step():
             results = train(cfg)
     except preemption.Preempted as stop:
@@ -277,14 +295,6 @@ def main(cfg: DictConfig) -> float | None:
     return results.get("objective")  # None on ranks > 0 of a distributed run
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compress_run")
-def compress_main(cfg: DictConfig) -> float | None:
-    """``compaware compress``: :func:`main`'s run on trained weights, without training
-    (compaware/conf/compress_run.yaml)."""
-    check_compress_run(cfg)
-    return main.__wrapped__(cfg)
-
-
 def run_app(app=main) -> None:
     """``compaware train`` and ``python -m compaware.train`` (``app=compress_main``:
     ``compaware compress``). Under torchrun, ranks > 0 add overrides that leave the run
@@ -295,7 +305,7 @@ def run_app(app=main) -> None:
     sys.argv += distributed.hydra_overrides()
     try:
         check_names(sys.argv[1:])
-        check_sweep(sys.argv[1:])
+        check_sweep(sys.argv[1:], COMPRESS_RUN if app is compress_main else "config")
     except UserError as error:
         sys.exit(f"{error}")
     app()

@@ -15,13 +15,15 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from compaware import checkpoint
-from compaware.config import CONF_DIR, UserError, check_compress_run
+from compaware.config import COMPRESS_RUN, CONF_DIR, UserError, check_compress_run
 from compaware.data import build_data
 from compaware.loop import evaluate
-from compaware.models import build_model
+from compaware.models import build_model, tv
 from compaware.models.lenet import LeNet5
 from compaware.models.tv import torchvision_classifier
-from compaware.train import train
+from compaware.rundir import RunDirInUse
+from compaware.sweep_check import check_sweep
+from compaware.train import run, train
 from tests.conftest import REPO
 
 FAST = ("debug=fast", "bench.latency=false")
@@ -129,6 +131,29 @@ def test_a_compress_run_resumes_from_its_weights(tmp_path):
     assert resumed["accuracy"] == first["accuracy"]
 
 
+def test_a_compress_run_resumed_from_other_weights_is_refused(tmp_path):
+    for name in ("a.pt", "b.pt"):
+        torch.save(lenet_weights(), tmp_path / name)
+    compress(tmp_path / "run", f"init_from={tmp_path / 'a.pt'}", "compress=none")
+    with pytest.raises(RunDirInUse, match="differs from the interrupted run in init_from"):
+        compress(tmp_path / "run", f"init_from={tmp_path / 'b.pt'}", "compress=none",
+                 "resume=true")
+
+
+def test_a_refused_compress_run_leaves_a_failed_results_json(tmp_path):
+    with pytest.raises(UserError, match="none were given"):
+        run(compress_cfg(tmp_path / "run"), check_compress_run)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "failed" and "none were given" in saved["error"]
+
+
+def test_a_compress_sweep_is_checked_as_compress_runs(tmp_path):
+    sweep = ["-m", f"init_from={tmp_path / 'w.pt'}", "schedule.epochs=0,2"]
+    check_sweep(sweep, "config")  # compaware train may train from these weights
+    with pytest.raises(UserError, match=r"schedule.epochs=2: compaware compress does not train"):
+        check_sweep(sweep, COMPRESS_RUN)
+
+
 # torchvision's weights, from a fake hub cache holding a randomly initialised model's.
 
 @pytest.fixture(scope="module")
@@ -142,9 +167,16 @@ def hub(tmp_path_factory):
     return home, model.state_dict()
 
 
+def as_torchvisions_file(path: Path, monkeypatch) -> None:
+    """Take ``path``, a stand-in saved under a torchvision file's name, for that file: its
+    hash for the one the name says."""
+    monkeypatch.setattr(tv, "name_hash", lambda name: tv.sha256(path)[:8])
+
+
 @pytest.fixture
 def torch_home(hub, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(hub[0]))
+    as_torchvisions_file(hub[0] / "hub" / "checkpoints" / "resnet18-f37072fd.pth", monkeypatch)
     return hub
 
 
@@ -185,11 +217,23 @@ def test_gray_data_is_refused_for_colour_weights(torch_home):
         torchvision_classifier("resnet18", in_channels=1, weights="DEFAULT")
 
 
-def test_code_in_the_hub_cache_is_not_run(tmp_path, monkeypatch):
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision_classifier("resnet18"),  # a pickled module, not a state_dict
-               tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+def test_a_file_whose_hash_is_not_its_names_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision_classifier("resnet18").state_dict(), path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert tv.name_hash(path.name) == "f37072fd"
+    with pytest.raises(UserError, match=r"SHA-256 begins [0-9a-f]{8}, the file's name says "
+                                        r"f37072fd.*resnet18-f37072fd.pth"):
+        torchvision_classifier("resnet18", weights="DEFAULT")
+
+
+def test_code_in_the_hub_cache_is_not_run(tmp_path, monkeypatch):
+    path = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision_classifier("resnet18"), path)  # a pickled module, not a state_dict
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    as_torchvisions_file(path, monkeypatch)
     with pytest.raises(UserError, match="cannot be loaded"):
         torchvision_classifier("resnet18", weights="DEFAULT")
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ

@@ -2,12 +2,12 @@
 
 Built without pretrained weights unless ``model.weights`` names some (``DEFAULT``,
 ``IMAGENET1K_V1``: torchvision's weights enum of the model), which are read from the torch
-hub cache, never downloaded (:func:`hub_file`). Built with the data's class
-count, with its first conv rebuilt when the data does not have 3 channels, and, for the
-transformers built for one input size (ViT, MaxViT), for the data's image size: a size
-their patches or attention partitions do not divide stops at start, naming the sizes that
-work. Other models take any size their pooling allows; one that does not fit stops at start
-(:func:`compaware.models.check_input_fits`).
+hub cache, never downloaded, and checked against the hash in their file's name
+(:func:`hub_file`). Built with the data's class count, with its first conv rebuilt when the
+data does not have 3 channels, and, for the transformers built for one input size (ViT,
+MaxViT), for the data's image size: a size their patches or attention partitions do not
+divide stops at start, naming the sizes that work. Other models take any size their pooling
+allows; one that does not fit stops at start (:func:`compaware.models.check_input_fits`).
 
 GoogLeNet and Inception-v3 are built without their auxiliary classifiers
 (``aux_logits=False``): in training mode those make the model return a named tuple of
@@ -18,6 +18,7 @@ terms in the papers' training recipes.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -131,7 +132,31 @@ def hub_file(weights: torchvision.models.WeightsEnum) -> Path:
                         f"(e.g. curl -L --create-dirs -o {path} {weights.url}, or copy it from a "
                         f"machine where torchvision downloaded it), or point TORCH_HOME at the "
                         f"folder whose hub/checkpoints/ holds it.")
+    expected = name_hash(path.name)
+    if expected is not None:
+        digest = sha256(path)
+        if not digest.startswith(expected):
+            raise UserError(f"model.weights: {path} is not torchvision's file for {weights}: "
+                            f"its SHA-256 begins {digest[:len(expected)]}, the file's name says "
+                            f"{expected} (damaged, cut short, or another file saved under that "
+                            f"name). Replace it with {weights.url}.")
     return path
+
+
+def name_hash(name: str) -> str | None:
+    """The SHA-256 prefix in a hub file's name (``resnet18-f37072fd.pth``), or None. torch.hub
+    checks it only when it downloads the file, not when it finds it in the cache, where a
+    file may have been copied by hand."""
+    match = torch.hub.HASH_REGEX.search(name)
+    return match.group(1) if match else None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager
