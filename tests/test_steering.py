@@ -205,3 +205,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_steered_run(steered, tmp_pat
                       for d in (reference, tmp_path))
     assert resumed == first
     assert first["trajectory"][1]["lam"] != first["trajectory"][0]["lam"]  # it did steer
+
+
+def test_a_run_resumed_with_steering_switched_on_is_refused(steered, tmp_path):
+    """Its checkpoint holds no controller state: steered from there on, it would be a run
+    neither config describes."""
+    _, make = steered
+    assert run_killed(make("schedule.steer=false", run_dir=tmp_path),
+                      "torch.optim:SGD.step", 10) == -signal.SIGKILL
+    with pytest.raises(UserError, match="written without steering toward the budget"):
+        train(make("resume=true", run_dir=tmp_path))
