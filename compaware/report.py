@@ -4,7 +4,8 @@ It reads every ``results.json`` below the given directories (single runs and mul
 sweeps alike) and writes into ``--out``:
 
 - ``results.md`` and ``results.csv``: one row per run (data, model, method, setting: what
-  differs between the method's runs, accuracy dense → compressed → fine-tuned,
+  differs between the method's runs, accuracy dense → compressed → fine-tuned, the budget
+  asked (``compress.target``) and the share of the dense model reached,
   params/non-zero/MACs/bytes/latency ratios, whether and why it collapsed), the Pareto
   frontier of each method, and the runs that failed or left no results; the CSV in plain
   numbers, its headers naming their unit (``params ratio (dense/compressed)``, ``acc dense
@@ -100,6 +101,12 @@ class Run:
         (``compression.params_ratio``, Han et al.'s definition): what pruning or sharing that
         keeps the architecture saves, which the structural params ratio does not see."""
         return (self.results.get("compression") or {}).get("params_ratio")
+
+    @property
+    def budget(self) -> dict:
+        """The compressor's ``budget`` entry (``compress.target``: kind, target share,
+        achieved share), empty for a run without one."""
+        return ((self.results.get("compression") or {}).get("details") or {}).get("budget") or {}
 
     def latency_ratio(self, batch: str = "batch_N") -> float | None:
         """dense / compressed CPU latency in the eager form (``latency_ms.eager``; runs
@@ -252,16 +259,19 @@ DEPLOYED_COLUMNS = {f"{short} efficiency {b}": (f"efficiency_{form}", batch)
                     for b, batch in (("b1", "batch_1"), ("bN", "batch_N"))}
 RATIO_COLUMNS = ("params ratio", "non-zero ratio", "MACs ratio", "storage ratio",
                  "latency ratio b1", "latency ratio bN")
+# A budget's columns (compress.target) are shown where some run had one.
+BUDGET_COLUMNS = ("budget", "budget reached")
 COLUMNS = ("data", "model", "method", "setting", "acc dense", "acc compressed",
-           "acc fine-tuned", *RATIO_COLUMNS, "efficiency b1", "efficiency bN",
+           "acc fine-tuned", *BUDGET_COLUMNS, *RATIO_COLUMNS, "efficiency b1", "efficiency bN",
            *DEPLOYED_COLUMNS, "collapsed", "overrides", "run")
 CSV_ONLY = ("overrides", "run")  # long: the Markdown table leaves them out
 # The CSV's headers name the unit of their plain numbers (the Markdown cells show it: 3.94×).
 UNITS = {"acc dense": "%", "acc compressed": "%", "acc fine-tuned": "%",
+         "budget reached": "share of dense",
          **dict.fromkeys(RATIO_COLUMNS, "dense/compressed"),
          **dict.fromkeys(("efficiency b1", "efficiency bN", *DEPLOYED_COLUMNS),
                          "latency ratio/MACs ratio")}
-TEXT_COLUMNS = ("data", "model", "method", "setting", "collapsed", *CSV_ONLY)
+TEXT_COLUMNS = ("data", "model", "method", "setting", "budget", "collapsed", *CSV_ONLY)
 
 Cell = str | float | None
 
@@ -269,11 +279,13 @@ Cell = str | float | None
 def table_row(run: Run) -> dict[str, Cell]:
     """The run's cells as values: text, or numbers (None where not measured), formatted by
     the file they go to. ``collapsed`` is the reason, empty for a run that did not."""
-    acc = run.results.get("accuracy", {})
+    acc, budget = run.results.get("accuracy", {}), run.budget
     return {
         "data": run.data, "model": run.model, "method": run.method, "setting": run.setting,
         "acc dense": acc.get("dense"), "acc compressed": acc.get("compressed"),
         "acc fine-tuned": acc.get("finetuned"),
+        "budget": f"{budget['kind']}:{budget['target']:g}" if budget else "",
+        "budget reached": budget.get("achieved"),
         "params ratio": run.ratio("params"), "non-zero ratio": run.nonzero_ratio,
         "MACs ratio": run.ratio("macs"), "storage ratio": run.ratio("bytes"),
         "latency ratio b1": run.latency_ratio("batch_1"),
@@ -290,10 +302,15 @@ def _missing(value: Cell) -> bool:
 
 
 def _markdown_cell(column: str, value: Cell) -> str:
-    """Numbers to two decimals, ratios with ×, — where not measured."""
+    """Numbers to two decimals (a budget's share to three: it is met within 3 %), ratios
+    with ×, — where not measured."""
     if isinstance(value, str):
         return value
-    return "—" if _missing(value) else f"{value:.2f}" + ("×" if column in RATIO_COLUMNS else "")
+    if _missing(value):
+        return "—"
+    if column == "budget reached":
+        return f"{value:.3f}"
+    return f"{value:.2f}" + ("×" if column in RATIO_COLUMNS else "")
 
 
 def csv_header(column: str) -> str:
@@ -338,9 +355,10 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           "ships. Post-hoc baselines are the runs with regularizer "
           f"{', '.join(BASELINE_REGULARIZERS)}. The setting is what differs between the runs "
           "of a method on a dataset and model (results.csv has every override).", ""]
-    measured = {c for row in rows for c in DEPLOYED_COLUMNS if not _missing(row[c])}
+    measured = {c for row in rows for c in (*DEPLOYED_COLUMNS, *BUDGET_COLUMNS)
+                if row[c] != "" and not _missing(row[c])}
     shown = tuple(c for c in COLUMNS if c not in CSV_ONLY
-                  and (c not in DEPLOYED_COLUMNS or c in measured))
+                  and (c not in (*DEPLOYED_COLUMNS, *BUDGET_COLUMNS) or c in measured))
     md += _markdown_table([{c: _markdown_cell(c, row[c]) for c in shown} for row in rows],
                           shown) if rows else ["No completed runs."]
     md += ["", "## Pareto frontier per method (final accuracy vs params ratio)", "",
