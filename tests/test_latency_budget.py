@@ -13,7 +13,14 @@ from torch import nn
 
 from compaware.compress import SVD, Prune, PruneSVD
 from compaware.compress.budget import TOLERANCE
-from compaware.compress.latency_budget import CLOSE, PLANS, ROUNDS, Curve, next_aim
+from compaware.compress.latency_budget import (
+    CLOSE,
+    INSIDE,
+    PLANS,
+    ROUNDS,
+    Curve,
+    next_aim,
+)
 from compaware.compress.replay import RecordingTimer, question
 from compaware.compress.svd import Spectrum, rank_steps
 from compaware.config import UserError
@@ -172,9 +179,42 @@ def test_a_latency_budget_needs_a_timer_and_is_not_split_by_prune_svd():
 
 
 def test_the_next_plan_is_aimed_between_two_that_missed_on_either_side():
-    assert next_aim([(0.2, 0.5)], 0.5, 0.46) == pytest.approx(1.0)  # capped: 0.5 · 0.46 / 0.2
     assert next_aim([(0.6, 0.5)], 0.5, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)
-    assert next_aim([(0.2, 0.5), (1.0, 1.0)], 0.5, 1.0) == pytest.approx(0.5 + 0.3 * 0.5 / 0.8)
+    assert next_aim([(0.3, 0.5)], 0.5, 0.5) == pytest.approx(0.5 * 0.5 / 0.3)
+    assert next_aim([(0.2, 0.5), (0.6, 0.9)], 0.5, 0.8) == pytest.approx(0.5 + 0.3 * 0.4 / 0.4)
+
+
+def test_an_aim_stays_inside_the_bracket_of_the_plans_measured():
+    """A plan measured 10× faster than predicted would be corrected to an aim of 5: it stops
+    10 % of the way short of the dense model (aim 1, measured 1)."""
+    assert next_aim([(0.05, 0.5)], 0.5, 0.5) == pytest.approx(1 - INSIDE * 0.5)
+    # an interpolation hugging one end of its bracket is pushed 10 % inside it
+    assert next_aim([(0.3, 0.5), (0.52, 0.9)], 0.5, 0.9) == pytest.approx(0.9 - INSIDE * 0.4)
+    # a plan measured 20× slower than the target is corrected no lower than 10 % of its aim
+    assert next_aim([(10.0, 0.5)], 0.5, 0.5) == pytest.approx(INSIDE * 0.5)
+
+
+class CurvedClock(MacClock):
+    """A compressed model takes its MACs share cubed of the dense model's time: its layers,
+    timed alone, predict far too little of the saving (small layers cost more alone)."""
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        seconds = super().__call__(module, x)
+        if not isinstance(module, WHOLE) or module is self.dense:
+            return seconds
+        dense = MACS[question(self.dense, x) + repr(self.dense)] * 1e-9
+        return dense * (seconds / dense) ** 3
+
+
+def test_a_plan_measured_many_times_faster_is_searched_back_to_the_target():
+    torch.manual_seed(0)
+    model = LeNet5()
+    compressed, report = Prune(target="latency:0.5", input_shape=(1, 28, 28), latency_batch=2,
+                               round_to=2)(model, timer=CurvedClock())
+    budget = report["budget"]
+    assert budget["reached"] and budget["plans"] > 1
+    assert 0.5 * (1 - CLOSE) <= budget["achieved"] <= 0.5 * (1 + TOLERANCE)
+    assert macs_share(model, compressed, (1, 28, 28)) > 0.7  # not the first, 8× faster plan
 
 
 def test_a_curve_interpolates_between_its_measurements_and_holds_beyond_them():

@@ -15,9 +15,10 @@ input is timed once (:class:`ShapeCache`): ResNet-50's blocks repeat.
 A plan is a prediction, so it is checked (:func:`meet`): the compressed model is timed
 against the dense one, side by side in alternating rounds. Where it is slower than the target
 allows, or more than :data:`CLOSE` faster (the parts taken as fixed shrink with the layers
-too, so a pruned model often runs faster than planned), the plan is made again, aimed at the
-target corrected by the ratio of the measured share to the planned one, at most :data:`PLANS`
-times (between two plans measured on either side of the target, the aim is interpolated).
+too, and small layers timed alone cost more than inside the model, so a pruned model often
+runs several times faster than planned), the plan is made again, at most :data:`PLANS`
+times, searching the share a plan aims at (:func:`next_aim`) inside the bracket the plans
+measured so far leave.
 The ``budget`` entry records the target, the measured share, the spread of the
 per-round shares, the plan's own prediction and how many plans it took.
 
@@ -39,7 +40,8 @@ from torch import nn
 from compaware.compress.budget import TOLERANCE, Budget
 from compaware.compress.latency import LatencyCheck, Timer
 
-PLANS = 3  # plans made at most: each after the first aimed by how far the last was off
+PLANS = 5  # plans made at most: a search over the aim, which a prediction may miss 10×
+INSIDE = 0.1  # an interpolated aim keeps this share of its bracket from either end
 CLOSE = 0.1  # a plan measured up to this share faster than the target is not made again
 ROUNDS = 5  # alternating rounds of dense and compressed when the whole models are timed
 
@@ -121,15 +123,24 @@ def side_by_side(timer: Timer, dense: nn.Module, compressed: nn.Module,
 
 def next_aim(tried: list[tuple[float, float]], target: float, planned: float) -> float:
     """The share the next plan aims at, given the (measured share, aim) of the plans so far
-    and what the last one predicted (``planned``): between two plans measured on either side
-    of the target, linearly interpolated; else the target corrected by how far the last
-    plan's prediction was off."""
+    and what the last one predicted (``planned``): between the closest plans measured on
+    either side of the target, linearly interpolated; with plans on one side only, the target
+    corrected by how far the last prediction was off. Either way the aim stays inside the
+    bracket the plans so far leave (the dense model counts as a plan measured at 1.0 for an
+    aim of 1.0), :data:`INSIDE` of it from its ends: a prediction off by 10× cannot send the
+    next plan past one already measured, and a curved relation still shrinks the bracket from
+    both sides (a secant alone creeps from one)."""
     faster = [point for point in tried if point[0] < target]
     slower = [point for point in tried if point[0] > target]
     if faster and slower:
         (low, low_aim), (high, high_aim) = max(faster), min(slower)
-        return low_aim + (target - low) * (high_aim - low_aim) / (high - low)
-    return min(1.0, target * planned / tried[-1][0])
+        aim = low_aim + (target - low) * (high_aim - low_aim) / (high - low)
+    else:
+        aim = target * planned / tried[-1][0]
+    floor = max((aimed for _, aimed in faster), default=0.0)
+    ceiling = min(aimed for _, aimed in [*slower, (1.0, 1.0)])
+    margin = INSIDE * (ceiling - floor)
+    return min(max(aim, floor + margin), ceiling - margin)
 
 
 def preferred(achieved: float, best: float, limit: float) -> bool:
@@ -172,7 +183,7 @@ def meet(model: nn.Module, budget: Budget, plan: Plan, *, timer: Timer, batch_si
              "reached": achieved <= budget.share * (1 + TOLERANCE)}
     if not entry["reached"]:
         entry["reason"] = planned.get("reason") or (
-            f"{plans} plans, each aimed by how far the last one's prediction was off, still "
+            f"{plans} plans, each aimed between those measured before it, still "
             f"measured {achieved:.3f} of the dense model's time (±{spread:.3f} between "
             f"rounds)")
     report["budget"] = entry
