@@ -5,7 +5,9 @@
 #   2. a torchvision ResNet-18 trained on it by a plain PyTorch loop, as your own script
 #      would, and saved as a plain state_dict;
 #   3. `compaware compress` on those weights: pruned to half the MACs, fine-tuned for an
-#      epoch with the trained model as the teacher (knowledge distillation), benchmarked.
+#      epoch with the trained model as the teacher (knowledge distillation), benchmarked;
+#   4. `compaware export` of the result to ONNX, run in ONNX Runtime on the validation images
+#      beside the trainable module (`compaware.load_model`) the run kept.
 # Usage: scripts/byom_demo.sh [WORK_DIR]   (default: a new temporary folder)
 set -euo pipefail
 work="${1:-$(mktemp -d -t byom.XXXXXX)}"
@@ -73,3 +75,31 @@ compaware compress model=torchvision model.name=resnet18 init_from="$work/resnet
   data=imagefolder data.root="$work/images" compress=prune compress.target=macs:0.5 \
   finetune.distill=true schedule.finetune_epochs=1 schedule.batch_size=16 \
   hydra.run.dir="$work/run"
+
+compaware export "$work/run" --format onnx --out "$work/resnet18_pruned.onnx"
+python - "$work" <<'PY'
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from torchvision import transforms
+
+import compaware
+
+work = Path(sys.argv[1])
+tf = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor(),
+                         transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+val = torchvision.datasets.ImageFolder(str(work / "images" / "val"), tf)
+x, y = next(iter(torch.utils.data.DataLoader(val, batch_size=len(val))))
+session = ort.InferenceSession(str(work / "resnet18_pruned.onnx"),
+                               providers=["CPUExecutionProvider"])
+onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+with torch.no_grad():
+    torch_out = compaware.load_model(work / "run" / "model_compressed.pt")(x).numpy()
+print(f"ONNX Runtime on {len(val)} validation images: accuracy "
+      f"{100 * float((onnx_out.argmax(1) == y.numpy()).mean()):.1f} %, largest difference "
+      f"from PyTorch's logits {np.abs(onnx_out - torch_out).max():.2e}")
+PY
