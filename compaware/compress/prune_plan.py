@@ -61,7 +61,7 @@ def group_steps(unit_importance: Tensor, round_to: int,
     n = len(unit_importance)
     order = torch.argsort(unit_importance, stable=True).tolist()
     steps, kept = [], n
-    for size in range((n - 1) // round_to * round_to, max(least, 1) - 1, -round_to):
+    for size in range((n - 1) // round_to * round_to, least - 1, -round_to):
         units = order[n - kept:n - size]
         steps.append((float(unit_importance[units].max()), units))
         kept = size
