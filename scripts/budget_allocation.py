@@ -4,7 +4,8 @@ For each model, one dense training run (compaware's own run, ``compress=none``);
 those weights, each compressor at each MACs budget twice:
 
 - global: ``compress.target=macs:<share>``, the sizes chosen over all layers together
-  (compaware/compress/budget.py);
+  (compaware/compress/budget.py), none cut by more than ``compress.max_layer_cut``
+  (``--max-layer-cut``, default the config's);
 - uniform: the per-layer option the same for every layer (``compress.energy`` for svd,
   ``compress.ratio`` for prune) at its weakest value whose compressed model keeps at most
   the budget's share of the MACs, found by bisection on the compressed model's MAC count.
@@ -15,6 +16,7 @@ share reached and the test accuracy after compression and after fine-tuning.
 
     OMP_NUM_THREADS=1 python scripts/budget_allocation.py --out /tmp/budget_allocation
     python scripts/budget_allocation.py --quick      # digits, a few steps: a smoke test
+    python scripts/budget_allocation.py --model LeNet-5 --max-layer-cut 1   # one model, no floor
 
 prints a Markdown table (docs/budgets.md). The runs stay under ``--out``; a finished one is
 read back rather than redone, so an interrupted script picks up where it stopped.
@@ -39,6 +41,7 @@ from torch import nn
 
 from compaware import checkpoint
 from compaware.compress import Compressor
+from compaware.compress.budget import MAX_LAYER_CUT
 from compaware.config import CONF_DIR, instantiate
 from compaware.costs import count_macs
 from compaware.data import Data, build_data
@@ -140,11 +143,11 @@ def weakest(share_at: Callable[[float], float], weak: float, strong: float,
 
 
 def settings(trained: Trained, name: str, node: DictConfig, allocation: str,
-             share: float) -> dict:
+             share: float, max_layer_cut: float) -> dict:
     """The options of ``compress=name`` (its config: ``node``) for ``allocation`` at a MACs
     budget of ``share``."""
     if allocation == "global":
-        return {"target": f"macs:{share}"}
+        return {"target": f"macs:{share}", "max_layer_cut": max_layer_cut}
     option, weak, strong = UNIFORM[name]
 
     def share_at(value: float) -> float:
@@ -163,12 +166,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/budget_allocation"))
     parser.add_argument("--quick", action="store_true", help="digits and a few steps")
+    parser.add_argument("--model", choices=[setup.label for setup in FULL],
+                        help="only this model (default: all)")
+    parser.add_argument("--max-layer-cut", type=float, default=MAX_LAYER_CUT,
+                        help="compress.max_layer_cut of the global rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     start = time.perf_counter()
     rows = ["| model | MACs budget | compressor | allocation | setting | MACs share | "
             "accuracy compressed (%) | fine-tuned (%) |", "|---|---|---|---|---|---|---|---|"]
     for setup in QUICK if args.quick else FULL:
+        if args.model and setup.label != args.model:
+            continue
         folder = args.out / setup.label
         rows.append(f"| {setup.label} | dense | | | | 1 | "
                     f"{dense_run(setup, folder / 'dense'):.2f} | |")
@@ -180,7 +189,8 @@ def main() -> None:
                     record = folder / f"{name}_{allocation}_{share}.json"
                     row = finished(record)
                     if row is None:
-                        options = settings(trained, name, node, allocation, share)
+                        options = settings(trained, name, node, allocation, share,
+                                           args.max_layer_cut)
                         row = {"setting": ", ".join(f"{k}={v}" for k, v in options.items()),
                                **trained.compress_and_finetune(build(node, options),
                                                                record.with_suffix(""))}

@@ -71,7 +71,9 @@ def test_dead_units_go_even_when_the_budget_is_met():
 
 def test_round_to_is_kept_with_a_target():
     torch.manual_seed(0)
-    compressed, report = SVD(target="params:0.25", round_to=8)(LeNet300())
+    # no floor: at 0.9, fc2 stops at rank 16 and only fc1's steps of 8 × (784 + 300)
+    # parameters are left, so the plan lands at 0.224 (below the budget, so reached)
+    compressed, report = SVD(target="params:0.25", round_to=8, max_layer_cut=1)(LeNet300())
     ranks = [entry["rank"] for name, entry in report.items()
              if name != "budget" and entry["factorized"]]
     assert ranks and all(rank % 8 == 0 for rank in ranks)
@@ -97,7 +99,7 @@ def test_latency_aware_refusals_leave_the_budget_unreached_with_the_reason(metho
 
 
 def test_an_unreachable_budget_is_reported_not_reached():
-    _, report = SVD(target="params:0.001", skip_last=True)(LeNet300())
+    _, report = SVD(target="params:0.001", skip_last=True, max_layer_cut=1)(LeNet300())
     assert report["budget"]["reached"] is False
     assert "smallest rank" in report["budget"]["reason"]
 
@@ -161,3 +163,80 @@ def test_the_summary_says_why_a_budget_was_not_reached():
                    "reason": "latency_aware kept fc1 dense"}}}}
     assert ("budget: params 0.5 asked, 0.6 reached (not reached: latency_aware kept fc1 "
             "dense)") in format_summary(results)
+
+
+def kept_shares(report: dict) -> dict[str, float]:
+    """Per layer, the least it kept of its units (prune) and of its rank (svd)."""
+    return {name: min(entry.get("kept", 1) / entry.get("units", 1),
+                      entry.get("rank", 1) / entry.get("full_rank", 1))
+            for name, entry in report.items()
+            if name != "budget" and ("full_rank" in entry or "units" in entry)}
+
+
+@pytest.mark.parametrize("max_layer_cut", [0.9, 0.5])
+@pytest.mark.parametrize("model_name", ["lenet5", "resnet20"])
+@pytest.mark.parametrize("method", [SVD, Prune, PruneSVD])
+def test_no_layer_loses_more_than_max_layer_cut(method, model_name, max_layer_cut):
+    # a budget far below what the floor allows: every layer is pushed to its floor
+    make, input_shape = MODELS[model_name]
+    torch.manual_seed(0)
+    _, report = method(target="macs:0.01", input_shape=input_shape,
+                       max_layer_cut=max_layer_cut)(make())
+    kept = kept_shares(report)
+    assert kept and min(kept.values()) >= 1 - max_layer_cut - 1e-9
+    assert report["budget"]["reached"] is False
+    assert f"compress.max_layer_cut={max_layer_cut:g}" in report["budget"]["reason"]
+
+
+def test_the_default_floor_stops_the_rank_one_bottleneck():
+    # measured on trained weights (docs/budgets.md): without a floor, macs:0.25 cut LeNet-5's
+    # conv2 to rank 1 of 50; random weights do the same
+    torch.manual_seed(0)
+    _, unfloored = SVD(target="macs:0.25", input_shape=(1, 28, 28), max_layer_cut=1)(LeNet5())
+    torch.manual_seed(0)
+    _, report = SVD(target="macs:0.25", input_shape=(1, 28, 28))(LeNet5())
+    assert unfloored["conv2"]["rank"] == 1
+    assert report["conv2"]["rank"] >= 5 and report["budget"]["reached"]
+
+
+@pytest.mark.parametrize("method", [SVD, Prune])
+def test_a_budget_the_floor_stops_names_the_option_and_the_layers(method):
+    torch.manual_seed(0)
+    _, report = method(target="params:0.01", input_shape=(1, 28, 28))(LeNet300())
+    reason = report["budget"]["reason"]
+    assert "compress.max_layer_cut=0.9 keeps at least 10 %" in reason and "fc1" in reason
+
+
+def test_dead_units_go_below_the_floor():
+    model = LeNet300()
+    with torch.no_grad():
+        model.fc1.weight[:290] = 0
+        model.fc1.bias[:290] = 0
+    pruned, report = Prune(target="params:1")(model)
+    assert pruned.fc1.out_features == 10 and report["budget"]["reached"]
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True, None])
+def test_an_invalid_max_layer_cut_names_the_option_and_its_range(value):
+    for method in (SVD, Prune, PruneSVD):
+        with pytest.raises(UserError, match=r"compress.max_layer_cut=.*compress.max_layer_cut "
+                                            r"takes a number in \[0, 1\]"):
+            method(target="params:0.5", input_shape=(1, 28, 28), max_layer_cut=value)
+
+
+@pytest.mark.parametrize("method", [SVD, Prune, PruneSVD])
+def test_max_layer_cut_without_a_target_is_an_error(method):
+    with pytest.raises(UserError, match="compress.max_layer_cut=0.5 would be ignored"):
+        method(target=None, max_layer_cut=0.5)
+
+
+@pytest.mark.parametrize("compress", ["svd", "prune", "prune+svd"])
+def test_the_configs_take_max_layer_cut(make_cfg, compress):
+    def floors(*overrides: str) -> list[float]:
+        compressor = instantiate(make_cfg(f"compress={compress}", "compress.target=params:0.5",
+                                          *overrides).compress)
+        parts = [compressor.prune, compressor.svd] if compress == "prune+svd" else [compressor]
+        return [part.max_layer_cut for part in parts]
+
+    assert set(floors("compress.max_layer_cut=0.75")) == {0.75}
+    assert set(floors()) == {0.9}

@@ -32,6 +32,7 @@ from compaware.costs import count_macs, count_params
 from compaware.layers import eval_mode, weight_layers
 
 KINDS = ("params", "macs", "bytes", "latency")
+MAX_LAYER_CUT = 0.9  # compress.max_layer_cut's default: every layer keeps at least a tenth
 TOLERANCE = 0.03  # a budget counts as reached up to 3 % above the target
 BYTES_PER_PARAM = 4  # float32
 
@@ -110,6 +111,46 @@ def parse_target(spec: str | None, input_shape: tuple[int, ...] | None) -> Budge
                         f"compress.input_shape (C, H, W of one sample; the configs take it "
                         f"from the data).")
     return Budget(kind, value)
+
+
+def check_max_layer_cut(value: object, budget: Budget | None) -> float:
+    """``compress.max_layer_cut`` as a float, or a :class:`UserError` saying what it takes;
+    set away from its default without a target (which alone reads it), it is refused rather
+    than ignored."""
+    meaning = (f"compress.max_layer_cut takes a number in [0, 1]: the most of one layer's units "
+               f"(prune) or rank (svd) that a compress.target plan may remove, so that no "
+               f"layer is cut down to a bottleneck (default {MAX_LAYER_CUT}: every layer keeps "
+               f"at least a tenth; 1: no floor, down to one unit or rank)")
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not 0 <= value <= 1:  # NaN fails the range too
+        raise UserError(f"compress.max_layer_cut={value!r} is not a share of a layer; "
+                        f"{meaning}.")
+    if budget is None and value != MAX_LAYER_CUT:
+        raise UserError(f"compress.max_layer_cut={value} would be ignored: only a budget "
+                        f"(compress.target) plans layer sizes. {meaning}; set "
+                        f"compress.target, or leave compress.max_layer_cut at "
+                        f"{MAX_LAYER_CUT}.")
+    return float(value)
+
+
+def layer_floor(units: int, live: int, max_cut: float) -> int:
+    """The fewest units (or the lowest rank) a budget's plan may leave a layer of ``units``,
+    ``live`` of them nonzero: at most ``max_cut`` of them go (``compress.max_layer_cut``,
+    like Torch-Pruning's ``max_pruning_ratio``), but dead ones (zero units, zero singular
+    values) always may, since keeping them keeps nothing; never below 1."""
+    kept = math.ceil(round((1 - max_cut) * units, 9))  # round: 0.1 × 50 is 5, not 5.000…1
+    return max(1, min(kept, live))
+
+
+def floor_reason(at_floor: list[str], max_cut: float, what: str, otherwise: str) -> str:
+    """Why a plan fell short: the layers held at their floor (:func:`layer_floor`) by
+    ``compress.max_layer_cut``, where any were, else ``otherwise``."""
+    if not at_floor:
+        return otherwise
+    kept = f"{(1 - max_cut) * 100:.3g} %"
+    return (f"compress.max_layer_cut={max_cut:g} keeps at least {kept} of each layer's "
+            f"{what}, and {', '.join(at_floor)} are at that floor; raise it (1: no floor), "
+            f"select more layers or ask for less")
 
 
 def check_alone(budget: Budget | None, option: str, value: object, default: object) -> None:

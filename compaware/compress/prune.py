@@ -56,7 +56,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from compaware.compress.base import AccuracySearch, Compressor, Report
-from compaware.compress.budget import Budget, check_alone, parse_target, prices, slack
+from compaware.compress.budget import (
+    MAX_LAYER_CUT,
+    Budget,
+    check_alone,
+    check_max_layer_cut,
+    floor_reason,
+    parse_target,
+    prices,
+    slack,
+)
 from compaware.compress.depth import remove_zero_branches
 from compaware.compress.latency import (
     LatencyCheck,
@@ -70,7 +79,9 @@ from compaware.compress.latency_budget import Measured, meet
 from compaware.compress.prune_plan import (
     RemovalPlan,
     analytic_cost,
+    group_floor,
     group_steps,
+    held,
     importance,
     take_steps,
     timed_cost,
@@ -216,7 +227,8 @@ class Prune(Compressor):
     timed at ``latency_batch`` samples in ``latency_form``, get faster
     (compaware/compress/latency.py). ``target`` (``ratio`` then stays 0): the units to remove
     are ranked over all groups together until the budget is met (:meth:`plan_removals`;
-    a latency budget: :mod:`~compaware.compress.latency_budget`).
+    a latency budget: :mod:`~compaware.compress.latency_budget`), none losing more than
+    ``max_layer_cut`` of its units.
     """
 
     def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5,
@@ -224,8 +236,8 @@ class Prune(Compressor):
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
                  min_sparsity: float = 0.5, round_to: int = 1, latency_aware: bool = False,
                  latency_batch: int = 32, latency_form: str = "eager",
-                 target: str | None = None, max_accuracy_drop: float | None = None,
-                 search_steps: int = 6) -> None:
+                 target: str | None = None, max_layer_cut: float = MAX_LAYER_CUT,
+                 max_accuracy_drop: float | None = None, search_steps: int = 6) -> None:
         check_range("compress.ratio", ratio, 0, 1)
         if ratio == 1:
             raise UserError("compress.ratio=1 would remove every unit of every layer; "
@@ -240,6 +252,7 @@ class Prune(Compressor):
         self.input_shape = tuple(int(size) for size in input_shape)
         self.select = LayerSelection("compress", layers, skip_first, skip_last=True)
         self.budget = parse_target(target, self.input_shape)
+        self.max_layer_cut = check_max_layer_cut(max_layer_cut, self.budget)
         self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
                                       latency_batch=latency_batch, input_shape=self.input_shape,
                                       latency_form=latency_form,
@@ -269,10 +282,10 @@ class Prune(Compressor):
         ignored = [layer for _, layer in weight_layers(model) if layer not in chosen]
         notes: dict[str, dict] = {}  # per layer: its group's zero units, or why it was left
         parts = traced_parts(model, self.input_shape)
-        plan, saved = (self.plan_removals(model, parts, names=names, ignored=ignored,
-                                          budget=budget, goal=budget.share * dense,
-                                          measured=measured)
-                       if budget else (None, 0))
+        plan, saved, short = (self.plan_removals(model, parts, names=names, ignored=ignored,
+                                                 budget=budget, goal=budget.share * dense,
+                                                 measured=measured)
+                              if budget else (None, 0, FLOOR))
         for graph, boundary in parts:
             for group in prunable_groups(graph, boundary, ignored):
                 self.prune_group(model, graph, group, names=names, notes=notes, check=check,
@@ -292,22 +305,23 @@ class Prune(Compressor):
                     report[name].update(columns, **({"latency_ms": timed} if timed else {}))
         check_still_runs(model, self.input_shape)
         if measured:  # the plan's prediction; latency_budget.meet measures the model
-            report["budget"] = budget.outcome(dense, dense - saved, FLOOR)
+            report["budget"] = budget.outcome(dense, dense - saved, short)
         elif budget:
             report["budget"] = budget.judge(model, self.input_shape, dense, report,
-                                            kept="whole", floor=FLOOR)
+                                            kept="whole", floor=short)
         return model, report
 
     def plan_removals(self, model: nn.Module, parts: list[tuple], *,
                       names: dict[nn.Module, str], ignored: list[nn.Module], budget: Budget,
                       goal: float, measured: Measured | None
-                      ) -> tuple[dict[nn.Module, list[int]], int]:
+                      ) -> tuple[dict[nn.Module, list[int]], int, str]:
         """The root units to remove per group (keyed by its root layer) so that ``model``
-        costs at most ``goal`` in the budget's measure, and what they save
-        (:func:`~compaware.compress.prune_plan.take_steps` over every group's steps; groups
-        that a layer blocks are left out). Costs are counted, or for a latency budget
-        measured (``measured``, :func:`~compaware.compress.prune_plan.timed_cost`)."""
-        steps, sides = [], {}
+        costs at most ``goal`` in the budget's measure, what they save and why it may fall
+        short (:func:`~compaware.compress.prune_plan.take_steps` over every group's steps,
+        none below its floor, ``max_layer_cut``; groups that a layer blocks are left out).
+        Costs are counted, or for a latency budget measured (``measured``,
+        :func:`~compaware.compress.prune_plan.timed_cost`)."""
+        steps, sides, floors = [], {}, {}
         for graph, boundary in parts:
             for group in prunable_groups(graph, boundary, ignored):
                 if blocking_layer(group) is not None:
@@ -318,8 +332,11 @@ class Prune(Compressor):
                 for name, side, _ in (entry for entries in reach.values() for entry in entries):
                     sides.setdefault(name, set()).add(side)
                 root = group[0].dep.layer
+                floors[root] = (len(unit_importance),
+                                group_floor(unit_importance, self.max_layer_cut))
                 steps += [(value, len(steps) + i, root, units, reach) for i, (value, units)
-                          in enumerate(group_steps(unit_importance, self.latency.round_to))]
+                          in enumerate(group_steps(unit_importance, self.latency.round_to,
+                                                   floors[root][1]))]
         if measured:
             positions = prices(Budget("macs", 1.0), model, self.input_shape).weight
             now = measured.dense
@@ -327,8 +344,11 @@ class Prune(Compressor):
         else:
             now = budget.measure(model, self.input_shape)
             cost = analytic_cost(prices(budget, model, self.input_shape))
-        return take_steps(steps, RemovalPlan(model, cost), excess=now - goal,
-                          margin=slack(goal))
+        plan, saved = take_steps(steps, RemovalPlan(model, cost), excess=now - goal,
+                                 margin=slack(goal))
+        at_floor = [names[root] for root, (units, least) in floors.items()
+                    if held(units, len(plan.get(root, [])), self.latency.round_to, least)]
+        return plan, saved, floor_reason(at_floor, self.max_layer_cut, "units", FLOOR)
 
     def prune_group(self, model: nn.Module, graph: tp.DependencyGraph, group: tp.Group, *,
                     names: dict[nn.Module, str], notes: dict[str, dict],
@@ -382,7 +402,8 @@ class PruneSVD(Compressor):
                  depth: bool = True, shape: bool = True, min_sparsity: float = 0.5,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  latency_form: str = "eager", target: str | None = None,
-                 max_accuracy_drop: float | None = None, search_steps: int = 6) -> None:
+                 max_layer_cut: float = MAX_LAYER_CUT, max_accuracy_drop: float | None = None,
+                 search_steps: int = 6) -> None:
         both = {"threshold": threshold, "input_shape": input_shape, "layers": layers,
                 "skip_first": skip_first, "round_to": round_to, "latency_aware": latency_aware,
                 "latency_batch": latency_batch, "latency_form": latency_form}
@@ -391,6 +412,9 @@ class PruneSVD(Compressor):
         self.latency = self.prune.latency  # the same options as the SVD's
         self.input_shape = self.prune.input_shape
         self.budget = parse_target(target, self.input_shape)
+        # each step plans its part of the budget (compress_within), under the same floor
+        self.prune.max_layer_cut = self.svd.max_layer_cut = check_max_layer_cut(
+            max_layer_cut, self.budget)
         if timed_budget(self.budget):  # its two steps would split a measured share
             raise UserError(f"compress.target={target} is a latency budget, which compress=svd "
                             f"and compress=prune meet, not compress=prune+svd; use one of them, "

@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from compaware.compress.budget import Prices, layer_cost
+from compaware.compress.budget import Prices, layer_cost, layer_floor
 from compaware.compress.latency import pruned_stand_in, round_up
 from compaware.compress.latency_budget import Curve, Measured, nanoseconds
 from compaware.layers import WEIGHT_LAYERS, weight_layers
@@ -46,19 +46,33 @@ def importance(writers: Tensor, readers: Tensor | None, threshold: float) -> Ten
     return torch.where(dead, -1.0, writers / writers.mean().clamp_min(1e-30))
 
 
-def group_steps(unit_importance: Tensor, round_to: int) -> list[tuple[float, list[int]]]:
+def group_floor(unit_importance: Tensor, max_cut: float) -> int:
+    """The fewest units a plan may leave the group (:func:`~.budget.layer_floor`: at most
+    ``max_cut`` of them go, and the dead ones, importance -1, always may)."""
+    return layer_floor(len(unit_importance), int((unit_importance >= 0).sum()), max_cut)
+
+
+def group_steps(unit_importance: Tensor, round_to: int,
+                least: int = 1) -> list[tuple[float, list[int]]]:
     """The group's steps down, in order: (importance, root units removed). The least
     important units go first; each step leaves a multiple of ``round_to`` units (the first
-    may remove fewer than ``round_to``: the rounding comes first) and at least one. A step
-    is as important as its most important unit."""
+    may remove fewer than ``round_to``: the rounding comes first) and at least ``least``. A
+    step is as important as its most important unit."""
     n = len(unit_importance)
     order = torch.argsort(unit_importance, stable=True).tolist()
     steps, kept = [], n
-    for size in range((n - 1) // round_to * round_to, 0, -round_to):
+    for size in range((n - 1) // round_to * round_to, least - 1, -round_to):
         units = order[n - kept:n - size]
         steps.append((float(unit_importance[units].max()), units))
         kept = size
     return steps
+
+
+def held(units: int, removed: int, round_to: int, least: int) -> bool:
+    """Whether the floor ``least`` is all that keeps a group of ``units``, ``removed`` of them
+    planned away, from its next step down."""
+    kept = units - removed
+    return kept > round_to and (kept - 1) // round_to * round_to < least
 
 
 def unit_reach(graph: tp.DependencyGraph, group: tp.Group,

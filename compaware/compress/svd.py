@@ -31,8 +31,12 @@ from torch import Tensor, nn
 
 from compaware.compress.base import AccuracySearch, Compressor, Report
 from compaware.compress.budget import (
+    MAX_LAYER_CUT,
     Budget,
     check_alone,
+    check_max_layer_cut,
+    floor_reason,
+    layer_floor,
     parse_target,
     prices,
     slack,
@@ -127,20 +131,31 @@ class Spectrum:
         return [r for r in range((full - 1) // round_to * round_to, 0, -round_to)
                 if r * (self.out_dim + self.in_dim) < self.out_dim * self.in_dim]
 
+    def least(self, threshold: float, max_cut: float) -> int:
+        """The lowest rank a plan may give the layer (:func:`~.budget.layer_floor`; singular
+        values ≤ ``threshold``·σ_max are dead)."""
+        live = int((self.s > threshold * self.s.max()).sum())
+        return layer_floor(len(self.s), live, max_cut)
 
-def rank_steps(name: str, spectrum: Spectrum, *, round_to: int,
-               threshold: float) -> list[tuple[float, str, int, int]]:
+    def held(self, rank: int, round_to: int, least: int) -> bool:
+        """Whether the floor ``least`` is all that keeps the layer from its next rank down."""
+        lower = [r for r in self.ranks(round_to) if r < rank]
+        return bool(lower) and lower[0] < least
+
+
+def rank_steps(name: str, spectrum: Spectrum, *, round_to: int, threshold: float,
+               least: int = 1) -> list[tuple[float, str, int, int]]:
     """The layer's steps down, in order: (energy lost per cost saved, name, new rank, cost
     saved). The first goes from dense to the largest rank that saves, each next one drops
     ``round_to`` more singular values, or more where that saves nothing (a timed pair may be
-    slower than the layer down to well below the break-even rank). Energy is the layer's
-    share of Σσ², so that layers of any scale compare; singular values ≤
-    ``threshold``·σ_max count as no energy."""
+    slower than the layer down to well below the break-even rank), none below rank
+    ``least``. Energy is the layer's share of Σσ², so that layers of any scale compare;
+    singular values ≤ ``threshold``·σ_max count as no energy."""
     s = spectrum.s.double()
     energy = torch.where(s > threshold * s.max(), s**2, 0.0)
     energy = energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
     steps, rank = [], len(s)
-    for new_rank in spectrum.ranks(round_to):
+    for new_rank in (r for r in spectrum.ranks(round_to) if r >= least):
         saved = spectrum.cost(rank) - spectrum.cost(new_rank)
         if saved <= 0:
             continue
@@ -151,15 +166,18 @@ def rank_steps(name: str, spectrum: Spectrum, *, round_to: int,
 
 
 def allocate_ranks(spectra: dict[str, Spectrum], excess: float, *, round_to: int = 1,
-                   threshold: float = 0.0, slack: float = 0.0) -> dict[str, int]:
+                   threshold: float = 0.0, slack: float = 0.0,
+                   max_cut: float = 1.0) -> dict[str, int]:
     """A rank per layer that saves ``excess`` of the budget's cost over all layers together,
     greedily: take, over all layers at once, the step that loses the least energy per cost
     saved, until enough is saved (steps that lose nothing are taken anyway: the zeros a
     nuclear-norm prox left). A layer's steps come in order; a layer left at full rank stays
     dense. A step that would save more than ``slack`` too much ends its layer's steps (the
-    others fill the rest more finely), unless nothing else gets close enough."""
+    others fill the rest more finely), unless nothing else gets close enough. No layer
+    goes below its floor (:meth:`Spectrum.least`: at most ``max_cut`` of its rank removed)."""
     ranks = {name: len(spectrum.s) for name, spectrum in spectra.items()}
-    pending = {name: rank_steps(name, spectrum, round_to=round_to, threshold=threshold)[::-1]
+    pending = {name: rank_steps(name, spectrum, round_to=round_to, threshold=threshold,
+                                least=spectrum.least(threshold, max_cut))[::-1]
                for name, spectrum in spectra.items()}
     heap = [steps.pop() for steps in pending.values() if steps]
     heapq.heapify(heap)
@@ -184,12 +202,22 @@ FLOOR = ("every selected layer is at its smallest rank (compress.round_to) or ca
          "factorized; select more layers or ask for less")
 
 
+def shortfall(spectra: dict[str, Spectrum], ranks: dict[str, int], *, round_to: int,
+              threshold: float, max_cut: float) -> str:
+    """Why a plan of ``ranks`` may fall short of its budget: the layers that
+    ``compress.max_layer_cut`` holds at their floor, if any, else :data:`FLOOR`."""
+    held = [name for name, spectrum in spectra.items()
+            if spectrum.held(ranks[name], round_to, spectrum.least(threshold, max_cut))]
+    return floor_reason(held, max_cut, "rank", FLOOR)
+
+
 class SVD(Compressor):
     """``compress=svd``: factorize every selected conv/linear where it gets cheaper.
 
     Rank per layer: see :func:`choose_rank` (``energy``, ``threshold``, ``rank``), then
     rounded up to a multiple of ``round_to``; with ``target`` instead (``energy`` and
-    ``rank`` then stay at their defaults), :func:`allocate_ranks` over all selected layers.
+    ``rank`` then stay at their defaults), :func:`allocate_ranks` over all selected layers,
+    none of which loses more than ``max_layer_cut`` of its rank.
     With ``latency_aware``, a layer is factorized only where the pair is faster than the
     layer, timed at ``latency_batch`` samples of ``input_shape`` in ``latency_form``
     (compaware/compress/latency.py); a refused pair leaves its layer dense, and a budget
@@ -202,7 +230,8 @@ class SVD(Compressor):
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
                  input_shape: tuple[int, ...] | None = None,
                  latency_form: str = "eager", target: str | None = None,
-                 max_accuracy_drop: float | None = None, search_steps: int = 6) -> None:
+                 max_layer_cut: float = MAX_LAYER_CUT, max_accuracy_drop: float | None = None,
+                 search_steps: int = 6) -> None:
         check_range("compress.energy", energy, 0, 1, low_open=True)
         if rank is not None:
             check_range("compress.rank", rank, 1, integer=True)
@@ -211,6 +240,7 @@ class SVD(Compressor):
         self.select = LayerSelection("compress", layers, skip_first, skip_last)
         self.input_shape = tuple(input_shape) if input_shape else None
         self.budget = parse_target(target, self.input_shape)
+        self.max_layer_cut = check_max_layer_cut(max_layer_cut, self.budget)
         self.latency = LatencyOptions(round_to=round_to, latency_aware=latency_aware,
                                       latency_batch=latency_batch, input_shape=input_shape,
                                       latency_form=latency_form,
@@ -237,9 +267,10 @@ class SVD(Compressor):
         check = self.latency.latency_check(model, self.input_shape, self.timer)
         candidates = self.candidates(model, report)
         spectra = (self.spectra(model, candidates, budget, measured) if budget else {})
+        plan = {"round_to": self.latency.round_to, "threshold": self.threshold,
+                "max_cut": self.max_layer_cut}
         ranks = (allocate_ranks(spectra, dense - budget.share * dense,
-                                round_to=self.latency.round_to, threshold=self.threshold,
-                                slack=slack(budget.share * dense)) if budget else
+                                slack=slack(budget.share * dense), **plan) if budget else
                  {name: round_up(choose_rank(s, self.energy, self.threshold, self.rank),
                                  self.latency.round_to, len(s))
                   for name, (_, _, s, _) in candidates.items()})
@@ -258,10 +289,11 @@ class SVD(Compressor):
         if measured:  # the plan's prediction; latency_budget.meet measures the model
             saved = sum(spectra[name].cost(len(spectra[name].s)) - spectra[name].cost(rank)
                         for name, rank in ranks.items() if report[name]["factorized"])
-            report["budget"] = budget.outcome(dense, dense - saved, FLOOR)
+            report["budget"] = budget.outcome(dense, dense - saved,
+                                              shortfall(spectra, ranks, **plan))
         elif budget:
-            report["budget"] = budget.judge(model, self.input_shape, dense, report,
-                                            kept="dense", floor=FLOOR)
+            report["budget"] = budget.judge(model, self.input_shape, dense, report, kept="dense",
+                                            floor=shortfall(spectra, ranks, **plan))
         return model, report
 
     def candidates(self, model: nn.Module, report: Report) -> dict[str, tuple]:
