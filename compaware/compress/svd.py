@@ -44,7 +44,13 @@ from compaware.compress.budget import (
 from compaware.compress.latency import LatencyOptions, round_up
 from compaware.compress.latency_budget import Curve, Measured, meet, nanoseconds, samples
 from compaware.config import check_range
-from compaware.layers import LayerSelection, is_grouped, read_by_parent, weight_matrix
+from compaware.layers import (
+    LayerSelection,
+    is_grouped,
+    read_by_parent,
+    weight_layers,
+    weight_matrix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +272,8 @@ class SVD(Compressor):
                  budget.measure(model, self.input_shape) if budget else 0)
         check = self.latency.latency_check(model, self.input_shape, self.timer)
         candidates = self.candidates(model, report)
+        if budget:
+            keep_classifier(model, candidates, report)
         spectra = (self.spectra(model, candidates, budget, measured) if budget else {})
         plan = {"round_to": self.latency.round_to, "threshold": self.threshold,
                 "max_cut": self.max_layer_cut}
@@ -324,6 +332,21 @@ class SVD(Compressor):
         price = prices(budget, model, self.input_shape)
         return {name: Spectrum(s, u.shape[0], vh.shape[1], price.weight[name])
                 for name, (_, u, s, vh) in candidates.items()}
+
+
+CLASSIFIER = ("the model's last layer, its classifier: a budget leaves it whole (at a rank "
+              "below its outputs, some classes can no longer be told apart); "
+              "compress.target=null with compress.energy or compress.rank factorizes it")
+
+
+def keep_classifier(model: nn.Module, candidates: dict[str, tuple], report: Report) -> None:
+    """Take the model's last conv or linear out of a budget's ``candidates``. Its outputs are
+    the logits: at rank r they span r dimensions, so below the class count some classes can
+    never score highest, yet its few parameters make that cut look cheap to a plan (LeNet-5
+    under prune+svd at params:0.25: the 333→10 classifier at rank 1, 29 % fine-tuned)."""
+    last = weight_layers(model)[-1][0]
+    if candidates.pop(last, None) is not None:
+        report[last] = {"factorized": False, "reason": CLASSIFIER}
 
 
 def timed_budget(budget: Budget | None) -> bool:
