@@ -14,17 +14,18 @@ end. Two kinds of module do this:
   ``RelativePositionalMultiHeadAttention`` Torch-Pruning maps each head split (and the
   ``chunk`` into q, k and v) as if it flattened channels, by 32 and by 3; the index lists of
   the ``to_qkv`` group go round the attention's reshapes and einsums at 16 000 to 50 000
-  indices, each round a few longer, so they never repeat, and the group was not built after
-  5 minutes (on a toy model the wrong mapping even names units beyond a layer's width).
+  indices, each round a few longer, so they never repeat: the group was not built after a
+  minute, nor ever in a run (on a toy model the mapping names units beyond a layer's width).
 
 Such a module is traced as one node (:func:`opaque_graph`): its output is attached to its
 inputs by a single autograd node, so nothing inside it is traced (registering it as a
 customized layer alone is not enough: Torch-Pruning still follows the ops inside, and
-MaxViT's search did not end either), and the same :class:`Opaque` function prunes its inputs
-and outputs, which ties them and keeps every group through it whole (it holds parameters:
-:func:`compaware.compress.prune.blocking_layer`). MaxViT-T's groups (at 221 pixels) are then
-all found in about 2 seconds, Swin-T's in under one. Torch-Pruning's own pruners
-(``nn.MultiheadAttention``) are left to it, and so is the model as a whole.
+MaxViT's first group was still not built after 5 minutes), and the same :class:`Opaque`
+function prunes its inputs and outputs, which ties them and keeps every group through it
+whole (it holds parameters: :func:`compaware.compress.prune.blocking_layer`). MaxViT-T's
+groups (at 221 pixels) are then all found in about 2 seconds, Swin-T's in under one.
+Torch-Pruning's own pruners (``nn.MultiheadAttention``) are left to it, and so is the model
+as a whole.
 """
 
 from __future__ import annotations
