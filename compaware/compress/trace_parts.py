@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from compaware.compress.latency import input_shapes
-from compaware.compress.opaque import opaque_pruners
+from compaware.compress.opaque import opaque_graph
 from compaware.config import UserError
 from compaware.layers import WEIGHT_LAYERS, describe_failure, eval_mode
 
@@ -35,12 +35,12 @@ def example_in_eval_mode(model: nn.Module, input_shape: tuple[int, ...]):
 
 def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
     """Torch-Pruning's graph of ``model``, traced (with autograd on: Torch-Pruning follows
-    autograd's graph) on one input of ``input_shape``; modules that apply their layers'
-    weights without calling them are single nodes (compaware/compress/opaque.py)."""
+    autograd's graph) on one input of ``input_shape``; modules whose channels it cannot
+    follow (attention, layers' weights used without calling them) are single nodes
+    (compaware/compress/opaque.py)."""
     with example_in_eval_mode(model, input_shape) as example, torch.enable_grad():
         try:
-            return tp.DependencyGraph().build_dependency(
-                model, example, verbose=False, customized_pruners=opaque_pruners(model, example))
+            return opaque_graph(model, example)
         except Exception as e:  # a shape mismatch or an untraceable model, deep inside torch
             raise UntraceableModel(
                 f"compress: Torch-Pruning could not trace {type(model).__name__} on an input of "
@@ -81,9 +81,7 @@ def traced_parts(model: nn.Module, input_shape: tuple[int, ...]
                 try:  # the part's own forward may fail too (several inputs, say)
                     probed = _Probed.around(child, example)
                     with torch.enable_grad():
-                        graph = probed and tp.DependencyGraph().build_dependency(
-                            probed, example, verbose=False,
-                            customized_pruners=opaque_pruners(probed, example))
+                        graph = probed and opaque_graph(probed, example)
                 except Exception:  # as in dependency_graph: deep inside torch
                     graph = None
                 if graph:
