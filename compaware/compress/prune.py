@@ -131,7 +131,7 @@ def blocking_layer(group: tp.Group) -> nn.Module | None:
         elif isinstance(layer, nn.Module):
             supported = isinstance(layer, nn.Linear) or (
                 not isinstance(layer, NORMS_ACROSS_CHANNELS)
-                and next(layer.parameters(), None) is None)  # an opaque module's too
+                and next(layer.parameters(), None) is None)
         else:  # an nn.Parameter used directly in forward
             supported = False
         if not supported:
