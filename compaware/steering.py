@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from compaware.compress import SVD, Compressor, Prune, PruneSVD
+from compaware.compress import Compressor
 from compaware.compress.budget import TOLERANCE, Budget
 from compaware.regularizers import Regularizer
 
@@ -65,18 +65,6 @@ BOUNDS = (1e-3, 1e3)  # the factor on regularizer.lam stays within these
 # slightly above its budget is a cut of trained weights, which a planner may place badly.
 MARGIN = TOLERANCE
 BISECTIONS = 6  # of the brake's search: within 1/64 of the rise it would have made
-
-
-def removes(compressor: Compressor) -> tuple[str, ...]:
-    """The structure ``compressor`` takes out of a model (the vocabulary of
-    ``Regularizer.leaves``)."""
-    if isinstance(compressor, PruneSVD):
-        return ("units", "rank")
-    if isinstance(compressor, Prune):
-        return ("units",)
-    if isinstance(compressor, SVD):
-        return ("rank",)
-    return ()
 
 
 def zeros_only(compressor: Compressor) -> Compressor:
@@ -238,7 +226,7 @@ def steering_for(regularizer: Regularizer, compressor: Compressor, model: nn.Mod
         return None
     spec = f"compress.target={budget.kind}:{budget.share:g}"
     name = type(regularizer).__name__
-    common = set(regularizer.leaves) & set(removes(compressor))
+    common = set(regularizer.leaves) & set(compressor.removes)
     why = ("schedule.steer=false" if not enabled else
            f"{name} leaves no structure exactly zero" if not regularizer.leaves else
            f"{name} leaves {' and '.join(regularizer.leaves)} at zero, which "

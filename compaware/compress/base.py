@@ -75,6 +75,9 @@ class Compressor:
     """``compress=none``: an unchanged copy (the dense model, benchmarked as "compressed")."""
 
     requires: tuple[str, ...] = ()  # artifacts of training it needs (Regularizer.publishes)
+    # The structure it takes out of a model (the vocabulary of Regularizer.leaves): "rank"
+    # (zero singular values), "units" (zero output units); what training can steer toward.
+    removes: tuple[str, ...] = ()
     latency: LatencyOptions | None = None  # compress.round_to and compress.latency_*, if taken
     timer: Timer | None = None  # the clock of the current call (use_timer)
     search: AccuracySearch | None = None  # compress.max_accuracy_drop, if taken

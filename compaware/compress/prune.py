@@ -231,6 +231,8 @@ class Prune(Compressor):
     ``max_layer_cut`` of its units.
     """
 
+    removes = ("units",)
+
     def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5,
                  input_shape: tuple[int, ...] = (1, 28, 28), layers: str = "all",
                  skip_first: bool = False, depth: bool = True, shape: bool = True,
@@ -395,6 +397,8 @@ class PruneSVD(Compressor):
     ``target`` splits the budget between the two: pruning to √share of the dense cost, then
     SVD down to the share itself (its own budget is share × dense / pruned cost, so pruning's
     shortfall or overshoot is made up by the ranks)."""
+
+    removes = ("units", "rank")
 
     def __init__(self, ratio: float = 0.0, *, threshold: float = 1e-5, energy: float = 1.0,
                  rank: int | None = None, input_shape: tuple[int, ...] = (1, 28, 28),

@@ -231,6 +231,8 @@ class SVD(Compressor):
     Layers it cannot factorize are skipped and reported with the reason (module docstring).
     """
 
+    removes = ("rank",)
+
     def __init__(self, energy: float = 1.0, *, rank: int | None = None, threshold: float = 1e-5,
                  layers: str = "all", skip_first: bool = False, skip_last: bool = False,
                  round_to: int = 1, latency_aware: bool = False, latency_batch: int = 32,
