@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import logging
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from torch import nn
 
 from compaware.compress.budget import TOLERANCE, Budget
 from compaware.compress.latency import LatencyCheck, Timer
+
+log = logging.getLogger(__name__)
 
 PLANS = 5  # plans made at most: a search over the aim, which a prediction may miss 10×
 INSIDE = 0.1  # an interpolated aim keeps this share of its bracket from either end
@@ -170,6 +173,8 @@ def meet(model: nn.Module, budget: Budget, plan: Plan, *, timer: Timer, batch_si
         plans += 1
         compressed, report = plan(copy.deepcopy(model), Budget(budget.kind, aim), measured)
         achieved, spread = side_by_side(timer, model, compressed, x)
+        log.info("latency budget %g, plan %d: aimed at %.3f, predicted %.3f, measured %.3f "
+                 "± %.3f", target, plans, aim, report["budget"]["achieved"], achieved, spread)
         if best is None or preferred(achieved, best[2], limit):
             best = (compressed, report, achieved, spread)
         if target * (1 - CLOSE) <= achieved <= limit:
