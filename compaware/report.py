@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
@@ -145,10 +146,12 @@ def _choice(choices: dict, config: dict, group: str) -> str:
 
 def _overrides(run_dir: Path) -> str:
     """The command-line overrides of the run (what a sweep varied), from Hydra's record
-    (empty where there is none or it cannot be read)."""
+    (empty where there is none or it cannot be read), as typed: a sweep records each job's
+    value escaped (``compress.target=macs\\:0.25``)."""
     try:
         items = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-        return " ".join(str(o) for o in items if not str(o).startswith("hydra"))
+        return " ".join(re.sub(r"\\(.)", r"\1", str(o)) for o in items
+                        if not str(o).startswith("hydra"))
     except (OSError, ValueError, TypeError, yaml.YAMLError):
         return ""
 
