@@ -183,6 +183,9 @@ def test_the_next_plan_is_aimed_between_two_that_missed_on_either_side():
     assert next_aim([(0.6, 0.5)], 0.5, 0.5) == pytest.approx(0.5 * 0.5 / 0.6)
     assert next_aim([(0.3, 0.5)], 0.5, 0.5) == pytest.approx(0.5 * 0.5 / 0.3)
     assert next_aim([(0.2, 0.5), (0.6, 0.9)], 0.5, 0.8) == pytest.approx(0.5 + 0.3 * 0.4 / 0.4)
+    # noise measured the larger of two slower aims faster: the bracket is the closest aims
+    tried = [(0.268, 0.33), (0.383, 0.407), (0.391, 0.371)]  # ResNet-50, 224 px, latency:0.33
+    assert next_aim(tried, 0.33, 0.371) == pytest.approx(0.33 + 0.062 * 0.041 / 0.123)
 
 
 def test_an_aim_stays_inside_the_bracket_of_the_plans_measured():

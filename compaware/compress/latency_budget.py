@@ -34,6 +34,7 @@ import logging
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 
 import torch
 from torch import nn
@@ -126,7 +127,7 @@ def side_by_side(timer: Timer, dense: nn.Module, compressed: nn.Module,
 
 def next_aim(tried: list[tuple[float, float]], target: float, planned: float) -> float:
     """The share the next plan aims at, given the (measured share, aim) of the plans so far
-    and what the last one predicted (``planned``): between the closest plans measured on
+    and what the last one predicted (``planned``): between the closest aims measured on
     either side of the target, linearly interpolated; with plans on one side only, the target
     corrected by how far the last prediction was off. Either way the aim stays inside the
     bracket the plans so far leave (the dense model counts as a plan measured at 1.0 for an
@@ -135,8 +136,9 @@ def next_aim(tried: list[tuple[float, float]], target: float, planned: float) ->
     both sides (a secant alone creeps from one)."""
     faster = [point for point in tried if point[0] < target]
     slower = [point for point in tried if point[0] > target]
-    if faster and slower:
-        (low, low_aim), (high, high_aim) = max(faster), min(slower)
+    if faster and slower:  # by aim: noise can order the measured shares otherwise
+        (low, low_aim), (high, high_aim) = (max(faster, key=itemgetter(1)),
+                                            min(slower, key=itemgetter(1)))
         aim = low_aim + (target - low) * (high_aim - low_aim) / (high - low)
     else:
         aim = target * planned / tried[-1][0]
