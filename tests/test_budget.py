@@ -60,13 +60,14 @@ def test_svd_allocates_globally_not_uniformly():
             if name != "budget" and entry["factorized"]] == ["fc1"]
 
 
-def test_dead_units_go_even_when_the_budget_is_met():
+@pytest.mark.parametrize("dead", [30, 290])  # 290 of 300: below the floor's 30 units
+def test_dead_units_go_even_when_the_budget_is_met_and_below_the_floor(dead):
     model = LeNet300()
     with torch.no_grad():
-        model.fc1.weight[:30] = 0
-        model.fc1.bias[:30] = 0
+        model.fc1.weight[:dead] = 0
+        model.fc1.bias[:dead] = 0
     pruned, report = Prune(target="params:1")(model)
-    assert pruned.fc1.out_features == 270 and report["budget"]["reached"]
+    assert pruned.fc1.out_features == 300 - dead and report["budget"]["reached"]
 
 
 def test_round_to_is_kept_with_a_target():
@@ -223,15 +224,6 @@ def test_a_budget_the_floor_stops_names_the_option_and_the_layers(method):
     _, report = method(target="params:0.01", input_shape=(1, 28, 28))(LeNet300())
     reason = report["budget"]["reason"]
     assert "compress.max_layer_cut=0.9 keeps at least 10 %" in reason and "fc1" in reason
-
-
-def test_dead_units_go_below_the_floor():
-    model = LeNet300()
-    with torch.no_grad():
-        model.fc1.weight[:290] = 0
-        model.fc1.bias[:290] = 0
-    pruned, report = Prune(target="params:1")(model)
-    assert pruned.fc1.out_features == 10 and report["budget"]["reached"]
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True, None])
